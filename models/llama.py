@@ -1,0 +1,339 @@
+"""A compact LLaMA-family forward written for serving at any depth.
+
+Sub-model d = layers [0, d) -> final RMSNorm -> shared LM head (or, for `early-exit`
+checkpoints, the exit's own norm and head). The forward runs a batch whose rows may have
+different depths: rows are ordered by depth, deepest first, so at layer i the rows still
+running are a prefix `[:n_i]` of the batch and no gather is ever needed; a row that has
+reached its exit simply stops being updated.
+
+Attention goes through a `KVStore` the caller owns (the engine's paged cache); the runner
+only calls it for the layers a row actually runs, so nothing is ever touched at layers >= d.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.checkpoint import SoftConfig, base_config
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+# rope variants whose frequencies do not depend on the sequence length at run time
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+
+
+class UnsupportedModel(ValueError):
+    """The config describes a model this runner cannot serve faithfully."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int  # the context window we serve (sliding window caps it)
+    tie_word_embeddings: bool
+    attention_bias: bool
+    model_type: str
+    rope_type: str
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_hf(cls, hf: Any, source: str = "config.json") -> ModelConfig:
+        """Build from a transformers `PretrainedConfig`; refuse what we would serve wrongly."""
+        mt = getattr(hf, "model_type", None)
+        if mt not in SUPPORTED_TYPES:
+            raise UnsupportedModel(
+                f"{source}: model_type {mt!r} is not supported; soft-serve runs the "
+                f"LLaMA block ({', '.join(SUPPORTED_TYPES)})"
+            )
+        act = getattr(hf, "hidden_act", "silu")
+        if act != "silu":
+            raise UnsupportedModel(f"{source}: hidden_act {act!r}; only SwiGLU (silu) is supported")
+        if getattr(hf, "mlp_bias", False):
+            raise UnsupportedModel(f"{source}: mlp_bias=true is not supported")
+        rope = dict(getattr(hf, "rope_parameters", None) or {})
+        rope_type = rope.get("rope_type", "default")
+        if rope_type not in STATIC_ROPE:
+            raise UnsupportedModel(
+                f"{source}: rope_type {rope_type!r} is not supported ({', '.join(STATIC_ROPE)})"
+            )
+        heads = hf.num_attention_heads
+        kv_heads = getattr(hf, "num_key_value_heads", None) or heads
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+        max_pos = hf.max_position_embeddings
+        if mt == "mistral" and getattr(hf, "sliding_window", None):
+            # beyond the window the model attends differently; serve only where we are exact
+            max_pos = min(max_pos, hf.sliding_window)
+        if mt == "qwen2" and getattr(hf, "use_sliding_window", False) and hf.sliding_window:
+            max_pos = min(max_pos, hf.sliding_window)
+        eos = getattr(hf, "eos_token_id", None)
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        return cls(
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf.rms_norm_eps,
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            # qwen2 always has q/k/v biases; llama/mistral carry the flag
+            attention_bias=mt == "qwen2" or bool(getattr(hf, "attention_bias", False)),
+            model_type=mt,
+            rope_type=rope_type,
+            bos_token_id=getattr(hf, "bos_token_id", None),
+            eos_token_ids=eos_ids,
+        )
+
+
+def rope_frequencies(hf: Any) -> tuple[Tensor, float]:
+    """inv_freq (head_dim/2,) and the attention scaling, exactly as transformers computes
+    them for this config (default, linear, llama3, yarn)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = dict(getattr(hf, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "default":
+        base = rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+        dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        return inv_freq, 1.0
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu")
+    return inv_freq.float(), float(scaling)
+
+
+class KVStore(Protocol):
+    """Where attention keys/values live between steps (the engine's paged cache)."""
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Store this step's k, v for the first n rows at `layer`, attend over everything
+        cached for those rows at that layer.
+
+        Args:
+            layer: decoder layer index, always < the rows' depths.
+            q: (n, T, Hq, D) rotary-applied queries; k, v: (n, T, Hkv, D).
+        Returns:
+            (n, T, Hq, D) attention output.
+        """
+        ...
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # computed in fp32 like transformers, then cast back
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: (n, T, H, D); cos/sin: (n, T, 1, D); the "rotate half" layout of HF checkpoints
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Attention over this call's own tokens only (no cache). (n,T,H,D) in and out."""
+    n_rep = q.shape[2] // k.shape[2]
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=2)
+        v = v.repeat_interleave(n_rep, dim=2)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        is_causal=q.shape[1] > 1,
+        scale=scale,
+    )
+    return out.transpose(1, 2)
+
+
+class Layer(nn.Module):
+    """One decoder block with fused projections (qkv, gate|up): fewer kernels per token."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.split = (hq * d, hkv * d, hkv * d)
+        self.input_norm = nn.Parameter(torch.empty(cfg.hidden_size), requires_grad=False)
+        self.wqkv = nn.Parameter(torch.empty(sum(self.split), cfg.hidden_size), False)
+        self.bqkv = (
+            nn.Parameter(torch.empty(sum(self.split)), False) if cfg.attention_bias else None
+        )
+        self.wo = nn.Parameter(torch.empty(cfg.hidden_size, hq * d), False)
+        self.post_norm = nn.Parameter(torch.empty(cfg.hidden_size), False)
+        self.w_gate_up = nn.Parameter(
+            torch.empty(2 * cfg.intermediate_size, cfg.hidden_size), False
+        )
+        self.w_down = nn.Parameter(torch.empty(cfg.hidden_size, cfg.intermediate_size), False)
+
+
+@dataclass(frozen=True)
+class ExitHead:
+    """An early-exit baseline's own head for one exit."""
+
+    norm: Tensor  # (H,)
+    weight: Tensor  # (V, H)
+
+
+class SortedModel(nn.Module):
+    """A LLaMA-family decoder that can stop after any depth d in 1..L."""
+
+    def __init__(self, cfg: ModelConfig, inv_freq: Tensor, rope_scaling: float) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), False)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.Parameter(torch.empty(cfg.hidden_size), False)
+        self.lm_head = (
+            self.embed
+            if cfg.tie_word_embeddings
+            else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), False)
+        )
+        self.inv_freq = inv_freq.float()  # (D/2,) kept fp32 whatever the weights' dtype
+        self.rope_scaling = rope_scaling
+        self.scale = cfg.head_dim**-0.5
+        self.exit_heads: dict[int, ExitHead] = {}
+        # set by models.load(): what soft.json says, the tokenizer, where it came from
+        self.soft: SoftConfig = base_config(cfg.num_layers)
+        self.tokenizer: Any = None
+        self.source = ""
+
+    # -- properties of the public API --------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.cfg.num_layers
+
+    @property
+    def exits(self) -> tuple[int, ...]:
+        return self.soft.exits
+
+    @property
+    def method(self) -> str:
+        return self.soft.method
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def weight_bytes(self, depth: int) -> int:
+        """Bytes of weights read for one token at `depth` (layers [0, d) + final norm +
+        head; the embedding row read is negligible)."""
+        per_layer = sum(p.numel() * p.element_size() for p in self.layers[0].parameters())
+        head = self.head_weight(depth)
+        return depth * per_layer + head.numel() * head.element_size() + self.norm.numel()
+
+    def head_weight(self, depth: int) -> Tensor:
+        eh = self.exit_heads.get(depth)
+        return eh.weight if eh is not None else self.lm_head
+
+    # -- forward pieces ----------------------------------------------------------------
+    def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin: (B, T, 1, D) for integer positions (B, T)."""
+        freqs = positions[..., None].float() * self.inv_freq.to(positions.device)  # (B,T,D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+        return (emb.cos() * self.rope_scaling).to(dtype), (emb.sin() * self.rope_scaling).to(dtype)
+
+    def layer_forward(
+        self, i: int, h: Tensor, cos: Tensor, sin: Tensor, kv: KVStore | None
+    ) -> Tensor:
+        """One decoder block on h (n, T, H); returns the new residual stream."""
+        w: Layer = self.layers[i]  # type: ignore[assignment]
+        n, t, _ = h.shape
+        cfg = self.cfg
+        x = rms_norm(h, w.input_norm, cfg.rms_norm_eps)
+        q, k, v = F.linear(x, w.wqkv, w.bqkv).split(w.split, dim=-1)
+        q = rotate(q.view(n, t, cfg.num_heads, cfg.head_dim), cos, sin)
+        k = rotate(k.view(n, t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        v = v.view(n, t, cfg.num_kv_heads, cfg.head_dim)
+        a = kv.attend(i, q, k, v) if kv is not None else causal_attention(q, k, v, self.scale)
+        h = h + F.linear(a.reshape(n, t, -1), w.wo)
+        x = rms_norm(h, w.post_norm, cfg.rms_norm_eps)
+        gate, up = F.linear(x, w.w_gate_up).chunk(2, dim=-1)
+        return h + F.linear(F.silu(gate) * up, w.w_down)
+
+    def hidden(
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        depths: Sequence[int],
+        kv: KVStore | None = None,
+        start_layer: int = 0,
+        h: Tensor | None = None,
+    ) -> Tensor:
+        """Run rows to their own exits.
+
+        Args:
+            input_ids: (B, T) token ids (ignored when `h` is given).
+            positions: (B, T) absolute positions of those tokens.
+            depths: per row, non-increasing (deepest rows first).
+            kv: the cache to attend through; None = causal attention over T alone.
+            start_layer, h: resume from the residual stream after `start_layer` layers
+                (h: (B, T, H)), e.g. to verify drafted tokens from a shallow exit.
+        Returns:
+            (B, T, H) residual stream of each row after its last layer (before the norm).
+        """
+        assert all(a >= b for a, b in zip(depths, depths[1:], strict=False)), (
+            "rows must be deepest first"
+        )
+        assert depths[0] <= self.cfg.num_layers and depths[-1] >= start_layer, depths
+        if h is None:
+            h = F.embedding(input_ids, self.embed)  # (B, T, H)
+        cos, sin = self.rope(positions, h.dtype)
+        active = len(depths)
+        for i in range(start_layer, depths[0]):
+            while depths[active - 1] <= i:  # rows [active:] have reached their exit
+                active -= 1
+            if active == len(depths):
+                h = self.layer_forward(i, h, cos, sin, kv)
+            else:
+                h[:active] = self.layer_forward(i, h[:active], cos[:active], sin[:active], kv)
+        return h
+
+    def head(self, h: Tensor, depths: Sequence[int]) -> Tensor:
+        """Final norm + LM head at each row's exit. h: (B, T, H) -> (B, T, V) logits."""
+        if not self.exit_heads:
+            return F.linear(rms_norm(h, self.norm, self.cfg.rms_norm_eps), self.lm_head)
+        out = h.new_empty(*h.shape[:2], self.cfg.vocab_size)
+        for d in sorted(set(depths)):
+            rows = [j for j, dj in enumerate(depths) if dj == d]
+            eh = self.exit_heads.get(d)
+            norm, weight = (eh.norm, eh.weight) if eh is not None else (self.norm, self.lm_head)
+            out[rows] = F.linear(rms_norm(h[rows], norm, self.cfg.rms_norm_eps), weight)
+        return out
+
+    @torch.inference_mode()
+    def logits(self, input_ids: Tensor, depth: int) -> Tensor:
+        """Full forward of sub-model `depth`, no cache. (B, T) ids -> (B, T, V) logits."""
+        if not 1 <= depth <= self.cfg.num_layers:
+            raise ValueError(f"depth must be in 1..{self.cfg.num_layers}, got {depth}")
+        input_ids = input_ids.to(self.device)
+        b, t = input_ids.shape
+        positions = torch.arange(t, device=self.device).expand(b, t)
+        depths = [depth] * b
+        return self.head(self.hidden(input_ids, positions, depths), depths)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (
+            f"{c.model_type}: L={c.num_layers}, hidden={c.hidden_size}, heads={c.num_heads}/"
+            f"{c.num_kv_heads}, method={self.method}, exits={list(self.exits)}"
+        )

