@@ -1,0 +1,327 @@
+"""The engine: token ids in, token events out. It knows nothing of HTTP or text.
+
+A step loop on its own thread (so the event loop stays free) runs, each iteration:
+  1) inbox: new requests, aborts, depth changes
+  2) schedule: decode slots for the running batch, FCFS admissions
+  3) prefill each admitted sequence (one forward at its own depth), sample its next token
+  4) one decode step for the whole running batch: rows ordered deepest first, layer i runs
+     on the rows whose depth is > i, each row leaves at its own exit, one norm + head call
+  5) sample per row, send events to each request's asyncio queue, retire finished rows
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+
+from models.llama import SortedModel
+from server.kv_cache import KVCacheConfig, KVCacheManager
+from server.sampling import make_generator, prompt_logprobs, sample_rows, token_logprob
+from server.scheduler import Scheduler, Sequence
+from server.types import EngineStats, GenerationRequest, QueueFull, TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_memory: int = 1 << 30  # bytes for KV blocks (all layers together)
+    max_num_seqs: int = 32  # sequences per decode batch
+    max_queue: int = 256  # waiting requests before QueueFull (HTTP 429)
+    max_prefill_tokens: int = 2048  # prompt tokens admitted per step
+    max_model_len: int | None = None  # default: the model's context window
+
+
+class _Sink:
+    """Delivers events to the asyncio queue of the request that owns them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+
+    def send(self, events: list[TokenEvent]) -> None:
+        def put() -> None:
+            for e in events:
+                self.queue.put_nowait(e)
+
+        try:
+            self.loop.call_soon_threadsafe(put)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+
+class Engine:
+    def __init__(self, model: SortedModel, config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.config = config = config or EngineConfig()
+        cfg = model.cfg
+        self.max_model_len = min(config.max_model_len or 1 << 30, cfg.max_position_embeddings)
+        self.cache = KVCacheManager(
+            KVCacheConfig.for_memory(
+                config.kv_cache_memory,
+                cfg.num_layers,
+                cfg.num_kv_heads,
+                cfg.head_dim,
+                config.block_size,
+                model.dtype,
+                model.device,
+            )
+        )
+        self.scheduler = Scheduler(
+            self.cache, config.max_num_seqs, config.max_queue, config.max_prefill_tokens
+        )
+        self.eos = set(cfg.eos_token_ids)
+        if model.tokenizer is not None and model.tokenizer.eos_token_id is not None:
+            self.eos.add(model.tokenizer.eos_token_id)
+        self._lock = threading.Lock()
+        self._inbox: list[tuple[str, object]] = []
+        self._wake = threading.Event()
+        self._stop = False
+        self._accepting = True
+        self._thread: threading.Thread | None = None
+        self._step_ewma = 0.0
+        self._steps = 0
+        self._last_batch = 0
+        self._stats = self._snapshot()
+
+    # -- public, event-loop side ------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="soft-engine", daemon=True)
+            self._thread.start()
+
+    def check(self, request: GenerationRequest) -> None:
+        """Raise ValueError when the request can never run (the API answers 400)."""
+        n, p = len(request.prompt_ids), request.params
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if not 1 <= request.depth <= self.model.num_layers:
+            raise ValueError(f"depth must be in 1..{self.model.num_layers}")
+        if p.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if n + p.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"this model's context window is {self.max_model_len} tokens; the prompt has "
+                f"{n} and max_tokens asks for {p.max_tokens} more ({n + p.max_tokens})"
+            )
+        need = request.depth * self.cache.blocks_for(n + p.max_tokens)
+        if need > self.cache.cfg.num_blocks:
+            raise ValueError(
+                f"prompt + max_tokens needs {need} KV blocks at depth {request.depth}; the cache "
+                f"holds {self.cache.cfg.num_blocks}: lower max_tokens or raise --kv-cache-memory"
+            )
+
+    def submit(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Queue a request; its events arrive in order, the last has a finish_reason.
+
+        Raises QueueFull at the queue's bound, ValueError for an impossible request.
+        Must be called from the event loop that will consume the events."""
+        self.check(request)
+        sink = _Sink(asyncio.get_running_loop())
+        seq = Sequence(
+            request=request,
+            tokens=list(request.prompt_ids),
+            depth=request.depth,
+            generator=make_generator(request.params, self.model.device),
+            sink=sink,
+        )
+        with self._lock:
+            if not self._accepting:
+                raise QueueFull(retry_after_s=5.0)
+            pending = sum(1 for kind, _ in self._inbox if kind == "add")
+            if len(self.scheduler.waiting) + pending >= self.config.max_queue:
+                raise QueueFull(retry_after_s=max(1.0, self._step_ewma * 16))
+            self._inbox.append(("add", seq))
+        self._wake.set()
+        return self._stream(request.request_id, sink)
+
+    async def _stream(self, request_id: str, sink: _Sink) -> AsyncIterator[TokenEvent]:
+        done = False
+        try:
+            while True:
+                event = await sink.queue.get()
+                done = event.finish_reason is not None
+                yield event
+                if done:
+                    return
+        finally:
+            if not done:  # consumer went away (disconnect, cancel): free its blocks
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._inbox.append(("abort", request_id))
+        self._wake.set()
+
+    def lower_depth(self, request_id: str, depth: int) -> None:
+        with self._lock:
+            self._inbox.append(("depth", (request_id, depth)))
+        self._wake.set()
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    async def shutdown(self, drain_timeout: float = 30.0) -> None:
+        """Stop accepting, let in-flight requests finish (up to the timeout), then stop."""
+        with self._lock:
+            self._accepting = False
+        deadline = time.monotonic() + drain_timeout
+        while time.monotonic() < deadline and (self.scheduler.has_work or self._inbox):
+            await asyncio.sleep(0.05)
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10.0)
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            self._finish(seq, "abort")
+
+    # -- the step loop (engine thread) ------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop:
+            self._drain_inbox()
+            if not self.scheduler.has_work:
+                self._stats = self._snapshot()
+                self._wake.wait(0.1)
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except Exception as e:  # a broken step must not take the server down
+                log.exception("engine step failed")
+                for seq in [*self.scheduler.running]:
+                    self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+            self._stats = self._snapshot()
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        for kind, arg in inbox:
+            if kind == "add":
+                assert isinstance(arg, Sequence)
+                self.scheduler.waiting.append(arg)  # bound was checked in submit()
+            elif kind == "abort":
+                seq = self.scheduler.remove(str(arg))
+                if seq is not None:
+                    self._send(seq, [TokenEvent(seq.id, None, finish_reason="abort",
+                                                depth=seq.depth)])  # fmt: skip
+            elif kind == "depth":
+                assert isinstance(arg, tuple)
+                self.scheduler.lower_depth(str(arg[0]), int(arg[1]))
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        out = self.scheduler.schedule()
+        for seq in out.prefill:
+            self._prefill(seq)
+        decode = [s for s in out.decode if s.finish_reason is None]
+        if decode:
+            t0 = time.perf_counter()
+            self._decode(decode)
+            dt = time.perf_counter() - t0
+            self._step_ewma = dt if self._steps == 0 else 0.9 * self._step_ewma + 0.1 * dt
+            self._steps += 1
+            self._last_batch = len(decode)
+
+    def _prefill(self, seq: Sequence) -> None:
+        model = self.model
+        start = seq.num_computed  # 0 unless a prefix stayed cached
+        ids = torch.tensor([seq.tokens[start:]], device=model.device)
+        positions = torch.arange(start, len(seq.tokens), device=model.device)[None]
+        kv = self.cache.step_view([seq], [seq.depth], [start], ids.shape[1])
+        h = model.hidden(ids, positions, [seq.depth], kv)  # (1, T, H)
+        first = seq.num_generated == 0 and seq.preemptions == 0
+        want_prompt = first and seq.request.params.prompt_logprobs is not None
+        logits = model.head(h if want_prompt else h[:, -1:], [seq.depth])[0]  # (T|1, V)
+        seq.num_computed = len(seq.tokens)
+        plp = None
+        if want_prompt:
+            top = seq.request.params.prompt_logprobs or 0
+            plp = prompt_logprobs(logits, seq.tokens, top)
+        queue_s = None
+        if first and seq.first_scheduled is not None:
+            queue_s = max(0.0, seq.first_scheduled - (seq.request.arrival or seq.first_scheduled))
+        self._emit([seq], logits[-1:], prompt=plp, queue_s=queue_s)
+
+    def _decode(self, seqs: list[Sequence]) -> None:
+        model = self.model
+        seqs = sorted(seqs, key=lambda s: -s.depth)  # deepest first: active rows are a prefix
+        depths = [s.depth for s in seqs]
+        starts = [len(s.tokens) - 1 for s in seqs]
+        ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=model.device)  # (B, 1)
+        positions = torch.tensor(starts, device=model.device)[:, None]
+        kv = self.cache.step_view(seqs, depths, starts, 1)
+        h = model.hidden(ids, positions, depths, kv)  # (B, 1, H)
+        logits = model.head(h, depths)[:, 0]  # (B, V)
+        for s in seqs:
+            s.num_computed = len(s.tokens)
+        self._emit(seqs, logits)
+
+    def _emit(
+        self,
+        seqs: list[Sequence],
+        logits: torch.Tensor,
+        prompt: tuple | None = None,
+        queue_s: float | None = None,
+    ) -> None:
+        """Sample each row's token, send its event, retire finished sequences."""
+        params = [s.request.params for s in seqs]
+        tokens = sample_rows(logits, params, [s.generator for s in seqs])
+        want_lp = [j for j, p in enumerate(params) if p.logprobs is not None]
+        logprobs = torch.log_softmax(logits[want_lp].float(), -1) if want_lp else None
+        for j, (seq, tok) in enumerate(zip(seqs, tokens, strict=True)):
+            p = seq.request.params
+            seq.tokens.append(tok)
+            seq.num_generated += 1
+            lp = None
+            if logprobs is not None and p.logprobs is not None:
+                lp = token_logprob(logprobs[want_lp.index(j)], tok, p.logprobs)
+            finish = None
+            if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
+                finish = "stop"
+            elif seq.num_generated >= p.max_tokens or len(seq.tokens) >= self.max_model_len:
+                finish = "length"
+            event = TokenEvent(
+                seq.id, tok, lp, finish, seq.depth, prompt_logprobs=prompt, queue_seconds=queue_s
+            )
+            if finish is not None:  # free first: after its last event a request holds nothing
+                seq.finish_reason = finish
+                self.scheduler.remove(seq.id)
+            self._send(seq, [event])
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        self.scheduler.remove(seq.id)
+        seq.finish_reason = reason
+        self._send(seq, [TokenEvent(seq.id, None, finish_reason=reason, depth=seq.depth,
+                                    error=error)])  # fmt: skip
+
+    def _send(self, seq: Sequence, events: list[TokenEvent]) -> None:
+        if isinstance(seq.sink, _Sink):
+            seq.sink.send(events)
+
+    def _snapshot(self) -> EngineStats:
+        running = self.scheduler.running
+        depths: dict[int, int] = {}
+        for s in running:
+            depths[s.depth] = depths.get(s.depth, 0) + 1
+        per_layer = self.cache.bytes_per_layer()
+        return EngineStats(
+            running=len(running),
+            waiting=len(self.scheduler.waiting) + len(self._inbox),
+            batch_size=self._last_batch,
+            kv_blocks_total=self.cache.cfg.num_blocks,
+            kv_blocks_used=self.cache.num_used,
+            kv_bytes_per_layer=per_layer,
+            kv_bytes_total=sum(per_layer),
+            decode_step_seconds=self._step_ewma,
+            steps=self._steps,
+            preemptions=self.scheduler.num_preemptions,
+            depths_running=depths,
+        )

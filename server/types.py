@@ -1,0 +1,91 @@
+"""The engine's vocabulary: what goes in (a request of token ids with sampling params and a
+depth) and what comes out (token events, stats). Plain frozen dataclasses, no HTTP, no text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one sequence (OpenAI/vLLM meanings)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # 1 = off
+    top_k: int = 0  # 0 = off
+    seed: int | None = None  # same seed => same tokens, whatever else is in the batch
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: no logprobs; k: chosen token + top-k alternatives
+    prompt_logprobs: int | None = None  # same for the prompt tokens (echo + logprobs)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """Log-probability of one token and the top alternatives at that position."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob), most likely first
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One sequence to generate. The API layer turns `n > 1` into n of these."""
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    depth: int  # the exit to run at; may be lowered while running, never raised
+    deadline: float | None = None  # time.monotonic() by which the request should finish
+    arrival: float = 0.0  # time.monotonic() when the server received it
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token (or the end of a sequence), in order, per request."""
+
+    request_id: str
+    token_id: int | None  # None only on a final event that carries no token (abort/error)
+    logprob: TokenLogprob | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"; None = more
+    depth: int = 0  # depth this token was produced at
+    # first event only:
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # first entry None
+    queue_seconds: float | None = None  # submit -> first scheduled
+    error: str | None = None  # with finish_reason "error"
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for metrics and the depth policy."""
+
+    running: int
+    waiting: int
+    batch_size: int  # sequences in the last decode step
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_bytes_per_layer: tuple[int, ...]  # bytes held in each layer
+    kv_bytes_total: int
+    decode_step_seconds: float  # EWMA of recent decode step wall time
+    steps: int  # decode steps run since start
+    preemptions: int
+    depths_running: dict[int, int] = field(default_factory=dict)  # depth -> sequences
+
+    @property
+    def kv_usage_ratio(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+class QueueFull(Exception):
+    """The engine's waiting queue is at its bound; the API answers 429 with Retry-After."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"queue full; retry after {retry_after_s:.1f}s")
+        self.retry_after_s = retry_after_s
