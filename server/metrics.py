@@ -1,0 +1,144 @@
+"""Prometheus metrics (names fixed in ARCHITECTURE.md), a consumer of plain dataclasses:
+`RequestRecord` from the serving layer when a sequence ends, `EngineStats` at scrape time.
+Everything lives in its own `CollectorRegistry`, so several apps (tests) never collide."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from server.types import EngineStats
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# a small model on a CPU is fast: start at 1 ms
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+)
+TOKEN_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0)
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """Timings of one finished sequence, measured by the serving layer (seconds)."""
+
+    depth: int
+    finish_reason: str  # stop | length | abort | error
+    prompt_tokens: int
+    generated_tokens: int
+    latency: float  # arrival -> last event
+    ttft: float | None  # arrival -> first token
+    inter_token: Sequence[float] = field(default_factory=tuple)
+    queue: float | None = None  # from the first TokenEvent
+    budget_outcome: str | None = None  # met | missed | infeasible; None without a budget
+
+
+class Metrics:
+    def __init__(self, exits: Iterable[int] = ()) -> None:
+        self.registry = r = CollectorRegistry()
+        self.latency = Histogram(
+            "soft_request_latency_seconds",
+            "End-to-end request latency (arrival to last token), by the depth that served it",
+            ["depth"],
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.ttft = Histogram(
+            "soft_time_to_first_token_seconds",
+            "Arrival to first generated token",
+            ["depth"],
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.itl = Histogram(
+            "soft_inter_token_latency_seconds",
+            "Time between consecutive generated tokens",
+            ["depth"],
+            registry=r,
+            buckets=TOKEN_BUCKETS,
+        )
+        self.queue = Histogram(
+            "soft_request_queue_seconds",
+            "Time from submission to first being scheduled",
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.requests = Counter(
+            "soft_requests",
+            "Finished sequences by depth and finish reason",
+            ["depth", "finish_reason"],
+            registry=r,
+        )
+        self.generated = Counter(
+            "soft_generated_tokens", "Generated tokens by depth", ["depth"], registry=r
+        )
+        self.prompt = Counter("soft_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.budget = Counter(
+            "soft_latency_budget",
+            "Requests with x-latency-budget by outcome (met | missed | infeasible)",
+            ["outcome"],
+            registry=r,
+        )
+        self.running = Gauge("soft_num_requests_running", "Sequences running", registry=r)
+        self.waiting = Gauge("soft_num_requests_waiting", "Sequences waiting", registry=r)
+        self.kv_usage = Gauge(
+            "soft_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", registry=r
+        )
+        self.kv_bytes = Gauge(
+            "soft_kv_cache_bytes", "KV-cache bytes held, per decoder layer", ["layer"], registry=r
+        )
+        self.depth_cap = Gauge(
+            "soft_depth_cap", "Deepest depth the policy serves unpinned requests at", registry=r
+        )
+        self.batch_size = Gauge("soft_batch_size", "Sequences in the last decode step", registry=r)
+        for d in exits:  # every exit's series exists from the start (dashboards, rate())
+            for h in (self.latency, self.ttft, self.itl):
+                h.labels(depth=str(d))
+            self.generated.labels(depth=str(d))
+        for outcome in ("met", "missed", "infeasible"):
+            self.budget.labels(outcome=outcome)
+
+    def observe(self, rec: RequestRecord) -> None:
+        d = str(rec.depth)
+        self.requests.labels(depth=d, finish_reason=rec.finish_reason).inc()
+        self.prompt.inc(rec.prompt_tokens)
+        self.generated.labels(depth=d).inc(rec.generated_tokens)
+        self.latency.labels(depth=d).observe(rec.latency)
+        if rec.ttft is not None:
+            self.ttft.labels(depth=d).observe(rec.ttft)
+        itl = self.itl.labels(depth=d)
+        for dt in rec.inter_token:
+            itl.observe(dt)
+        if rec.queue is not None:
+            self.queue.observe(rec.queue)
+        if rec.budget_outcome is not None:
+            self.budget.labels(outcome=rec.budget_outcome).inc()
+
+    def update(self, stats: EngineStats, depth_cap: int) -> None:
+        self.running.set(stats.running)
+        self.waiting.set(stats.waiting)
+        self.kv_usage.set(stats.kv_usage_ratio)
+        self.batch_size.set(stats.batch_size)
+        self.depth_cap.set(depth_cap)
+        for layer, b in enumerate(stats.kv_bytes_per_layer):
+            self.kv_bytes.labels(layer=str(layer)).set(b)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

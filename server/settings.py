@@ -1,0 +1,83 @@
+"""Deployment settings of `soft-serve`: flags (server/cli.py) or `SOFT_*` environment
+variables, flags winning. Model and engine internals stay in frozen dataclasses; this is
+only what an operator sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import ByteSize, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# `load` is the load-aware governor of the load-policy issue; until it lands it behaves as
+# `budget` (per-request budgets, no depth cap) so manifests that ask for it still start.
+PolicyName = Literal["fixed", "budget", "load"]
+
+
+class Settings(BaseSettings):
+    """Every option of `soft-serve`; each field is a `--flag` and a `SOFT_<NAME>` variable."""
+
+    model_config = SettingsConfigDict(env_prefix="SOFT_", extra="ignore", frozen=True)
+
+    model: str = Field(
+        "default",
+        description="model to serve: 'default' (embedded SmolLM2-135M-Instruct), a "
+        "Hugging Face / SoFT checkpoint directory, or a .gguf file",
+    )
+    served_model_name: str | None = Field(
+        None,
+        description="name clients use in 'model'; default: the checkpoint directory's "
+        "basename, or 'default'",
+    )
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind (0: any free port)")
+    policy: PolicyName = Field(
+        "budget",
+        description="depth policy: 'fixed' (always --default-depth unless pinned), 'budget' "
+        "(deepest exit whose predicted latency fits x-latency-budget), 'load' (for now the "
+        "same as 'budget')",
+    )
+    default_depth: int | None = Field(
+        None,
+        ge=1,
+        description="depth for requests without a budget or pin; default: the deepest exit",
+    )
+    api_key: SecretStr | None = Field(
+        None, description="if set, /v1/* requires 'Authorization: Bearer <key>'"
+    )
+    device: str | None = Field(None, description="torch device; default: cuda if present")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="weights dtype; default: bfloat16 on CUDA, float32 on CPU"
+    )
+    kv_cache_memory: ByteSize = Field(
+        ByteSize(1 << 30), description="bytes for KV-cache blocks, e.g. 2GiB or 512MiB"
+    )
+    block_size: int = Field(16, ge=1, le=1024, description="tokens per KV-cache block")
+    max_num_seqs: int = Field(32, ge=1, description="sequences per decode batch")
+    max_queue: int = Field(256, ge=1, description="waiting sequences before new requests get 429")
+    max_n: int = Field(16, ge=1, description="largest 'n' (choices per prompt) accepted")
+    max_body_bytes: ByteSize = Field(
+        ByteSize(8 << 20), description="largest request body accepted (else 413)"
+    )
+    drain_timeout: float = Field(
+        30.0, ge=0, description="seconds SIGTERM waits for in-flight requests before exiting"
+    )
+    profile_seconds: float = Field(
+        3.0,
+        ge=0,
+        description="time budget of the start-up latency profile, used when "
+        "soft.json has no latency_profile",
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="log level of the server and uvicorn"
+    )
+
+    def model_name(self) -> str:
+        """The name `/v1/models` lists and clients send."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model == "default":
+            return "default"
+        path = Path(self.model)
+        return (path.stem if path.suffix == ".gguf" else path.name) or self.model
