@@ -27,6 +27,12 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
+# The OpenAI-compatible server on the embedded default model at 127.0.0.1:8000; more flags
+# (they win) with e.g. `make serve SERVE_ARGS="--policy fixed --port 9000"`.
+SERVE_ARGS ?=
+serve: install
+	$(VENV)/bin/soft-serve --model default --host 127.0.0.1 --port 8000 $(SERVE_ARGS)
+
 # Offline checks of Dockerfile, compose, k8s manifests, Prometheus rules, Grafana dashboard.
 # promtool comes from Debian's prometheus package (installed here when missing and root).
 check-deploy: install

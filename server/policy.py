@@ -128,8 +128,9 @@ class LatencyProfile:
 
 
 def _fill(exits: Sequence[int], points: Mapping[int, float]) -> dict[int, float]:
-    """Linear least-squares in depth over the known points (exact where 1-2 points);
-    evaluated at each exit, clamped so cost never falls as depth grows."""
+    """Each exit's value: the table's own when it lists every exit, else a least-squares
+    line in depth through the known points (cost is per layer + a fixed part); clamped so
+    cost never falls as depth grows."""
     assert points, "a latency table needs at least one depth"
     xs = sorted(points)
     if len(xs) == 1:
@@ -142,8 +143,9 @@ def _fill(exits: Sequence[int], points: Mapping[int, float]) -> dict[int, float]
         icpt = my - slope * mx
     out: dict[int, float] = {}
     prev = 0.0
+    exact = all(d in points for d in exits)
     for d in sorted(exits):
-        v = points[d] if d in points else icpt + slope * d
+        v = points[d] if exact else icpt + slope * d
         prev = max(prev, v, 0.0)
         out[d] = prev
     return out
