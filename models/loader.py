@@ -163,28 +163,27 @@ def build(cfg: ModelConfig, hf: Any, state: dict[str, torch.Tensor], source: str
     with torch.device("meta"):
         model = SortedModel(cfg, inv_freq, scaling)
     model = model.to_empty(device="cpu")
-    # every matrix is stored (in, out): transposed from Hugging Face's (out, in)
-    params: dict[str, torch.Tensor] = {"norm": take("norm.weight")}
-    if cfg.tie_word_embeddings:
-        params["lm_head"] = take("embed_tokens.weight").t()
-    else:
-        params["embed"] = take("embed_tokens.weight")
-        params["lm_head"] = take("lm_head.weight").t()
+    params: dict[str, torch.Tensor] = {
+        "embed": take("embed_tokens.weight"),
+        "norm": take("norm.weight"),
+    }
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = take("lm_head.weight")
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         params[p + "input_norm"] = take(p + "input_layernorm.weight")
         params[p + "post_norm"] = take(p + "post_attention_layernorm.weight")
         params[p + "wqkv"] = torch.cat(
             [take(p + f"self_attn.{x}_proj.weight") for x in "qkv"], dim=0
-        ).t()
+        )
         if cfg.attention_bias:
             params[p + "bqkv"] = torch.cat([take(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
-        params[p + "wo"] = take(p + "self_attn.o_proj.weight").t()
+        params[p + "wo"] = take(p + "self_attn.o_proj.weight")
         params[p + "w_gate_up"] = torch.cat(
             [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")], dim=0
-        ).t()
-        params[p + "w_down"] = take(p + "mlp.down_proj.weight").t()
-    own = dict(model.named_parameters())
+        )
+        params[p + "w_down"] = take(p + "mlp.down_proj.weight")
+    own = dict(model.named_parameters(remove_duplicate=False))
     for name, value in params.items():
         if own[name].shape != value.shape:
             raise CheckpointError(
@@ -192,6 +191,8 @@ def build(cfg: ModelConfig, hf: Any, state: dict[str, torch.Tensor], source: str
                 f"{tuple(own[name].shape)}"
             )
         own[name].data.copy_(value)
+    if cfg.tie_word_embeddings:
+        model.lm_head = model.embed
     return model
 
 
@@ -209,7 +210,7 @@ def _exit_heads(path: Path, cfg: ModelConfig, exits: tuple[int, ...]) -> dict[in
             raise CheckpointError(f"{path}: 'exits.{d}.lm_head.weight' has shape {weight.shape}")
         heads[d] = ExitHead(
             norm=(norm if norm is not None else torch.ones(cfg.hidden_size)).float(),
-            head=weight.float().t().contiguous(),
+            weight=weight.float(),
         )
     return heads
 
@@ -269,7 +270,9 @@ def load(
     model = model.to(device=device, dtype=dtype).eval()
     model.inv_freq = model.inv_freq.to(device)
     for d, eh in model.exit_heads.items():
-        model.exit_heads[d] = ExitHead(eh.norm.to(device, dtype), eh.head.to(device, dtype))
+        model.exit_heads[d] = ExitHead(eh.norm.to(device, dtype), eh.weight.to(device, dtype))
+    if cfg.tie_word_embeddings:
+        model.lm_head = model.embed
     return model
 
 

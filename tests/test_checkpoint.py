@@ -140,10 +140,10 @@ def test_delta_checkpoint_applies_lora_and_full_tensors(tiny_dir: Path, tmp_path
     tuned = models.load(delta_dir, device="cpu")
     assert tuned.exits == (2, 4)
     assert torch.allclose(tuned.norm, norm)
-    q_cols = base.cfg.num_heads * base.cfg.head_dim  # weights are stored (in, out)
-    expected = base.layers[0].wqkv[:, :q_cols] + 0.25 * (b @ a).t()
-    assert torch.allclose(tuned.layers[0].wqkv[:, :q_cols], expected, atol=1e-5)
-    assert torch.equal(tuned.layers[0].wqkv[:, q_cols:], base.layers[0].wqkv[:, q_cols:])
+    q_rows = base.cfg.num_heads * base.cfg.head_dim
+    expected = base.layers[0].wqkv[:q_rows] + 0.25 * (b @ a)
+    assert torch.allclose(tuned.layers[0].wqkv[:q_rows], expected, atol=1e-5)
+    assert torch.equal(tuned.layers[0].wqkv[q_rows:], base.layers[0].wqkv[q_rows:])
 
 
 def test_delta_without_base_model_is_refused(tmp_path: Path) -> None:
