@@ -213,13 +213,29 @@ def respond(served: Served | None) -> Response:
     if served is None:  # the client disconnected; nobody reads this
         return Response(status_code=499)
     if served.stream is not None:
-        return StreamingResponse(
+        return SSEResponse(served)
+    assert served.body is not None, "a handler returns a body or a stream"
+    return JSONResponse(served.body.model_dump(mode="json"), headers=served.headers())
+
+
+class SSEResponse(StreamingResponse):
+    """An SSE stream that cleans up after itself however it ends: finished, failed, or the
+    client gone before the first byte (when the generator's own `finally` never runs)."""
+
+    def __init__(self, served: Served) -> None:
+        assert served.stream is not None
+        super().__init__(
             served.stream,
             media_type="text/event-stream",
             headers={**served.headers(), "Cache-Control": "no-cache"},
         )
-    assert served.body is not None, "a handler returns a body or a stream"
-    return JSONResponse(served.body.model_dump(mode="json"), headers=served.headers())
+        self.served = served
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.served.close()
 
 
 # -- routes ----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +95,9 @@ class Served:
     choice: DepthChoice
     body: BaseModel | None = None
     stream: AsyncIterator[str] | None = None
+    # after the response, however it ended (even a stream never started): abort what is
+    # still running and record metrics; idempotent
+    close: Callable[[], None] = lambda: None
 
     def headers(self) -> dict[str, str]:
         return {
@@ -391,7 +394,17 @@ class OpenAIServing:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    def _close(self, tracks: list[Track], choice: DepthChoice, hints: Hints) -> None:
+        for t in tracks:
+            if t.finish_reason is None:
+                t.finish_reason = "abort"
+                self.engine.abort(t.request.request_id)
+        self._record(tracks, choice, hints)
+
     def _record(self, tracks: list[Track], choice: DepthChoice, hints: Hints) -> None:
+        """Metrics for the request's sequences; once, whichever path ends it first."""
+        if all(t.recorded for t in tracks):
+            return
         end = time.monotonic()
         for t in tracks:
             if t.recorded:
@@ -481,6 +494,7 @@ class OpenAIServing:
             return Served(
                 choice,
                 stream=self._stream_completion(req, rid, prompts, tracks, streams, choice, hints),
+                close=lambda: self._close(tracks, choice, hints),
             )
         try:
             async for _ in self._events(tracks, streams):
@@ -660,7 +674,9 @@ class OpenAIServing:
         )
         if req.stream:
             return Served(
-                choice, stream=self._stream_chat(req, rid, [ids], tracks, streams, choice, hints)
+                choice,
+                stream=self._stream_chat(req, rid, [ids], tracks, streams, choice, hints),
+                close=lambda: self._close(tracks, choice, hints),
             )
         try:
             async for _ in self._events(tracks, streams):

@@ -367,3 +367,84 @@ def test_sigterm_drains_in_flight_requests(ckpt: Path, tmp_path: Path) -> None:
     assert result["status"] == 200
     assert result["text"].rstrip().endswith("data: [DONE]")
     assert '"finish_reason":"length"' in result["text"]
+
+
+# -- soak -----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_soak_mixed_depths_frees_every_block_and_keeps_rss_flat(ckpt: Path, tmp_path: Path) -> None:
+    """Thousands of mixed requests (depths, endpoints, streaming or not, n, cancellations)
+    end with every KV block free and the server's resident memory flat within 5%."""
+    import asyncio
+    import random
+
+    import psutil
+
+    srv = start_server(ckpt, tmp_path / "soak.log", "--max-queue", "4096")
+    proc = psutil.Process(srv.proc.pid)
+    statuses: dict[int, int] = {}
+
+    async def one(client: httpx.AsyncClient, rng: random.Random) -> None:
+        chat = rng.random() < 0.4
+        stream = rng.random() < 0.5
+        cancel = rng.random() < 0.1
+        body: dict[str, Any] = {
+            "model": rng.choice(["tiny", "tiny@2", "tiny@4"]),
+            "max_tokens": rng.randint(1, 12),
+            "temperature": rng.choice([0.0, 0.8]),
+            "n": rng.choice([1, 1, 1, 2]),
+            "stream": stream,
+        }
+        if chat:
+            body["messages"] = [{"role": "user", "content": "hi " * rng.randint(1, 30)}]
+        else:
+            body["prompt"] = "x y " * rng.randint(1, 40)
+        headers = {}
+        if rng.random() < 0.3:
+            headers["x-latency-budget"] = rng.choice(["5ms", "50ms", "2s"])
+            body["model"] = "tiny"
+        url = srv.url + ("/v1/chat/completions" if chat else "/v1/completions")
+        if stream:
+            async with client.stream("POST", url, json=body, headers=headers) as r:
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                async for line in r.aiter_lines():
+                    if cancel and line.startswith("data: "):
+                        return  # disconnect mid-stream
+            return
+        try:
+            r = await client.post(url, json=body, headers=headers, timeout=0.02 if cancel else 60)
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+        except httpx.TimeoutException:
+            statuses[-1] = statuses.get(-1, 0) + 1  # gave up: the server must clean up
+
+    async def run(n: int, seed: int) -> None:
+        rng = random.Random(seed)
+        limits = httpx.Limits(max_connections=16)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            sem = asyncio.Semaphore(16)
+
+            async def guarded() -> None:
+                async with sem:
+                    await one(client, rng)
+
+            await asyncio.gather(*(guarded() for _ in range(n)))
+
+    try:
+        asyncio.run(run(400, 0))  # warm-up: allocator pools, caches, lazy imports
+        wait_idle(srv, 60)
+        rss0 = proc.memory_info().rss
+        asyncio.run(run(3000, 1))
+        wait_idle(srv, 60)
+        rss1 = proc.memory_info().rss
+        m = srv.metrics()
+        assert m[("soft_kv_cache_usage_ratio", ())] == 0.0
+        assert (
+            m[("soft_num_requests_running", ())] == 0 and m[("soft_num_requests_waiting", ())] == 0
+        )
+        assert all(code < 500 for code in statuses), statuses
+        assert statuses.get(200, 0) > 2500, statuses
+        for depth in ("2", "4"):
+            assert m[("soft_request_latency_seconds_count", (("depth", depth),))] > 100
+        assert abs(rss1 - rss0) / rss0 < 0.05, (rss0, rss1)
+        assert srv.alive()
+    finally:
+        assert stop_server(srv)
