@@ -324,7 +324,12 @@ def add_error_handlers(app: FastAPI) -> None:
             msg = f"the request body is not valid JSON ({first.get('msg', '')})"
             return error_response(400, msg, "invalid_request_error", None, "invalid_json")
         where = ".".join(loc)
-        msg = f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "")
+        msg = f"{where}: {first.get('msg', 'invalid value')}"
+        if not where:  # the body as a whole: missing, not an object, not sent as JSON
+            msg = (
+                "the request body must be a JSON object sent with content-type "
+                f"application/json ({first.get('msg', '')})"
+            )
         if len(errors) > 1:
             msg += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
         return error_response(

@@ -15,9 +15,10 @@ import asyncio
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import BaseModel
@@ -51,6 +52,7 @@ from server.protocol import (
 from server.types import GenerationRequest, QueueFull, SamplingParams, TokenEvent, TokenLogprob
 
 log = logging.getLogger(__name__)
+_DEPTH = re.compile(r"[0-9]{1,6}")  # ASCII digits only: int() of "²" or of 5000 digits fails
 
 
 class APIError(Exception):
@@ -264,12 +266,12 @@ class OpenAIServing:
                     param="model",
                     code="model_not_found",
                 )
-            if not depth.isdigit():
+            if not _DEPTH.fullmatch(depth):
                 raise bad_request(f"{model!r}: the depth after '@' must be a whole number", "model")
             pin = int(depth)
         if hints.depth is not None:
             value = hints.depth.strip()
-            if not value.isdigit():
+            if not _DEPTH.fullmatch(value):
                 raise bad_request(
                     f"x-soft-depth {hints.depth!r} must be a whole number", "x-soft-depth"
                 )
@@ -322,7 +324,7 @@ class OpenAIServing:
             for j in range(n):
                 p = params
                 if params.seed is not None and n > 1:  # n choices differ, each reproducible
-                    p = SamplingParams(**{**params.__dict__, "seed": (params.seed + j) % 2**63})
+                    p = replace(params, seed=(params.seed + j) % 2**63)
                 req = GenerationRequest(
                     f"{base_id}-{i * n + j}", tuple(ids), p, choice.depth, deadline, hints.arrival
                 )
@@ -386,19 +388,20 @@ class OpenAIServing:
                     self.engine.abort(rid)  # a stop string ended it: free its blocks now
                 yield track
         finally:
-            for t in tracks:
-                if t.finish_reason is None:
-                    t.finish_reason = "abort"
-                    self.engine.abort(t.request.request_id)
+            self._abort_unfinished(tracks)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _close(self, tracks: list[Track], choice: DepthChoice, hints: Hints) -> None:
+    def _abort_unfinished(self, tracks: list[Track]) -> None:
+        """Cancel in the engine (freeing KV blocks) every sequence that has not finished."""
         for t in tracks:
             if t.finish_reason is None:
                 t.finish_reason = "abort"
                 self.engine.abort(t.request.request_id)
+
+    def _close(self, tracks: list[Track], choice: DepthChoice, hints: Hints) -> None:
+        self._abort_unfinished(tracks)
         self._record(tracks, choice, hints)
 
     def _record(self, tracks: list[Track], choice: DepthChoice, hints: Hints) -> None:

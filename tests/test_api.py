@@ -171,8 +171,12 @@ def test_depth_pins(client: tuple[TestClient, FakeEngine]) -> None:
     assert r.status_code == 400
     r = complete(c, model="tiny@2", headers={"x-soft-depth": "4"})
     assert r.status_code == 400
-    r = complete(c, model="tiny@x")
-    assert r.status_code == 400
+    for bad in ("tiny@x", "tiny@²", "tiny@" + "9" * 5000, "tiny@-2", "tiny@"):
+        r = complete(c, model=bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model", bad
+    for bad in ("9" * 5000, "2.0", "", "0x2"):
+        r = complete(c, headers={"x-soft-depth": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "x-soft-depth", bad
 
 
 def test_unknown_model_is_404(client: tuple[TestClient, FakeEngine]) -> None:
@@ -236,6 +240,10 @@ def test_bad_json_oversize_and_unknown_route(tiny_model: Any) -> None:
             "/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
         )
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+        for content, ctype in [(b"[]", "application/json"), (b"", "application/json"),
+                               (b'{"prompt": "x"}', "text/plain")]:  # fmt: skip
+            r = c.post("/v1/completions", content=content, headers={"content-type": ctype})
+            assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
         r = c.post("/v1/completions", json={"prompt": "x" * 5000})
         assert r.status_code == 413 and "1000" in r.json()["error"]["message"]
 
