@@ -273,6 +273,8 @@ def markdown(summary: Summary, config: dict[str, Any]) -> str:
         shown.remove("rate")  # the ramp sets the rate
     setup = ", ".join(f"{k}={config[k]}" for k in shown if config.get(k) is not None)
     lines = ["# Load test", "", setup, ""]
+    if config.get("interrupted"):
+        lines += ["**Interrupted**: stopped early; later requests were never sent.", ""]
     lines += _table(
         ["requests", "value"],
         [

@@ -531,7 +531,7 @@ def test_cli_run_against_the_real_soft_serve(tmp_path: Path) -> None:
     from tests.fakes import PROFILE, make_served_checkpoint
 
     ckpt = make_served_checkpoint(tmp_path / "tiny", profile=PROFILE)
-    app = create_app(Settings(model=str(ckpt), kv_cache_memory=64 << 20))  # type: ignore[arg-type]
+    app = create_app(Settings.model_validate({"model": str(ckpt), "kv_cache_memory": 64 << 20}))
     with LocalServer(app) as server:
         import httpx
 
