@@ -296,7 +296,7 @@ class SortedModel(nn.Module):
 
     def hidden(
         self,
-        input_ids: Tensor,
+        input_ids: Tensor | None,
         positions: Tensor,
         depths: Sequence[int],
         kv: KVStore | None = None,
@@ -320,6 +320,7 @@ class SortedModel(nn.Module):
         )
         assert depths[0] <= self.cfg.num_layers and depths[-1] >= start_layer, depths
         if h is None:
+            assert input_ids is not None, "give input_ids or h"
             h = F.embedding(input_ids, self.embed)  # (B, T, H)
         cos, sin = self.rope(positions, h.dtype)
         active = len(depths)

@@ -24,7 +24,8 @@ from models.llama import SortedModel
 from server.kv_cache import KVCacheConfig, KVCacheManager
 from server.sampling import make_generator, prompt_logprobs, sample_rows, token_logprob
 from server.scheduler import Scheduler, Sequence
-from server.types import EngineStats, GenerationRequest, QueueFull, TokenEvent
+from server.speculative import SpecConfig, Speculator, accept, draft_token
+from server.types import EngineStats, GenerationRequest, QueueFull, TokenEvent, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class EngineConfig:
     max_queue: int = 256  # waiting requests before QueueFull (HTTP 429)
     max_prefill_tokens: int = 2048  # prompt tokens admitted per step
     max_model_len: int | None = None  # default: the model's context window
+    speculative: SpecConfig = SpecConfig()  # self-speculative decoding (off by default)
 
 
 class _Sink:
@@ -77,6 +79,7 @@ class Engine:
         self.scheduler = Scheduler(
             self.cache, config.max_num_seqs, config.max_queue, config.max_prefill_tokens
         )
+        self.speculator = Speculator(model, config.speculative)
         self.eos = set(cfg.eos_token_ids)
         if model.tokenizer is not None and model.tokenizer.eos_token_id is not None:
             self.eos.add(model.tokenizer.eos_token_id)
@@ -222,13 +225,43 @@ class Engine:
         for seq in out.prefill:
             self._prefill(seq)
         decode = [s for s in out.decode if s.finish_reason is None]
-        if decode:
-            t0 = time.perf_counter()
-            self._decode(decode)
-            dt = time.perf_counter() - t0
-            self._step_ewma = dt if self._steps == 0 else 0.9 * self._step_ewma + 0.1 * dt
-            self._steps += 1
-            self._last_batch = len(decode)
+        if not decode:
+            return
+        t0 = time.perf_counter()
+        plain, groups = self._plan_speculation(decode)
+        if plain:
+            self._decode(plain)
+        for (exit_, k), seqs in groups.items():
+            self._speculate(seqs, exit_, k)
+        dt = time.perf_counter() - t0
+        self._step_ewma = dt if self._steps == 0 else 0.9 * self._step_ewma + 0.1 * dt
+        self._steps += 1
+        self._last_batch = len(decode)
+
+    def _plan_speculation(
+        self, seqs: list[Sequence]
+    ) -> tuple[list[Sequence], dict[tuple[int, int], list[Sequence]]]:
+        """Split the decode batch: rows that draft+verify this step, grouped by (exit, k),
+        and rows that decode plainly."""
+        plain: list[Sequence] = []
+        groups: dict[tuple[int, int], list[Sequence]] = {}
+        if self.speculator.cfg.mode != "auto":
+            return seqs, groups
+        for seq in seqs:
+            choice = self.speculator.choose(seq.depth)
+            left = min(
+                seq.request.params.max_tokens - seq.num_generated,
+                self.max_model_len - len(seq.tokens),
+            )
+            if choice is None or left < 2:
+                plain.append(seq)
+                continue
+            exit_, k = choice[0], min(choice[1], left)
+            if not self.cache.allocate(seq, seq.depth, len(seq.tokens) + k - 1):
+                plain.append(seq)  # no room for the drafts' KV: one token at a time
+                continue
+            groups.setdefault((exit_, k), []).append(seq)
+        return plain, groups
 
     def _prefill(self, seq: Sequence) -> None:
         model = self.model
@@ -264,11 +297,60 @@ class Engine:
             s.num_computed = len(s.tokens)
         self._emit(seqs, logits)
 
+    def _speculate(self, seqs: list[Sequence], exit_: int, k: int) -> None:
+        """One draft + verify cycle for rows deeper than `exit_` (see server/speculative.py)."""
+        model, dev = self.model, self.model.device
+        seqs = sorted(seqs, key=lambda s: -s.depth)
+        b, starts = len(seqs), [len(s.tokens) - 1 for s in seqs]
+        params = [s.request.params for s in seqs]
+        inputs = [s.tokens[-1] for s in seqs]
+        drafts: list[list[int]] = [[] for _ in seqs]
+        qs: list[list[torch.Tensor | None]] = [[] for _ in seqs]
+        kept = []  # exit-e residual of each input: k x (B, 1, H)
+        # 1) draft k tokens at exit e; layers [0, e) write their KV for positions p..p+k-1
+        for j in range(k):
+            ids = torch.tensor([[t] for t in inputs], device=dev)
+            positions = torch.tensor(starts, device=dev)[:, None] + j
+            kv = self.cache.step_view(seqs, [exit_] * b, [p + j for p in starts], 1)
+            h = model.hidden(ids, positions, [exit_] * b, kv)
+            kept.append(h)
+            logits = model.head(h, [exit_] * b)[:, 0]  # (B, V)
+            for r, seq in enumerate(seqs):
+                tok, q = draft_token(logits[r], params[r], seq.generator)
+                drafts[r].append(tok)
+                qs[r].append(q)
+                inputs[r] = tok
+        # 2) verify: layers [e, d) over the kept residuals, reusing layers [0, e)'s KV
+        depths = [s.depth for s in seqs]
+        positions = torch.tensor(starts, device=dev)[:, None] + torch.arange(k, device=dev)
+        kv = self.cache.step_view(seqs, depths, starts, k)
+        h = model.hidden(None, positions, depths, kv, start_layer=exit_, h=torch.cat(kept, 1))
+        target = model.head(h, depths)  # (B, k, V)
+        # 3) accept, emit, 4) roll back to what was kept
+        for r, seq in enumerate(seqs):
+            p = params[r]
+            tokens = accept(drafts[r], qs[r], target[r], p, seq.generator)
+            accepted = len(tokens) if tokens == drafts[r] else len(tokens) - 1
+            self.speculator.observe(exit_, k, accepted, len(tokens))
+            lps = torch.log_softmax(target[r].float(), -1) if p.logprobs is not None else None
+            events = []
+            for i, tok in enumerate(tokens):
+                lp = None
+                if lps is not None and p.logprobs is not None:
+                    lp = token_logprob(lps[i], tok, p.logprobs)
+                events.append(self._append(seq, tok, lp))
+                if seq.finish_reason is not None:
+                    break
+            if seq.finish_reason is None:
+                seq.num_computed = len(seq.tokens) - 1  # the last token is fed next step
+                self.cache.shrink(seq, len(seq.tokens))
+            self._send(seq, events)
+
     def _emit(
         self,
         seqs: list[Sequence],
         logits: torch.Tensor,
-        prompt: tuple | None = None,
+        prompt: tuple[TokenLogprob | None, ...] | None = None,
         queue_s: float | None = None,
     ) -> None:
         """Sample each row's token, send its event, retire finished sequences."""
@@ -278,23 +360,34 @@ class Engine:
         logprobs = torch.log_softmax(logits[want_lp].float(), -1) if want_lp else None
         for j, (seq, tok) in enumerate(zip(seqs, tokens, strict=True)):
             p = seq.request.params
-            seq.tokens.append(tok)
-            seq.num_generated += 1
             lp = None
             if logprobs is not None and p.logprobs is not None:
                 lp = token_logprob(logprobs[want_lp.index(j)], tok, p.logprobs)
-            finish = None
-            if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
-                finish = "stop"
-            elif seq.num_generated >= p.max_tokens or len(seq.tokens) >= self.max_model_len:
-                finish = "length"
-            event = TokenEvent(
-                seq.id, tok, lp, finish, seq.depth, prompt_logprobs=prompt, queue_seconds=queue_s
-            )
-            if finish is not None:  # free first: after its last event a request holds nothing
-                seq.finish_reason = finish
-                self.scheduler.remove(seq.id)
-            self._send(seq, [event])
+            self._send(seq, [self._append(seq, tok, lp, prompt, queue_s)])
+
+    def _append(
+        self,
+        seq: Sequence,
+        tok: int,
+        lp: TokenLogprob | None,
+        prompt: tuple[TokenLogprob | None, ...] | None = None,
+        queue_s: float | None = None,
+    ) -> TokenEvent:
+        """Add a generated token to `seq`; retire it when it is done. Returns its event."""
+        p = seq.request.params
+        seq.tokens.append(tok)
+        seq.num_generated += 1
+        finish = None
+        if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
+            finish = "stop"
+        elif seq.num_generated >= p.max_tokens or len(seq.tokens) >= self.max_model_len:
+            finish = "length"
+        if finish is not None:  # free first: after its last event a request holds nothing
+            seq.finish_reason = finish
+            self.scheduler.remove(seq.id)
+        return TokenEvent(
+            seq.id, tok, lp, finish, seq.depth, prompt_logprobs=prompt, queue_seconds=queue_s
+        )
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         self.scheduler.remove(seq.id)

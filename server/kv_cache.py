@@ -114,6 +114,19 @@ class KVCacheManager:
             self._layer_blocks[layer] -= len(table)
             self._free.extend(reversed(table))
 
+    def shrink(self, seq: Hashable, num_tokens: int) -> None:
+        """Free blocks beyond what `num_tokens` tokens need (speculative rollback)."""
+        tables = self._tables.get(seq)
+        if tables is None:
+            return
+        keep = self.blocks_for(num_tokens)
+        for layer, table in enumerate(tables):
+            extra = table[keep:]
+            if extra:
+                del table[keep:]
+                self._layer_blocks[layer] -= len(extra)
+                self._free.extend(reversed(extra))
+
     def lower_depth(self, seq: Hashable, depth: int) -> None:
         """Drop layers [depth, old depth) of `seq`, freeing their blocks now."""
         tables = self._tables.get(seq)

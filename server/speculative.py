@@ -1,0 +1,172 @@
+"""Lossless self-speculative decoding: a SoFT checkpoint drafts with its own shallow exit.
+
+One cycle for a group of sequences at depth d, drafting at exit e < d with k drafts:
+  1) draft: k forwards of layers [0, e) + the head, each feeding the previous draft token;
+     the exit-e residual of every input is kept, and layers [0, e) write their KV as usual
+  2) verify: ONE forward of layers [e, d) over those k kept residuals (positions p..p+k-1),
+     reusing the drafts' layer-[0, e) KV instead of recomputing it -> k target distributions
+  3) accept the longest prefix of drafts the target agrees with (greedy: equal argmax;
+     sampling: the standard rule min(1, p/q), resampling from max(0, p - q) on rejection),
+     then the target's own token at the first disagreement
+  4) roll back: KV written for rejected positions is simply never attended (every step
+     writes its positions before attending, and positions beyond a row's length are masked)
+     and blocks beyond the kept length are freed
+
+Greedy output is token-for-token the full model's; sampled output has its distribution.
+
+Cost model (decode is memory-bound, so a step costs the weight bytes it reads): with draft
+cost c_d = bytes(e)/bytes(d), verify cost c_v = (bytes(d) - bytes(e) + head)/bytes(d) and a
+per-token acceptance rate a, a cycle emits E = (1 - a^k) / (1 - a) tokens for k*c_d + c_v
+full steps; the speed-up is E / (k*c_d + c_v). `Speculator.choose` maximises it over exits
+and k using acceptance rates measured online.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from models.llama import SortedModel
+from server.types import SamplingParams
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    mode: str = "off"  # "auto" | "off"
+    exit: int | None = None  # draft exit; None = chosen from measured acceptance
+    k: int | None = None  # drafts per cycle; None = chosen
+    max_k: int = 8
+    prior_acceptance: float = 0.6  # before anything is measured at an exit
+    min_speedup: float = 1.05  # below this predicted gain a sequence decodes plainly
+
+
+@dataclass
+class SpecStats:
+    """Counters per draft exit, for the cost model and the metrics."""
+
+    drafted: dict[int, int] = field(default_factory=dict)
+    accepted: dict[int, int] = field(default_factory=dict)
+    cycles: dict[int, int] = field(default_factory=dict)
+    emitted: dict[int, int] = field(default_factory=dict)
+
+    def record(self, exit_: int, drafted: int, accepted: int, emitted: int) -> None:
+        for d, v in ((self.drafted, drafted), (self.accepted, accepted), (self.emitted, emitted)):
+            d[exit_] = d.get(exit_, 0) + v
+        self.cycles[exit_] = self.cycles.get(exit_, 0) + 1
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens emitted per cycle when each draft is accepted with probability `acceptance`."""
+    a = min(max(acceptance, 0.0), 0.999)
+    return (1.0 - a**k) / (1.0 - a)
+
+
+class Speculator:
+    """Chooses the draft exit and k, and keeps acceptance statistics."""
+
+    def __init__(self, model: SortedModel, cfg: SpecConfig) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.stats = SpecStats()
+        self._ewma: dict[int, float] = {}  # exit -> per-draft acceptance rate
+
+    def acceptance(self, exit_: int) -> float:
+        return self._ewma.get(exit_, self.cfg.prior_acceptance)
+
+    def observe(self, exit_: int, drafted: int, accepted: int, emitted: int) -> None:
+        self.stats.record(exit_, drafted, accepted, emitted)
+        if drafted:
+            rate = accepted / drafted
+            old = self._ewma.get(exit_)
+            self._ewma[exit_] = rate if old is None else 0.9 * old + 0.1 * rate
+
+    def speedup(self, exit_: int, depth: int, k: int) -> float:
+        m = self.model
+        full = m.weight_bytes(depth)
+        head = m.head_weight(depth).numel() * m.head_weight(depth).element_size()
+        draft = m.weight_bytes(exit_) / full
+        verify = (full - m.weight_bytes(exit_) + head) / full
+        return expected_tokens(self.acceptance(exit_), k) / (k * draft + verify)
+
+    def choose(self, depth: int) -> tuple[int, int] | None:
+        """(exit, k) with the best predicted speed-up for a sequence at `depth`, or None
+        when plain decoding is predicted to be as fast."""
+        if self.cfg.mode != "auto":
+            return None
+        exits = [e for e in self.model.exits if e < depth]
+        if self.cfg.exit is not None:
+            exits = [self.cfg.exit] if self.cfg.exit < depth else []
+        ks = [self.cfg.k] if self.cfg.k is not None else list(range(1, self.cfg.max_k + 1))
+        best, choice = 0.0, None
+        for e in exits:
+            for k in ks:
+                s = self.speedup(e, depth, k)
+                if s > best:
+                    best, choice = s, (e, k)
+        if choice is None or (best < self.cfg.min_speedup and self.cfg.exit is None):
+            return None
+        return choice
+
+
+def _distribution(logits: Tensor, p: SamplingParams) -> Tensor:
+    """The sampling distribution (V,) after temperature / top-k / top-p."""
+    x = logits.float() / p.temperature
+    if 0 < p.top_k < x.shape[-1]:
+        kth = torch.topk(x, p.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_x, order = torch.sort(x, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        drop = probs.cumsum(-1) - probs >= p.top_p
+        x = x.scatter(0, order, sorted_x.masked_fill(drop, float("-inf")))
+    return torch.softmax(x, dim=-1)
+
+
+def draft_token(
+    logits: Tensor, p: SamplingParams, g: torch.Generator | None
+) -> tuple[int, Tensor | None]:
+    """A draft token from exit logits (V,); with sampling, also its distribution q."""
+    if p.greedy:
+        return int(logits.argmax()), None
+    q = _distribution(logits, p)
+    return int(torch.multinomial(q, 1, generator=g)), q
+
+
+def accept(
+    drafts: list[int],
+    qs: list[Tensor | None],
+    target_logits: Tensor,
+    p: SamplingParams,
+    g: torch.Generator | None,
+) -> list[int]:
+    """Tokens to emit: the accepted drafts, then the target's token at the first rejection.
+
+    Args:
+        drafts: k draft tokens; qs: their draft distributions (None when greedy).
+        target_logits: (k, V), row i = the full model's logits for the token after input i.
+    Returns:
+        1..k tokens; exactly k when every draft was accepted (no bonus token).
+    """
+    out: list[int] = []
+    for i, d in enumerate(drafts):
+        if p.greedy:
+            y = int(target_logits[i].argmax())
+            out.append(y)
+            if y != d:
+                return out
+            continue
+        q = qs[i]
+        assert q is not None
+        pt = _distribution(target_logits[i], p)
+        u = float(torch.rand((), generator=g))
+        if u * float(q[d]) <= float(pt[d]):  # accept with probability min(1, p/q)
+            out.append(d)
+            continue
+        residual = (pt - q).clamp_min(0)
+        total = float(residual.sum())
+        dist = residual / total if total > 0 else pt
+        out.append(int(torch.multinomial(dist, 1, generator=g)))
+        return out
+    return out
