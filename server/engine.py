@@ -12,9 +12,11 @@ A step loop on its own thread (so the event loop stays free) runs, each iteratio
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -28,6 +30,15 @@ from server.speculative import SpecConfig, Speculator, accept, draft_token
 from server.types import EngineStats, GenerationRequest, QueueFull, TokenEvent, TokenLogprob
 
 log = logging.getLogger(__name__)
+
+_RUNNING: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    # a step thread still inside torch at interpreter exit aborts the process: stop them
+    for engine in list(_RUNNING):
+        engine.stop()
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,14 @@ class Engine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="soft-engine", daemon=True)
             self._thread.start()
+            _RUNNING.add(self)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the step loop now (no drain); see `shutdown` for the graceful path."""
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     def check(self, request: GenerationRequest) -> None:
         """Raise ValueError when the request can never run (the API answers 400)."""
@@ -314,9 +333,9 @@ class Engine:
             kv = self.cache.step_view(seqs, [exit_] * b, [p + j for p in starts], 1)
             h = model.hidden(ids, positions, [exit_] * b, kv)
             kept.append(h)
-            logits = model.head(h, [exit_] * b)[:, 0]  # (B, V)
+            logits = self.speculator.draft_logits(h, exit_)  # (B, V_draft)
             for r, seq in enumerate(seqs):
-                tok, q = draft_token(logits[r], params[r], seq.generator)
+                tok, q = draft_token(logits[r], params[r], seq.generator, model.cfg.vocab_size)
                 drafts[r].append(tok)
                 qs[r].append(q)
                 inputs[r] = tok

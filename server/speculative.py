@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from models.llama import SortedModel
+from models.llama import SortedModel, linear, rms_norm
 from server.types import SamplingParams
 
 
@@ -40,6 +40,10 @@ class SpecConfig:
     max_k: int = 8
     prior_acceptance: float = 0.6  # before anything is measured at an exit
     min_speedup: float = 1.05  # below this predicted gain a sequence decodes plainly
+    # Drafts choose among the first `draft_vocab` token ids only (BPE ids follow merge
+    # order, roughly frequency): on a small model the shared head is a large share of a
+    # draft step. Verification always uses the full head, so output is unchanged. 0 = all.
+    draft_vocab: int = 0
 
 
 @dataclass
@@ -71,6 +75,24 @@ class Speculator:
         self.cfg = cfg
         self.stats = SpecStats()
         self._ewma: dict[int, float] = {}  # exit -> per-draft acceptance rate
+        v = model.cfg.vocab_size
+        self.draft_vocab = (
+            cfg.draft_vocab if 0 < cfg.draft_vocab < v and not model.exit_heads else v
+        )
+        # rows [0, draft_vocab) of the shared head: a view, no copy
+        self.draft_head = model.lm_head[: self.draft_vocab]
+
+    def draft_logits(self, h: Tensor, exit_: int) -> Tensor:
+        """Logits over the draft vocabulary at exit e. h: (B, 1, H) -> (B, V_draft)."""
+        if self.draft_vocab == self.model.cfg.vocab_size:
+            return self.model.head(h, [exit_] * h.shape[0])[:, 0]
+        x = rms_norm(h[:, 0], self.model.norm, self.model.cfg.rms_norm_eps)
+        return linear(x, self.draft_head)
+
+    def head_bytes(self, depth: int, draft: bool) -> int:
+        w = self.model.head_weight(depth)
+        rows = self.draft_vocab if draft else w.shape[0]
+        return rows * w.shape[1] * w.element_size()
 
     def acceptance(self, exit_: int) -> float:
         return self._ewma.get(exit_, self.cfg.prior_acceptance)
@@ -83,11 +105,12 @@ class Speculator:
             self._ewma[exit_] = rate if old is None else 0.9 * old + 0.1 * rate
 
     def speedup(self, exit_: int, depth: int, k: int) -> float:
+        """Predicted tokens/s relative to plain decoding, from weight bytes read."""
         m = self.model
         full = m.weight_bytes(depth)
-        head = m.head_weight(depth).numel() * m.head_weight(depth).element_size()
-        draft = m.weight_bytes(exit_) / full
-        verify = (full - m.weight_bytes(exit_) + head) / full
+        full_head, draft_head = self.head_bytes(depth, False), self.head_bytes(exit_, True)
+        draft = (m.weight_bytes(exit_) - full_head + draft_head) / full
+        verify = (full - m.weight_bytes(exit_) + full_head) / full
         return expected_tokens(self.acceptance(exit_), k) / (k * draft + verify)
 
     def choose(self, depth: int) -> tuple[int, int] | None:
@@ -125,12 +148,14 @@ def _distribution(logits: Tensor, p: SamplingParams) -> Tensor:
 
 
 def draft_token(
-    logits: Tensor, p: SamplingParams, g: torch.Generator | None
+    logits: Tensor, p: SamplingParams, g: torch.Generator | None, vocab_size: int
 ) -> tuple[int, Tensor | None]:
-    """A draft token from exit logits (V,); with sampling, also its distribution q."""
+    """A draft token from exit logits over the first V_draft ids; with sampling, also its
+    distribution q over the whole vocabulary (zero beyond V_draft)."""
     if p.greedy:
         return int(logits.argmax()), None
-    q = _distribution(logits, p)
+    q = torch.zeros(vocab_size, device=logits.device)
+    q[: logits.shape[-1]] = _distribution(logits, p)
     return int(torch.multinomial(q, 1, generator=g)), q
 
 

@@ -45,14 +45,14 @@ def prompts(k: int) -> list[list[int]]:
     return [torch.randint(3, 256, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize(("exit_", "k"), [(1, 3), (2, 4), (3, 2)])
+@pytest.mark.parametrize(("exit_", "k", "vocab"), [(1, 3, 0), (2, 4, 64), (3, 2, 0)])
 def test_greedy_is_identical_to_plain_decoding_on_50_prompts(
-    tiny: Path, exit_: int, k: int
+    tiny: Path, exit_: int, k: int, vocab: int
 ) -> None:
     model = models.load(tiny, device="cpu")
     plain = Engine(model, EngineConfig(kv_cache_memory=1 << 23))
-    spec = Engine(model, EngineConfig(kv_cache_memory=1 << 23,
-                  speculative=SpecConfig(mode="auto", exit=exit_, k=k)))  # fmt: skip
+    cfg = SpecConfig(mode="auto", exit=exit_, k=k, draft_vocab=vocab)
+    spec = Engine(model, EngineConfig(kv_cache_memory=1 << 23, speculative=cfg))
     plain.start()
     spec.start()
     ps = prompts(50)
@@ -121,6 +121,19 @@ def test_acceptance_rule_preserves_the_target_distribution() -> None:
         counts[out[0]] += 1
     target = torch.softmax(p_logits, -1)
     assert torch.allclose(counts / n, target, atol=0.015), (counts / n, target)
+
+
+def test_sampled_speculation_with_a_draft_vocabulary_runs_and_frees(tiny: Path) -> None:
+    model = models.load(tiny, device="cpu")
+    cfg = SpecConfig(mode="auto", exit=2, k=3, draft_vocab=32)
+    engine = Engine(model, EngineConfig(kv_cache_memory=1 << 22, speculative=cfg))
+    engine.start()
+    params = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.95, seed=3, ignore_eos=True)
+    reqs = [GenerationRequest(f"s{i}", (5, 6, 7), params, 4) for i in range(2)]
+    a, b = run(engine, reqs)
+    assert [e.token_id for e in a] == [e.token_id for e in b]  # same seed, same tokens
+    assert len(a) == 16 and engine.cache.num_used == 0
+    assert engine.speculator.stats.cycles[2] > 0
 
 
 def test_greedy_acceptance_takes_the_longest_agreeing_prefix() -> None:
