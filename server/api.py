@@ -112,7 +112,10 @@ def create_app(
                 serving.engine.start()
                 state.serving = serving
             except Exception as e:
-                log.exception("failed to load the model")
+                if isinstance(e, (FileNotFoundError, ValueError)):  # the user's to fix
+                    log.error("cannot serve %s: %s", settings.model, e)
+                else:
+                    log.exception("failed to load the model")
                 state.error = f"{type(e).__name__}: {e}"
                 if on_load_error is not None:
                     on_load_error()

@@ -369,6 +369,17 @@ def test_sigterm_drains_in_flight_requests(ckpt: Path, tmp_path: Path) -> None:
     assert '"finish_reason":"length"' in result["text"]
 
 
+def test_unloadable_model_exits_nonzero_with_the_reason(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "server", "--model", str(tmp_path / "missing"), "--port",
+           str(free_port()), "--log-level", "warning"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "no such model directory" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "server", "--port", "99999"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 2 and "--port" in r.stderr
+
+
 # -- soak -----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_soak_mixed_depths_frees_every_block_and_keeps_rss_flat(ckpt: Path, tmp_path: Path) -> None:
@@ -435,6 +446,7 @@ def test_soak_mixed_depths_frees_every_block_and_keeps_rss_flat(ckpt: Path, tmp_
         asyncio.run(run(3000, 1))
         wait_idle(srv, 60)
         rss1 = proc.memory_info().rss
+        print(f"soak: statuses {statuses}, RSS {rss0 / 2**20:.1f} -> {rss1 / 2**20:.1f} MiB")
         m = srv.metrics()
         assert m[("soft_kv_cache_usage_ratio", ())] == 0.0
         assert (
