@@ -1,0 +1,393 @@
+"""`soft-train`: Sorted Fine-Tuning (SoFT) and its baselines on a LLaMA-family model.
+
+    soft-train --model smollm2-135m-instruct --data data/alpaca_en_demo.json \
+        --records :899 --method soft --lora-rank 16 --save-delta --out runs/soft-lora
+
+Methods: `soft` (every exit of one forward pass, loss = weighted mean over exits),
+`sft` (last layer only), `early-exit` (the paper's baseline: backbone frozen, one trained
+norm + head per exit, saved as `exit_heads.safetensors`). Full fine-tuning, or peft LoRA
+(`--lora-rank`) on all attention and MLP projections with the final norm trainable too.
+Many processes: `torchrun` / `accelerate launch` (DDP or FSDP), see docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import shlex
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from models import loader
+from models.checkpoint import (
+    DELTA,
+    EXIT_HEADS,
+    SoftConfig,
+    apply_delta,
+    read_soft_json,
+    save_delta,
+    write_soft_json,
+)
+from models.data import DataError, collate, load_dataset, parse_range, step_batches
+from models.sorted_loss import ExitHeadModule, SortedLoss, default_exits
+
+log = logging.getLogger("soft-train")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RESUME_DIR = "resume"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out: Path
+    steps: int
+    exits: tuple[int, ...]
+    final_losses: dict[int, float]  # mean response CE per exit over the last steps
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="soft-train", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="base: a built-in name, HF dir, SoFT/delta checkpoint or .gguf",
+    )
+    p.add_argument("--data", required=True, type=Path, help="Alpaca JSON/JSONL or chat JSONL")
+    p.add_argument(
+        "--records",
+        default=None,
+        help="START:END slice of the file's records to train on (e.g. :899)",
+    )
+    p.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
+    p.add_argument("--method", choices=("soft", "sft", "early-exit"), default="soft")
+    p.add_argument(
+        "--exits",
+        default=None,
+        help="comma-separated depths (default: ~8 from 30%% to 100%% of depth)",
+    )
+    p.add_argument(
+        "--exit-weights",
+        default=None,
+        help="comma-separated, one per exit (default uniform, the paper)",
+    )
+    p.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
+    p.add_argument("--lora-alpha", type=float, default=None, help="default 2 x rank")
+    p.add_argument(
+        "--save-delta",
+        action="store_true",
+        help="LoRA: save only soft.json + soft_delta.safetensors (bf16)",
+    )
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default 5%%)")
+    p.add_argument("--max-length", type=int, default=512, help="truncate sequences (tokens)")
+    p.add_argument("--on-bad-record", choices=("skip", "error"), default="skip")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU, or CPU w/ AVX512)")
+    p.add_argument("--save-every", type=int, default=50, help="resumable checkpoint period")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/resume if present")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def parse_ints(text: str | None, what: str, parser: argparse.ArgumentParser) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--{what} must be comma-separated integers, got {text!r}")
+
+
+def load_causal_lm(spec: str) -> tuple[Any, Any, str]:
+    """transformers model + tokenizer for any spec models.load accepts (fp32).
+    Returns (model, tokenizer, base_model name to record)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = loader.resolve(spec)
+    soft = read_soft_json(directory, None)
+    weights_dir, delta = directory, directory / DELTA
+    if delta.exists() and not (directory / "config.json").exists():
+        assert soft is not None and soft.base_model, f"{directory}: delta without base_model"
+        weights_dir = loader.resolve(soft.base_model)
+    model = AutoModelForCausalLM.from_pretrained(str(weights_dir), dtype=torch.float32)
+    if weights_dir != directory:
+        state = model.state_dict()
+        apply_delta(state, delta)
+        model.load_state_dict(state)
+    tok_dir = directory if (directory / "tokenizer_config.json").exists() else weights_dir
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    base = spec if spec in ("default", loader.BASE_NAME) else str(Path(spec).resolve())
+    return model, tokenizer, base
+
+
+def add_lora(model: Any, rank: int, alpha: float) -> Any:
+    """Inject peft LoRA into every attention/MLP projection; the final norm trains too.
+    Returns the PeftModel (whose base model is `model`, modified in place)."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,  # type: ignore[arg-type]
+                     target_modules=list(LORA_TARGETS), bias="none")  # fmt: skip
+    peft_model = get_peft_model(model, cfg)
+    model.model.norm.weight.requires_grad_(True)  # type: ignore[union-attr]
+    return peft_model
+
+
+def lora_delta(model: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any], float]:
+    """(full tensors, {hf_name: (A, B)}, scale) of a peft-injected model, bf16 LoRA."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    scale = 1.0
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoraLinear):
+            factors: Any = (mod.lora_A, mod.lora_B)
+            a = factors[0]["default"].weight.detach()  # (r, in)
+            b = factors[1]["default"].weight.detach()  # (out, r)
+            scale = float(mod.scaling["default"])
+            lora[f"{name}.weight"] = (a.to(torch.bfloat16), b.to(torch.bfloat16))
+    full = {"model.norm.weight": model.model.norm.weight.detach().float().clone()}  # type: ignore
+    return full, lora, scale
+
+
+# -- resumable state ------------------------------------------------------------------
+
+
+def save_resume(out: Path, wrapper: nn.Module, opt: Any, sched: Any, step: int,
+                history: list[list[float]]) -> None:  # fmt: skip
+    from safetensors.torch import save_file
+
+    tmp = out / (RESUME_DIR + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    params = {n: p.detach().contiguous() for n, p in wrapper.named_parameters() if p.requires_grad}
+    save_file(params, str(tmp / "trainable.safetensors"))
+    rng = {"torch": torch.get_rng_state()}
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                "history": history, "rng": rng}, tmp / "state.pt")  # fmt: skip
+    final = out / RESUME_DIR
+    if final.exists():
+        import shutil
+
+        shutil.rmtree(final)
+    tmp.replace(final)
+
+
+def load_resume(out: Path, wrapper: nn.Module, opt: Any, sched: Any) -> tuple[int, list[Any]]:
+    from safetensors.torch import load_file
+
+    d = out / RESUME_DIR
+    params = load_file(str(d / "trainable.safetensors"))
+    own = dict(wrapper.named_parameters())
+    with torch.no_grad():
+        for n, v in params.items():
+            own[n].copy_(v)
+    state = torch.load(d / "state.pt", weights_only=True)  # never unpickles code
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return int(state["step"]), list(state["history"])
+
+
+# -- training -------------------------------------------------------------------------
+
+
+def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainResult:
+    from accelerate import Accelerator
+    from tqdm import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    acc = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: gloo under torchrun
+    model, tokenizer, base_name = load_causal_lm(args.model)
+    num_layers = model.config.num_hidden_layers
+    exits = parse_ints(args.exits, "exits", parser) or list(default_exits(num_layers))
+    if args.method == "sft":
+        exits = [num_layers]
+    if not exits or sorted(set(exits)) != exits or exits[0] < 1 or exits[-1] > num_layers:
+        parser.error(f"--exits must be ascending distinct depths in 1..{num_layers}, got {exits}")
+    if args.method == "early-exit" and exits[-1] != num_layers:
+        exits.append(num_layers)  # full depth keeps the model's own head
+    weights = None
+    if args.exit_weights is not None:
+        try:
+            weights = [float(x) for x in args.exit_weights.split(",")]
+        except ValueError:
+            parser.error(f"--exit-weights must be comma-separated numbers: {args.exit_weights}")
+        if len(weights) != len(exits) or min(weights) < 0 or sum(weights) <= 0:
+            parser.error(f"--exit-weights needs {len(exits)} non-negative numbers (one per exit)")
+    try:
+        data = load_dataset(args.data, tokenizer, args.max_length, args.on_bad_record,
+                            parse_range(args.records))  # fmt: skip
+    except (DataError, ValueError) as e:
+        parser.error(str(e))
+
+    # 1) what trains
+    peft_model = None
+    exit_heads: nn.ModuleDict | None = None
+    if args.method == "early-exit":
+        if args.lora_rank:
+            parser.error("--method early-exit trains heads only; drop --lora-rank")
+        model.requires_grad_(False)
+        exit_heads = nn.ModuleDict({
+            str(d): ExitHeadModule(model.model.norm, model.lm_head) for d in exits[:-1]
+        })  # fmt: skip
+    elif args.lora_rank:
+        peft_model = add_lora(model, args.lora_rank, args.lora_alpha or 2.0 * args.lora_rank)
+    elif args.save_delta:
+        parser.error("--save-delta needs --lora-rank")
+    if args.gradient_checkpointing and args.method != "early-exit":
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        enable = enable or model.gradient_checkpointing_enable  # transformers < 5.x name
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if peft_model is not None:
+            model.enable_input_require_grads()
+    wrapper = SortedLoss(model, exits, weights, exit_heads, args.method == "early-exit")
+    wrapper.train()
+    params = [p for p in wrapper.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
+    sched = get_cosine_schedule_with_warmup(opt, warmup, args.steps)
+
+    # 2) resume before wrapping (the saved names are the unwrapped module's)
+    out: Path = args.out
+    step, history = 0, cast(list[Any], [])  # history: per step, mean CE per exit
+    if args.resume and (out / RESUME_DIR / "state.pt").exists():
+        step, history = load_resume(out, wrapper, opt, sched)
+        if acc.is_main_process:
+            log.info("resumed from %s at step %d", out / RESUME_DIR, step)
+    dist_model, opt = acc.prepare(wrapper, opt)
+    device = acc.device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    # 3) the loop: one forward per micro-batch, all exits; step-indexed data order
+    bar = tqdm(total=args.steps, initial=step, disable=args.no_progress or not acc.is_main_process,
+               desc=f"{args.method}", dynamic_ncols=True)  # fmt: skip
+    t0, first_step = time.time(), step
+    while step < args.steps:
+        micro = step_batches(data.examples, step, args.batch_size, args.grad_accum,
+                             acc.process_index, acc.num_processes, args.seed)  # fmt: skip
+        tokens = sum(e.num_targets for mb in micro for e in mb)
+        sums = torch.zeros(len(exits))
+        for j, mb in enumerate(micro):
+            batch = collate(mb, pad_id)
+            sync = j == len(micro) - 1
+            ctx = acc.no_sync(dist_model) if not sync else nullcontext()
+            with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                res = dist_model(
+                    batch.input_ids.to(device),
+                    batch.labels.to(device),
+                    batch.attention_mask.to(device),
+                    normaliser=max(tokens, 1),
+                )
+                acc.backward(res.loss)
+            sums += res.per_exit.float().cpu()
+        acc.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        per_exit = (sums / max(tokens, 1)).tolist()
+        history.append(per_exit)
+        bar.update(1)
+        bar.set_postfix_str(" ".join(f"{d}:{x:.2f}" for d, x in zip(exits, per_exit,
+                                                                    strict=True)))  # fmt: skip
+        if args.save_every and step % args.save_every == 0 and step < args.steps:
+            if acc.is_main_process:
+                save_resume(out, acc.unwrap_model(dist_model), opt, sched, step, history)
+            acc.wait_for_everyone()
+    bar.close()
+    elapsed = time.time() - t0
+    tail = history[-min(20, len(history)) :] if history else [[math.nan] * len(exits)]
+    final = {d: sum(h[i] for h in tail) / len(tail) for i, d in enumerate(exits)}
+
+    # 4) the checkpoint
+    if acc.is_main_process:
+        training = {
+            "method": args.method, "exits": exits, "exit_weights": weights,
+            "base_model": base_name, "data": str(args.data), "data_sha256": data.sha256,
+            "records": args.records or ":", "examples": len(data.examples),
+            "bad_records": len(data.bad), "command": args.command,
+            "steps": step, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+            "world_size": acc.num_processes, "lr": args.lr, "max_length": args.max_length,
+            "lora_rank": args.lora_rank, "bf16": args.bf16,
+            "seconds_per_step": round(elapsed / max(step - first_step, 1), 3),
+            "final_losses": {str(d): round(v, 4) for d, v in final.items()},
+        }  # fmt: skip
+        save_output(args, out, acc.unwrap_model(dist_model), peft_model, tokenizer,
+                    SoftConfig(method=args.method, exits=tuple(exits), base_model=base_name,
+                               training=training))  # fmt: skip
+    acc.wait_for_everyone()
+    return TrainResult(out, step, tuple(exits), final)
+
+
+def save_output(args: argparse.Namespace, out: Path, wrapper: Any, peft_model: Any,
+                tokenizer: Any, soft: SoftConfig) -> None:  # fmt: skip
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    model = wrapper.causal_lm  # type: ignore[union-attr]
+    if peft_model is not None and args.save_delta:
+        full, lora, scale = lora_delta(model)
+        save_delta(out / DELTA, full, lora, scale)
+        tokenizer.save_pretrained(str(out))
+        write_soft_json(out, soft)
+        return
+    if peft_model is not None:
+        model = peft_model.merge_and_unload()
+    if args.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
+        model.gradient_checkpointing_disable()
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    if soft.method == "early-exit":
+        heads: dict[str, torch.Tensor] = {}
+        for d, eh in wrapper.exit_heads.items():  # type: ignore[union-attr]
+            heads[f"exits.{d}.norm.weight"] = eh.norm.weight.detach().float().contiguous()
+            heads[f"exits.{d}.lm_head.weight"] = eh.lm_head.weight.detach().to(
+                torch.bfloat16).contiguous()  # fmt: skip
+        save_file(heads, str(out / EXIT_HEADS))
+    # full weights are self-contained: base_model is provenance only
+    write_soft_json(out, replace(soft, base_model=soft.base_model))
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.command = shlex.join(["soft-train", *(sys.argv[1:] if argv is None else argv)])
+    if args.steps < 1 or args.batch_size < 1 or args.grad_accum < 1 or args.max_length < 2:
+        parser.error("--steps, --batch-size, --grad-accum must be >= 1 and --max-length >= 2")
+    if args.lora_rank < 0:
+        parser.error("--lora-rank must be >= 0")
+    if not args.data.is_file():
+        parser.error(f"--data {args.data}: no such file (try `make data`)")
+    try:
+        loader.resolve(args.model)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(f"--model: {e}")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    res = train(args, parser)
+    if res.out.exists():
+        log.info("wrote %s (%d steps, exits %s)", res.out, res.steps, list(res.exits))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""soft-eval: per-depth CE against a naive reference, generations, outputs, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models
+from models.data import IGNORE, collate, load_dataset
+from models.evaluate import (
+    CheckpointResult,
+    DepthResult,
+    main,
+    markdown_table,
+    response_ce,
+    rouge_l,
+)
+from models.generate import greedy_generate
+from tests.conftest import make_hf_model
+from tests.test_data import make_tokenizer, write_alpaca
+
+
+@pytest.fixture
+def tiny_tok_dir(tmp_path: Path) -> Path:
+    out = tmp_path / "tiny"
+    make_hf_model(seed=5).save_pretrained(str(out), safe_serialization=True)
+    make_tokenizer().save_pretrained(str(out))
+    (out / "soft.json").write_text(json.dumps(
+        {"format": "soft-checkpoint/1", "method": "soft", "exits": [2, 4]}))  # fmt: skip
+    return out
+
+
+def test_response_ce_matches_per_depth_logits(tiny_tok_dir: Path, tmp_path: Path) -> None:
+    m = models.load(tiny_tok_dir)
+    ds = load_dataset(write_alpaca(tmp_path / "d.json", 5), m.tokenizer)
+    got = response_ce(m, ds, [1, 2, 4], batch_size=2)
+    for d in (1, 2, 4):
+        total, n = 0.0, 0
+        for ex in ds.examples:  # one at a time, no padding: the naive reference
+            b = collate([ex], 0)
+            logits = m.logits(b.input_ids, d)[0, :-1]
+            tgt = b.labels[0, 1:]
+            total += float(F.cross_entropy(logits, tgt, ignore_index=IGNORE, reduction="sum"))
+            n += int((tgt != IGNORE).sum())
+        assert math.isclose(got[d], total / n, rel_tol=1e-5)
+
+
+def test_rouge_l_exact_values() -> None:
+    assert rouge_l("the cat sat", "the cat sat") == 1.0
+    assert rouge_l("", "the cat") == 0.0
+    assert rouge_l("", "") == 1.0
+    assert math.isclose(rouge_l("the cat", "the cat sat on"), 2 * (1.0 * 0.5) / 1.5)
+
+
+def test_markdown_table_rows() -> None:
+    r = CheckpointResult(
+        "A",
+        "a",
+        "soft",
+        (2, 4),
+        4,
+        [DepthResult(2, 1.5, 4.48, 0.25, 0.5, 100.0), DepthResult(4, 1.0, 2.72, None, None, None)],
+    )
+    table = markdown_table([r]).splitlines()
+    assert table[2] == "| A | soft | 2 | 1.500 | 4.5 | 0.250 | 0.500 | 100.0 |"
+    assert table[3] == "| A | soft | 4 | 1.000 | 2.7 | – | – | – |"
+
+
+def test_soft_eval_writes_json_markdown_and_plot(tiny_tok_dir: Path, tmp_path: Path) -> None:
+    data = write_alpaca(tmp_path / "d.json", 6)
+    out = tmp_path / "res" / "eval"
+    main(
+        [
+            f"{tiny_tok_dir}=tiny",
+            str(tiny_tok_dir),
+            "--data",
+            str(data),
+            "--records",
+            "2:",
+            "--gen-samples",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    payload = json.loads(out.with_suffix(".json").read_text())
+    first = payload["results"][0]
+    assert first["label"] == "tiny" and first["exits"] == [2, 4]
+    assert [d["depth"] for d in first["depths"]] == [2, 4]
+    full = first["depths"][-1]
+    assert full["agreement"] == 1.0  # full depth agrees with itself
+    assert all(d["tokens_per_s"] > 0 for d in first["depths"])
+    assert payload["results"][1]["label"] == str(tiny_tok_dir)
+    assert out.with_suffix(".md").read_text().count("\n") == 2 + 4
+    assert out.with_suffix(".png").stat().st_size > 1000
+    # the sample is the greedy decode of the first held-out prompt at that depth
+    m = models.load(tiny_tok_dir)
+    ex = load_dataset(data, m.tokenizer).examples[2]
+    ids = greedy_generate(m, torch.tensor(ex.input_ids[: ex.prompt_len]), 2, 4, (2, 0))
+    want = m.tokenizer.decode([i for i in ids if i not in (0, 2)], skip_special_tokens=True)
+    assert first["depths"][0]["sample"] == want
+
+
+@pytest.mark.parametrize("bad", [["--depths", "x"], ["--records", "1"], ["--gen-samples", "-1"],
+                                 ["--data", "/nonexistent.json"]])  # fmt: skip
+def test_bad_cli_input_exits_2(bad: list[str], tiny_tok_dir: Path, tmp_path: Path,
+                               capsys) -> None:  # fmt: skip
+    data = write_alpaca(tmp_path / "d.json", 3)
+    with pytest.raises(SystemExit) as e:
+        main([str(tiny_tok_dir), "--data", str(data), *bad])
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_missing_checkpoint_exits_2(tmp_path: Path, capsys) -> None:
+    data = write_alpaca(tmp_path / "d.json", 3)
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "nope"), "--data", str(data)])
+    assert e.value.code == 2 and "no such model" in capsys.readouterr().err
