@@ -64,6 +64,7 @@ def load_serving(settings: Settings) -> OpenAIServing:
             kv_cache_memory=int(settings.kv_cache_memory),
             max_num_seqs=settings.max_num_seqs,
             max_queue=settings.max_queue,
+            max_model_len=settings.max_model_len,
         ),
     )
     serving = OpenAIServing(

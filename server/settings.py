@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV-cache block")
     max_num_seqs: int = Field(32, ge=1, description="sequences per decode batch")
     max_queue: int = Field(256, ge=1, description="waiting sequences before new requests get 429")
+    max_model_len: int | None = Field(
+        None, ge=2, description="context window served (prompt + max_tokens); default: the "
+        "model's own",
+    )  # fmt: skip
     max_n: int = Field(16, ge=1, description="largest 'n' (choices per prompt) accepted")
     max_body_bytes: ByteSize = Field(
         ByteSize(8 << 20), description="largest request body accepted (else 413)"

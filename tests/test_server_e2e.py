@@ -347,6 +347,43 @@ def test_disconnect_non_streaming_frees_blocks(server: Server) -> None:
     assert server.alive()
 
 
+def test_fuzz_chat_schema(server: Server) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    anything = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=10)
+    message = st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "user", "assistant", "tool", "x"]) | anything},
+        optional={"content": st.text(max_size=30) | st.lists(
+            st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=10)}),
+            max_size=2) | anything, "name": anything},
+    )  # fmt: skip
+    bodies = st.fixed_dictionaries({}, optional={
+        "messages": st.lists(message, max_size=3) | anything,
+        "model": st.sampled_from(["tiny", "tiny@2", "nope"]) | anything,
+        "max_tokens": st.integers(-1, 5) | anything,
+        "max_completion_tokens": st.integers(-1, 5) | anything,
+        "logprobs": st.booleans() | anything,
+        "top_logprobs": st.integers(-1, 25) | anything,
+        "n": st.integers(0, 3) | anything,
+        "stream": st.booleans(),
+        "stop": st.lists(st.text(max_size=3), max_size=2) | anything,
+    })  # fmt: skip
+
+    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=bodies)
+    def check(body: dict[str, Any]) -> None:
+        body.setdefault("max_tokens", 4)  # an unbounded chat would run to the window
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code < 500, (body, r.text)
+        if r.status_code != 200:
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+    check()
+    assert server.alive()
+    wait_idle(server)
+
+
 def test_sigterm_drains_in_flight_requests(ckpt: Path, tmp_path: Path) -> None:
     srv = start_server(ckpt, tmp_path / "drain.log", "--drain-timeout", "20")
     result: dict[str, Any] = {}
