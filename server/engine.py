@@ -264,7 +264,8 @@ class Engine:
         and rows that decode plainly."""
         plain: list[Sequence] = []
         groups: dict[tuple[int, int], list[Sequence]] = {}
-        if self.speculator.cfg.mode != "auto":
+        cfg = self.speculator.cfg
+        if cfg.mode != "auto" or len(seqs) > cfg.max_batch:
             return seqs, groups
         for seq in seqs:
             choice = self.speculator.choose(seq.depth)

@@ -44,6 +44,9 @@ class SpecConfig:
     # order, roughly frequency): on a small model the shared head is a large share of a
     # draft step. Verification always uses the full head, so output is unchanged. 0 = all.
     draft_vocab: int = 0
+    # speculation pays while decode is memory-bound; bigger batches already share each
+    # weight read across their rows, so they decode plainly
+    max_batch: int = 4
 
 
 @dataclass
