@@ -205,6 +205,12 @@ class Track:
         return piece
 
 
+def engine_error(t: Track) -> APIError:
+    """A sequence the engine failed (not the client's doing): 500, or an SSE error event."""
+    message = f"generation failed: {t.error or 'engine error'}"
+    return APIError(500, message, "server_error", code="engine_error")
+
+
 def sse(data: BaseModel | dict[str, Any]) -> str:
     payload = data.model_dump_json() if isinstance(data, BaseModel) else json.dumps(data)
     return f"data: {payload}\n\n"
@@ -447,12 +453,7 @@ class OpenAIServing:
     def _raise_engine_error(tracks: list[Track]) -> None:
         for t in tracks:
             if t.finish_reason == "error":
-                raise APIError(
-                    500,
-                    f"generation failed: {t.error or 'engine error'}",
-                    type="server_error",
-                    code="engine_error",
-                )
+                raise engine_error(t)
 
     # -- /v1/completions --------------------------------------------------------------------
     def _tokenize_prompts(self, req: CompletionRequest) -> list[list[int]]:
@@ -617,14 +618,7 @@ class OpenAIServing:
                         offsets[t.index] += sum(len(self._token_str(e.token_id)) for e in new)
                     sent_lp[t.index] = len(t.logprobs)
                 if t.finish_reason == "error":
-                    yield sse(
-                        APIError(
-                            500,
-                            f"generation failed: {t.error}",
-                            "server_error",
-                            code="engine_error",
-                        ).body()
-                    )
+                    yield sse(engine_error(t).body())
                     continue
                 if piece or lp is not None or t.done:
                     yield chunk(
@@ -750,14 +744,7 @@ class OpenAIServing:
                 )
             async for t in self._events(tracks, streams):
                 if t.finish_reason == "error":
-                    yield sse(
-                        APIError(
-                            500,
-                            f"generation failed: {t.error}",
-                            "server_error",
-                            code="engine_error",
-                        ).body()
-                    )
+                    yield sse(engine_error(t).body())
                     continue
                 piece = t.releasable()
                 lp = None
