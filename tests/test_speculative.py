@@ -51,7 +51,7 @@ def test_greedy_is_identical_to_plain_decoding_on_50_prompts(
 ) -> None:
     model = models.load(tiny, device="cpu")
     plain = Engine(model, EngineConfig(kv_cache_memory=1 << 23))
-    cfg = SpecConfig(mode="auto", exit=exit_, k=k, draft_vocab=vocab)
+    cfg = SpecConfig(mode="auto", exit=exit_, k=k, draft_vocab=vocab, max_batch=64)
     spec = Engine(model, EngineConfig(kv_cache_memory=1 << 23, speculative=cfg))
     plain.start()
     spec.start()
@@ -72,7 +72,7 @@ def test_greedy_is_identical_to_plain_decoding_on_50_prompts(
 def test_rollback_leaves_no_stale_or_leaked_blocks(tiny: Path) -> None:
     model = models.load(tiny, device="cpu")
     engine = Engine(model, EngineConfig(kv_cache_memory=1 << 23,
-                    speculative=SpecConfig(mode="auto", exit=1, k=6)))  # fmt: skip
+                    speculative=SpecConfig(mode="auto", exit=1, k=6, max_batch=64)))  # fmt: skip
     held: list[tuple[int, int]] = []
     original = engine._speculate
 
@@ -163,3 +163,15 @@ def test_cost_model_picks_cheap_exits_when_they_agree(tiny: Path) -> None:
             bad.observe(e, 4, 0, 1)
     assert bad.choose(4) is None  # nothing agrees: plain decoding
     assert Speculator(model, SpecConfig(mode="off")).choose(4) is None
+
+
+def test_large_decode_batches_decode_plainly(tiny: Path) -> None:
+    model = models.load(tiny, device="cpu")
+    engine = Engine(model, EngineConfig(speculative=SpecConfig(mode="auto", exit=2, k=3)))
+    from server.scheduler import Sequence
+
+    seqs = [Sequence(greedy(f"b{i}", [5, 6], 4, 8), [5, 6], 4) for i in range(5)]
+    plain, groups = engine._plan_speculation(seqs)
+    assert plain == seqs and not groups  # 5 rows > max_batch 4
+    plain, groups = engine._plan_speculation(seqs[:4])
+    assert not plain and [len(g) for g in groups.values()] == [4]
