@@ -55,13 +55,15 @@ def make_tokenizer(path: Path, vocab_size: int = 384) -> Any:
 
 
 def make_served_checkpoint(
-    path: Path, exits: tuple[int, ...] = (2, 4), profile: dict[str, Any] | None = None
+    path: Path,
+    exits: tuple[int, ...] = (2, 4),
+    profile: dict[str, Any] | None = None,
+    context: int = 256,
 ) -> Path:
-    """A servable tiny checkpoint: 4 layers, hidden 64, vocab 384 (the tokenizer's), context
-    256."""
+    """A servable tiny checkpoint: 4 layers, hidden 64, vocab 384 (the tokenizer's)."""
     from tests.conftest import make_hf_model, save_checkpoint
 
-    model = make_hf_model(vocab_size=384, max_position_embeddings=256)
+    model = make_hf_model(vocab_size=384, max_position_embeddings=context)
     soft: dict[str, Any] = {"format": "soft-checkpoint/1", "method": "soft", "exits": list(exits)}
     if profile is not None:
         soft["latency_profile"] = profile

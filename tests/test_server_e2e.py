@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.fakes import PROFILE, make_served_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+CONTEXT = 4096
 
 
 @dataclass
@@ -89,7 +90,9 @@ def stop_server(server: Server, timeout: float = 30) -> bool:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_served_checkpoint(tmp_path_factory.mktemp("e2e") / "tiny", profile=PROFILE)
+    # a long context: generations that outlast a client's patience (disconnect tests)
+    path = tmp_path_factory.mktemp("e2e") / "tiny"
+    return make_served_checkpoint(path, profile=PROFILE, context=CONTEXT)
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +243,8 @@ BAD: list[tuple[dict[str, str], bytes]] = [
     ({}, json.dumps({"prompt": "x", "model": "nope"}).encode()),
     ({"x-latency-budget": "soon"}, json.dumps({"prompt": "x"}).encode()),
     ({"x-soft-depth": "-1"}, json.dumps({"prompt": "x"}).encode()),
-    ({}, json.dumps({"prompt": "x" * 3000, "max_tokens": 1}).encode()),
+    ({}, json.dumps({"prompt": "x" * 3 * CONTEXT, "max_tokens": 1}).encode()),
+    ({}, json.dumps({"prompt": "x", "max_tokens": CONTEXT}).encode()),
     ({}, b'{"prompt": "' + b"y" * (9 << 20) + b'"}'),
 ]
 
@@ -322,7 +326,7 @@ def wait_idle(server: Server, timeout: float = 20) -> None:
 
 
 def test_disconnect_mid_stream_frees_blocks(server: Server) -> None:
-    body = {"model": "tiny", "prompt": "Tell me a long story", "max_tokens": 200,
+    body = {"model": "tiny", "prompt": "Tell me a long story", "max_tokens": 3000,
             "stream": True, "ignore_eos": True}  # fmt: skip
     with httpx.Client(timeout=30) as c, c.stream("POST", server.url + "/v1/completions",
                                                  json=body) as r:  # fmt: skip
@@ -340,7 +344,7 @@ def test_disconnect_mid_stream_frees_blocks(server: Server) -> None:
 
 
 def test_disconnect_non_streaming_frees_blocks(server: Server) -> None:
-    body = {"model": "tiny", "prompt": "x", "max_tokens": 240, "ignore_eos": True}
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 3000, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json=body, timeout=0.3)
     wait_idle(server)
@@ -362,7 +366,6 @@ def test_fuzz_chat_schema(server: Server) -> None:
         "messages": st.lists(message, max_size=3) | anything,
         "model": st.sampled_from(["tiny", "tiny@2", "nope"]) | anything,
         "max_tokens": st.integers(-1, 5) | anything,
-        "max_completion_tokens": st.integers(-1, 5) | anything,
         "logprobs": st.booleans() | anything,
         "top_logprobs": st.integers(-1, 25) | anything,
         "n": st.integers(0, 3) | anything,
@@ -373,7 +376,7 @@ def test_fuzz_chat_schema(server: Server) -> None:
     @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
     @given(body=bodies)
     def check(body: dict[str, Any]) -> None:
-        body.setdefault("max_tokens", 4)  # an unbounded chat would run to the window
+        body["max_completion_tokens"] = 4  # wins over max_tokens; unbounded runs to the window
         r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
         assert r.status_code < 500, (body, r.text)
         if r.status_code != 200:
