@@ -43,6 +43,7 @@ def load_serving(settings: Settings) -> OpenAIServing:
     needs. Runs once, in a worker thread, during the lifespan."""
     import models
     from server.engine import Engine, EngineConfig
+    from server.speculative import SpecConfig
 
     t0 = time.monotonic()
     model = models.load(settings.model, device=settings.device, dtype=settings.dtype)
@@ -65,6 +66,12 @@ def load_serving(settings: Settings) -> OpenAIServing:
             max_num_seqs=settings.max_num_seqs,
             max_queue=settings.max_queue,
             max_model_len=settings.max_model_len,
+            speculative=SpecConfig(
+                mode=settings.speculative,
+                exit=settings.speculative_exit,
+                k=settings.speculative_k,
+                draft_vocab=settings.speculative_vocab,
+            ),
         ),
     )
     serving = OpenAIServing(

@@ -27,7 +27,14 @@ from server.kv_cache import KVCacheConfig, KVCacheManager
 from server.sampling import make_generator, prompt_logprobs, sample_rows, token_logprob
 from server.scheduler import Scheduler, Sequence
 from server.speculative import SpecConfig, Speculator, accept, draft_token
-from server.types import EngineStats, GenerationRequest, QueueFull, TokenEvent, TokenLogprob
+from server.types import (
+    EngineStats,
+    GenerationRequest,
+    QueueFull,
+    SpecCounters,
+    TokenEvent,
+    TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -425,6 +432,7 @@ class Engine:
         for s in running:
             depths[s.depth] = depths.get(s.depth, 0) + 1
         per_layer = self.cache.bytes_per_layer()
+        spec = self.speculator.stats
         return EngineStats(
             running=len(running),
             waiting=len(self.scheduler.waiting) + len(self._inbox),
@@ -437,4 +445,10 @@ class Engine:
             steps=self._steps,
             preemptions=self.scheduler.num_preemptions,
             depths_running=depths,
+            speculation={
+                e: SpecCounters(
+                    n, spec.accepted.get(e, 0), spec.cycles.get(e, 0), spec.emitted.get(e, 0)
+                )
+                for e, n in spec.drafted.items()
+            },  # fmt: skip
         )

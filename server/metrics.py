@@ -108,6 +108,24 @@ class Metrics:
             "soft_depth_cap", "Deepest depth the policy serves unpinned requests at", registry=r
         )
         self.batch_size = Gauge("soft_batch_size", "Sequences in the last decode step", registry=r)
+        self.spec_acceptance = Gauge(
+            "soft_spec_acceptance_ratio",
+            "Self-speculative decoding: share of draft tokens accepted, by draft exit",
+            ["exit"],
+            registry=r,
+        )
+        self.spec_tokens_per_verify = Gauge(
+            "soft_spec_tokens_per_verify",
+            "Self-speculative decoding: tokens emitted per verify step, by draft exit",
+            ["exit"],
+            registry=r,
+        )
+        self.spec_drafted = Gauge(
+            "soft_spec_draft_tokens",
+            "Self-speculative decoding: draft tokens proposed since start, by draft exit",
+            ["exit"],
+            registry=r,
+        )
         for d in exits:  # every exit's series exists from the start (dashboards, rate())
             for h in (self.latency, self.ttft, self.itl):
                 h.labels(depth=str(d))
@@ -136,6 +154,10 @@ class Metrics:
         self.waiting.set(stats.waiting)
         self.kv_usage.set(stats.kv_usage_ratio)
         self.batch_size.set(stats.batch_size)
+        for e, c in stats.speculation.items():
+            self.spec_acceptance.labels(exit=str(e)).set(c.accepted / max(1, c.drafted))
+            self.spec_tokens_per_verify.labels(exit=str(e)).set(c.emitted / max(1, c.cycles))
+            self.spec_drafted.labels(exit=str(e)).set(c.drafted)
         self.depth_cap.set(depth_cap)
         for layer, b in enumerate(stats.kv_bytes_per_layer):
             self.kv_bytes.labels(layer=str(layer)).set(b)

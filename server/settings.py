@@ -67,6 +67,24 @@ class Settings(BaseSettings):
     drain_timeout: float = Field(
         30.0, ge=0, description="seconds SIGTERM waits for in-flight requests before exiting"
     )
+    speculative: Literal["auto", "off"] = Field(
+        "off",
+        description="self-speculative decoding for small decode batches: draft with a shallow "
+        "exit, verify with the request's own depth (greedy output unchanged, sampling keeps "
+        "its distribution); 'auto' picks the exit and k from measured acceptance rates",
+    )
+    speculative_exit: int | None = Field(
+        None, ge=1, description="draft exit for --speculative auto; default: chosen online"
+    )
+    speculative_k: int | None = Field(
+        None, ge=1, le=16, description="draft tokens per verify step; default: chosen online"
+    )
+    speculative_vocab: int = Field(
+        8192,
+        ge=0,
+        description="drafts choose among the first N token ids (a cheaper draft head; "
+        "verification uses the full head); 0 = the whole vocabulary",
+    )
     profile_seconds: float = Field(
         3.0,
         ge=0,

@@ -63,6 +63,16 @@ class TokenEvent:
 
 
 @dataclass(frozen=True)
+class SpecCounters:
+    """Self-speculative decoding at one draft exit, since start."""
+
+    drafted: int  # draft tokens proposed
+    accepted: int  # draft tokens the verifying depth agreed with
+    cycles: int  # verify steps
+    emitted: int  # tokens emitted by those cycles (accepted + corrections)
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """A snapshot for metrics and the depth policy."""
 
@@ -77,6 +87,7 @@ class EngineStats:
     steps: int  # decode steps run since start
     preemptions: int
     depths_running: dict[int, int] = field(default_factory=dict)  # depth -> sequences
+    speculation: dict[int, SpecCounters] = field(default_factory=dict)  # draft exit -> counts
 
     @property
     def kv_usage_ratio(self) -> float:

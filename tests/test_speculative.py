@@ -175,3 +175,27 @@ def test_large_decode_batches_decode_plainly(tiny: Path) -> None:
     assert plain == seqs and not groups  # 5 rows > max_batch 4
     plain, groups = engine._plan_speculation(seqs[:4])
     assert not plain and [len(g) for g in groups.values()] == [4]
+
+
+def test_speculation_is_visible_in_metrics(tiny: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from server.metrics import Metrics
+
+    model = models.load(tiny, device="cpu")
+    cfg = SpecConfig(mode="auto", exit=2, k=3)
+    engine = Engine(model, EngineConfig(kv_cache_memory=1 << 22, speculative=cfg))
+    engine.start()
+    run(engine, [greedy("m", [5, 6, 7], 4, 12)])
+    engine._stats = engine._snapshot()
+    counters = engine.stats().speculation[2]
+    assert counters.cycles > 0 and counters.cycles < counters.drafted <= 3 * counters.cycles
+    metrics = Metrics(model.exits)
+    metrics.update(engine.stats(), depth_cap=4)
+    samples = {
+        (s.name, s.labels.get("exit")): s.value
+        for fam in text_string_to_metric_families(metrics.render().decode())
+        for s in fam.samples
+    }
+    assert samples[("soft_spec_acceptance_ratio", "2")] == counters.accepted / counters.drafted
+    assert samples[("soft_spec_tokens_per_verify", "2")] == counters.emitted / counters.cycles
