@@ -53,11 +53,6 @@ def load_serving(settings: Settings) -> OpenAIServing:
     default = settings.default_depth or exits[-1]
     if default not in exits:
         raise ValueError(f"--default-depth {default} is not an exit of the model {list(exits)}")
-    raw = model.soft.latency_profile
-    if raw:
-        profile = LatencyProfile.from_json(raw, exits)
-    else:
-        profile = measure_profile(model, seconds=settings.profile_seconds)
     engine = Engine(
         model,
         EngineConfig(
@@ -74,6 +69,12 @@ def load_serving(settings: Settings) -> OpenAIServing:
             ),
         ),
     )
+    raw = model.soft.latency_profile
+    if raw:
+        profile = LatencyProfile.from_json(raw, exits)
+    else:
+        engine.start()  # measured through the engine itself, before any request
+        profile = measure_profile(engine, exits, seconds=settings.profile_seconds)
     serving = OpenAIServing(
         model,
         engine,

@@ -16,18 +16,17 @@ Depths it does not list are interpolated linearly in depth (cost is per layer + 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import re
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import torch
-
-from models.generate import DenseKVCache
-from models.llama import SortedModel
+from server.types import GenerationRequest, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -151,63 +150,56 @@ def _fill(exits: Sequence[int], points: Mapping[int, float]) -> dict[int, float]
     return out
 
 
-@torch.inference_mode()
 def measure_profile(
-    model: SortedModel, seconds: float = 3.0, prompt_len: int = 64
+    engine: Any, exits: Sequence[int], seconds: float = 3.0, prompt_len: int = 64
 ) -> LatencyProfile:
-    """Time prefill and decode at the shallowest, middle and deepest exit on the real model
-    (alone, batch 1) within about `seconds`, and interpolate the other exits."""
-    exits = model.exits
-    depths = sorted({exits[0], exits[len(exits) // 2], exits[-1]})
-    vocab = model.cfg.vocab_size
-    prompt_len = max(2, min(prompt_len, model.cfg.max_position_embeddings - 8))
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (1, prompt_len), generator=gen).to(model.device)
-    pos = torch.arange(prompt_len, device=model.device).view(1, -1)
-    short, short_pos = ids[:, : prompt_len // 2], pos[:, : prompt_len // 2]
-    last, last_pos = ids[:, -1:], pos[:, -1:] + 1  # one decode step after the prompt
-    deadline = time.perf_counter() + seconds
+    """Time the started engine itself (its step loop, paged cache and threads: what requests
+    will meet) at the shallowest, middle and deepest exit, alone at batch 1, for about
+    `seconds`; the other exits are interpolated. Call from a thread without a running
+    event loop (the lifespan's loader thread).
 
-    def timed(fn: Any) -> float:
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
+    Per depth: a long and a short prompt with max_tokens=1 give prefill base + per token;
+    the short prompt with 1 + STEPS tokens gives the decode step."""
+    steps = 8
+    depths = sorted({exits[0], exits[len(exits) // 2], exits[-1]})
+    long_len = max(4, min(prompt_len, engine.max_model_len - steps - 2))
+    short_len = long_len // 4
+    prompt = tuple(3 + (7 * i) % 97 for i in range(long_len))  # any ids will do
+
+    async def timed(depth: int, n_prompt: int, max_tokens: int) -> float:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        req = GenerationRequest(f"profile-{uuid.uuid4().hex}", prompt[:n_prompt], params, depth)
         t0 = time.perf_counter()
-        fn()
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
+        async for _ in engine.submit(req):
+            pass
         return (time.perf_counter() - t0) * 1000.0
 
-    samples: dict[int, dict[str, list[float]]] = {
-        d: {"long": [], "short": [], "step": []} for d in depths
-    }
-    rounds = 0
-    for d in depths:  # warm-up: first calls pay for allocation and kernel selection
-        model.head(model.hidden(short, short_pos, [d])[:, -1:], [d])
-    while rounds < 2 or (time.perf_counter() < deadline and rounds < 20):
-        rounds += 1
-        for d in depths:
-            cache = DenseKVCache(model.num_layers, model.scale)
+    async def run() -> tuple[int, dict[int, dict[str, list[float]]]]:
+        samples: dict[int, dict[str, list[float]]] = {
+            d: {"long": [], "short": [], "steps": []} for d in depths
+        }
+        for d in depths:  # warm-up: first calls pay for allocation and kernel selection
+            await timed(d, short_len, 2)
+        deadline, rounds = time.perf_counter() + seconds, 0
+        while rounds < 2 or (time.perf_counter() < deadline and rounds < 50):
+            rounds += 1
+            for d in depths:
+                samples[d]["long"].append(await timed(d, long_len, 1))
+                samples[d]["short"].append(await timed(d, short_len, 1))
+                samples[d]["steps"].append(await timed(d, short_len, 1 + steps))
+        return rounds, samples
 
-            def prefill(c: DenseKVCache = cache, d: int = d) -> None:
-                model.head(model.hidden(ids, pos, [d], c)[:, -1:], [d])
+    rounds, samples = asyncio.run(run())
 
-            samples[d]["long"].append(timed(prefill))
-            samples[d]["short"].append(
-                timed(lambda d=d: model.head(model.hidden(short, short_pos, [d])[:, -1:], [d]))
-            )
-            samples[d]["step"].append(
-                timed(lambda c=cache, d=d: model.head(model.hidden(last, last_pos, [d], c), [d]))
-            )
-
-    def med(xs: list[float]) -> float:  # the low quartile: other processes only add time
-        return sorted(xs)[len(xs) // 4]
+    def median(xs: list[float]) -> float:  # requests will meet the same neighbours
+        return sorted(xs)[len(xs) // 2]
 
     base, per_token, step = {}, {}, {}
     for d in depths:
-        long_ms, short_ms = med(samples[d]["long"]), med(samples[d]["short"])
-        per_token[d] = max(long_ms - short_ms, 0.0) / (prompt_len - prompt_len // 2)
-        base[d] = max(long_ms - per_token[d] * prompt_len, 0.0)
-        step[d] = med(samples[d]["step"])
+        long_ms, short_ms = median(samples[d]["long"]), median(samples[d]["short"])
+        per_token[d] = max(long_ms - short_ms, 0.0) / (long_len - short_len)
+        base[d] = max(short_ms - per_token[d] * short_len, 0.0)
+        step[d] = max(median(samples[d]["steps"]) - short_ms, 0.0) / steps
     profile = LatencyProfile.from_points(exits, base, per_token, step, "measured")
     log.info("measured latency profile in %d rounds: %s", rounds, profile.to_json())
     return profile

@@ -109,13 +109,21 @@ def test_pin_must_be_an_exit() -> None:
         make_policy("random", EXITS, 32, PROFILE)
 
 
-def test_measure_profile_on_a_real_model(tiny_dir: Path) -> None:
+def test_measure_profile_through_the_engine(tiny_dir: Path) -> None:
+    from server.engine import Engine, EngineConfig
+
     model = models.load(tiny_dir)
+    engine = Engine(model, EngineConfig(kv_cache_memory=1 << 22))
+    engine.start()
     t0 = time.perf_counter()
-    prof = measure_profile(model, seconds=0.5, prompt_len=32)
-    assert time.perf_counter() - t0 < 10
+    prof = measure_profile(engine, model.exits, seconds=0.5, prompt_len=32)
+    assert time.perf_counter() - t0 < 30
     assert prof.source == "measured" and set(prof.decode_ms_per_step) == {2, 4}
-    assert 0 < prof.step_ms(2) <= prof.step_ms(4)
-    assert 0 <= prof.prefill_ms(2, 32) <= prof.prefill_ms(4, 32)
+    assert 0 <= prof.step_ms(2) <= prof.step_ms(4)
+    assert 0 < prof.predict_ms(2, 32, 8) <= prof.predict_ms(4, 32, 8)
     back = LatencyProfile.from_json(prof.to_json(), model.exits)
     assert back.step_ms(4) == pytest.approx(prof.step_ms(4), abs=1e-3)
+    deadline = time.monotonic() + 5  # the stats snapshot follows the last step
+    while engine.stats().kv_blocks_used and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats().kv_blocks_used == 0  # every probe request freed its blocks

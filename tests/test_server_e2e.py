@@ -409,6 +409,22 @@ def test_sigterm_drains_in_flight_requests(ckpt: Path, tmp_path: Path) -> None:
     assert '"finish_reason":"length"' in result["text"]
 
 
+def test_profile_measured_at_start_up_without_one_in_soft_json(tmp_path: Path) -> None:
+    ckpt = make_served_checkpoint(tmp_path / "noprofile", exits=(1, 2, 3, 4))
+    srv = start_server(ckpt, tmp_path / "measured.log", "--profile-seconds", "0.5")
+    try:
+        r = httpx.post(srv.url + "/v1/completions", headers={"x-latency-budget": "1ms"},
+                       json={"prompt": "hi", "max_tokens": 50})  # fmt: skip
+        assert r.status_code == 200 and r.headers["x-soft-depth"] == "1"  # none fits
+        r = httpx.post(srv.url + "/v1/completions", headers={"x-latency-budget": "60s"},
+                       json={"prompt": "hi", "max_tokens": 4})  # fmt: skip
+        assert r.headers["x-soft-depth"] == "4" and float(r.headers["x-soft-predicted-ms"]) > 0
+        m = srv.metrics()
+        assert m[("soft_latency_budget_total", (("outcome", "infeasible"),))] == 1
+    finally:
+        assert stop_server(srv)
+
+
 def test_unloadable_model_exits_nonzero_with_the_reason(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "server", "--model", str(tmp_path / "missing"), "--port",
            str(free_port()), "--log-level", "warning"]  # fmt: skip
