@@ -41,7 +41,7 @@ check-deploy: install
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "promtool missing: apt-get install prometheus" >&2; exit 1; fi; }
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash deploy/check.sh
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -m deploy tests/test_deploy.py
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -m deploy tests/test_deploy.py tests/test_deploy_live.py
 
 lint: install
 	$(VENV)/bin/ruff check .
