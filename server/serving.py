@@ -19,7 +19,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
@@ -52,6 +52,9 @@ from server.protocol import (
 from server.types import GenerationRequest, QueueFull, SamplingParams, TokenEvent, TokenLogprob
 
 log = logging.getLogger(__name__)
+LONG_INPUT_CHARS = 16_384  # longer prompts are tokenized off the event loop
+R = TypeVar("R")
+T = TypeVar("T")
 _DEPTH = re.compile(r"[0-9]{1,6}")  # ASCII digits only: int() of "²" or of 5000 digits fails
 
 
@@ -446,6 +449,12 @@ class OpenAIServing:
         c = sum(len(t.token_ids) for t in tracks) if shown else 0  # echo-only hides its token
         return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
+    async def _off_loop(self, fn: Callable[[R], T], req: R, size: int) -> T:
+        """Tokenize long inputs on a worker thread so the event loop keeps streaming."""
+        if size < LONG_INPUT_CHARS:
+            return fn(req)
+        return await asyncio.to_thread(fn, req)
+
     def _token_str(self, token_id: int) -> str:
         return str(self.tokenizer.decode([token_id]))
 
@@ -475,7 +484,7 @@ class OpenAIServing:
             raise bad_request(f"n must be at most {self.max_n}", "n")
         if req.max_tokens == 0 and not req.echo:
             raise bad_request("max_tokens must be at least 1 (0 only with echo)", "max_tokens")
-        prompts = self._tokenize_prompts(req)
+        prompts = await self._off_loop(self._tokenize_prompts, req, len(str(req.prompt)))
         if len(prompts) * req.n > self.max_n * 8:
             raise bad_request(
                 f"at most {self.max_n * 8} sequences (prompts x n) per request", "prompt"
@@ -659,7 +668,7 @@ class OpenAIServing:
     async def chat(self, req: ChatCompletionRequest, hints: Hints) -> Served:
         if req.n > self.max_n:
             raise bad_request(f"n must be at most {self.max_n}", "n")
-        ids = self._chat_prompt(req)
+        ids = await self._off_loop(self._chat_prompt, req, sum(len(m.text()) for m in req.messages))
         max_tokens = req.requested_max_tokens()
         if max_tokens is None:  # OpenAI: up to the context window
             max_tokens = max(1, self.max_model_len - len(ids))

@@ -230,6 +230,11 @@ def test_empty_prompt_and_context_window(client: tuple[TestClient, FakeEngine]) 
     assert "256" in msg and "300" in msg  # states the window and what was asked
     r = complete(c, prompt=[5] * 300, max_tokens=1)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    long = "x " * 10_000  # tokenized on a worker thread
+    r = complete(c, prompt=long, max_tokens=1)
+    assert r.status_code == 400 and "context window is 256" in r.json()["error"]["message"]
+    r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": long}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
 
 
 def test_bad_json_oversize_and_unknown_route(tiny_model: Any) -> None:
