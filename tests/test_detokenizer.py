@@ -1,4 +1,4 @@
-"""Text assembly: incremental detokenization and stop strings, on a byte-level tokenizer
+"""server/detokenizer.py: incremental detokenization and stop strings, on a byte-level
 that splits multi-byte characters across tokens."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from server.serving import Detokenizer, Track
+from server.detokenizer import Detokenizer, Track
 from server.types import GenerationRequest, SamplingParams, TokenEvent
 from tests.fakes import make_tokenizer
 
