@@ -1,5 +1,5 @@
-"""server/detokenizer.py: incremental detokenization and stop strings, on a byte-level
-that splits multi-byte characters across tokens."""
+"""server/detokenizer.py: incremental detokenization and stop strings, on a byte-level BPE
+tokenizer that splits multi-byte characters across tokens."""
 
 from __future__ import annotations
 
