@@ -32,6 +32,7 @@ from server.protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    SoftInfo,
     Usage,
     now,
 )
@@ -331,6 +332,21 @@ class ServingBase:
                 met = (slowest - hints.arrival) * 1000 <= choice.budget_ms
                 outcome = "met" if met else "missed"
             self.metrics.budget.labels(outcome=outcome).inc()
+
+    @staticmethod
+    def _served_at(choice: DepthChoice, tracks: list[Track]) -> DepthChoice:
+        """The choice as served: the depth the engine finished at (it may lower a depth
+        mid-request, never raise it), the policy's prediction unchanged."""
+        depth = min((t.depth for t in tracks if t.depth), default=choice.depth)
+        return replace(choice, depth=min(depth, choice.depth))
+
+    @staticmethod
+    def _soft_info(choice: DepthChoice) -> SoftInfo:
+        return SoftInfo(
+            depth=choice.depth,
+            budget_ms=choice.budget_ms,
+            predicted_ms=round(choice.predicted_ms, 3),
+        )
 
     @staticmethod
     def _usage(prompts: list[list[int]], tracks: list[Track], shown: bool = True) -> Usage:

@@ -16,7 +16,6 @@ from server.protocol import (
     ChatLogprobs,
     ChatTokenLogprob,
     DeltaMessage,
-    SoftInfo,
     TopLogprob,
     new_id,
     now,
@@ -77,6 +76,7 @@ class ChatServing(ServingBase):
             )
             for t in tracks
         ]
+        choice = self._served_at(choice, tracks)
         return Served(
             choice,
             body=ChatCompletionResponse(
@@ -85,11 +85,7 @@ class ChatServing(ServingBase):
                 model=req.model or self.model_name,
                 choices=choices,
                 usage=self._usage([ids], tracks),
-                soft=SoftInfo(
-                    depth=choice.depth,
-                    budget_ms=choice.budget_ms,
-                    predicted_ms=round(choice.predicted_ms, 3),
-                ),
+                soft=self._soft_info(choice),
             ),
         )
 

@@ -12,7 +12,6 @@ from server.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    SoftInfo,
     new_id,
     now,
 )
@@ -81,6 +80,7 @@ class CompletionServing(ServingBase):
             self._record(tracks, choice, hints)
         self._raise_engine_error(tracks)
         choices = [self._completion_choice(req, prompts, t, final=True) for t in tracks]
+        choice = self._served_at(choice, tracks)
         return Served(
             choice,
             body=CompletionResponse(
@@ -89,11 +89,7 @@ class CompletionServing(ServingBase):
                 model=req.model or self.model_name,
                 choices=choices,
                 usage=self._usage(prompts, tracks, req.max_tokens > 0),
-                soft=SoftInfo(
-                    depth=choice.depth,
-                    budget_ms=choice.budget_ms,
-                    predicted_ms=round(choice.predicted_ms, 3),
-                ),
+                soft=self._soft_info(choice),
             ),
         )
 

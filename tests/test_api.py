@@ -491,6 +491,27 @@ def test_engine_error_mid_stream_is_an_sse_error_event(tiny_model: Any) -> None:
         assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
 
 
+def test_depth_lowered_mid_request_is_reported(tiny_model: Any) -> None:
+    """The engine may move a request to a shallower exit; body, header, metrics follow."""
+    from server.types import TokenEvent
+
+    c, fake = make_client(tiny_model)
+
+    async def lowered(request: Any) -> Any:
+        rid = request.request_id
+        yield TokenEvent(rid, 40, depth=request.depth)
+        yield TokenEvent(rid, 41, depth=2)
+        yield TokenEvent(rid, 42, finish_reason="length", depth=2)
+
+    with c:
+        wait_ready(c)
+        fake._run = lowered  # type: ignore[method-assign]
+        r = complete(c, max_tokens=3)
+        assert r.headers["x-soft-depth"] == "2" and r.json()["soft"]["depth"] == 2
+        text = c.get("/metrics").text
+        assert 'soft_generated_tokens_total{depth="2"} 3.0' in text
+
+
 def test_metrics_endpoint_per_depth(client: tuple[TestClient, FakeEngine]) -> None:
     c, _ = client
     complete(c, model="tiny@2", max_tokens=3)
