@@ -199,6 +199,9 @@ def load_resume(out: Path, wrapper: nn.Module, opt: Any, sched: Any) -> tuple[in
     state = torch.load(d / "state.pt", weights_only=True)  # never unpickles code
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
+    # --steps may differ from the saved run's: the LR of the next step follows the new schedule
+    for group, base, fn in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+        group["lr"] = base * fn(sched.last_epoch)
     torch.set_rng_state(state["rng"]["torch"])
     return int(state["step"]), list(state["history"])
 
@@ -308,7 +311,7 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainRes
         bar.update(1)
         bar.set_postfix_str(" ".join(f"{d}:{x:.2f}" for d, x in zip(exits, per_exit,
                                                                     strict=True)))  # fmt: skip
-        if args.save_every and step % args.save_every == 0 and step < args.steps:
+        if args.save_every and (step % args.save_every == 0 or step == args.steps):
             if acc.is_main_process:
                 save_resume(out, acc.unwrap_model(dist_model), opt, sched, step, history)
             acc.wait_for_everyone()

@@ -193,22 +193,22 @@ def test_early_exit_heads_are_written_and_used(tiny_base: Path, data_file: Path,
     torch.testing.assert_close(m.logits(ids, 2), x @ w.T, atol=1e-4, rtol=1e-4)
 
 
-def test_resume_continues_from_the_saved_step(tiny_base: Path, data_file: Path,
-                                              tmp_path: Path, caplog) -> None:  # fmt: skip
-    import shutil
-
+def test_resume_continues_from_the_saved_step(
+    tiny_base: Path, data_file: Path, tmp_path: Path, caplog
+) -> None:
     common = ("--model", tiny_base, "--data", data_file, "--exits", "2,4", "--batch-size",
-              "2", "--lora-rank", "4", "--lr", "1e-2", "--save-every", "2", "--save-delta",
-              "--steps", "4")  # fmt: skip
+              "2", "--lora-rank", "4", "--lr", "1e-2", "--save-every", "3", "--save-delta",
+              "--warmup", "1")  # fmt: skip
     straight = tmp_path / "straight"
-    run_train(*common, "--out", straight)
+    run_train(*common, "--steps", "4", "--out", straight)
     state = torch.load(straight / "resume" / "state.pt", weights_only=True)
-    assert state["step"] == 2 and len(state["history"]) == 2
-    # a run interrupted after its step-2 checkpoint: only the resume state exists
+    assert state["step"] == 4 and len(state["history"]) == 4  # the last step is saved too
+    # stop after 2 steps (same LRs so far: warmup 1, cosine at its start), then continue
     part = tmp_path / "part"
-    shutil.copytree(straight / "resume", part / "resume")
+    run_train(*common, "--steps", "2", "--out", part)
+    assert torch.load(part / "resume" / "state.pt", weights_only=True)["step"] == 2
     caplog.set_level("INFO", logger="soft-train")
-    run_train(*common, "--out", part, "--resume")
+    run_train(*common, "--steps", "4", "--out", part, "--resume")
     assert "at step 2" in caplog.text
     a, b = models.load(straight), models.load(part)
     ids = torch.tensor([[3, 4, 5, 6]])
