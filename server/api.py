@@ -22,8 +22,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.governor import GovernorConfig
 from server.metrics import CONTENT_TYPE, Metrics
-from server.policy import LatencyProfile, make_policy, measure_profile
+from server.policy import LatencyProfile, make_policy, measure_profile, read_profile_file
 from server.protocol import ChatCompletionRequest, CompletionRequest, ErrorInfo, ErrorResponse
 from server.serving import APIError, Hints, OpenAIServing, Served
 from server.settings import Settings
@@ -70,7 +71,9 @@ def load_serving(settings: Settings) -> OpenAIServing:
         ),
     )
     raw = model.soft.latency_profile
-    if raw:
+    if settings.latency_profile:  # soft-profile --out, for a checkpoint one cannot write to
+        profile = read_profile_file(settings.latency_profile, exits)
+    elif raw:
         profile = LatencyProfile.from_json(raw, exits)
     else:
         engine.start()  # measured through the engine itself, before any request
@@ -78,7 +81,24 @@ def load_serving(settings: Settings) -> OpenAIServing:
     serving = OpenAIServing(
         model,
         engine,
-        make_policy(settings.policy, exits, default, profile),
+        make_policy(
+            settings.policy,
+            exits,
+            default,
+            profile,
+            stats=engine.stats,
+            max_num_seqs=settings.max_num_seqs,
+            governor=GovernorConfig(
+                queue_high=settings.governor_queue_high,
+                queue_low=settings.governor_queue_low,
+                tpot_ms=settings.governor_tpot_ms,
+                restore_ratio=settings.governor_restore_ratio,
+                factor=settings.governor_factor,
+                down_s=settings.governor_down_s,
+                up_s=settings.governor_up_s,
+                min_depth=settings.governor_min_depth,
+            ),
+        ),
         Metrics(exits),
         settings.model_name(),
         max_n=settings.max_n,
@@ -199,6 +219,9 @@ def hints(request: Request) -> Hints:
         arrival=getattr(request.state, "arrival", None) or time.monotonic(),
         budget=request.headers.get("x-latency-budget"),
         depth=request.headers.get("x-soft-depth"),
+        budget_mode=request.headers.get("x-latency-budget-mode"),
+        slo_ttft=request.headers.get("x-slo-ttft-ms"),
+        slo_tpot=request.headers.get("x-slo-tpot-ms"),
     )
 
 

@@ -96,6 +96,13 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.budget_by_depth = Counter(
+            "soft_latency_budget_depth",
+            "Requests with a latency budget or SLO headers by the depth that served them and "
+            "outcome (met | missed | infeasible)",
+            ["depth", "outcome"],
+            registry=r,
+        )
         self.running = Gauge("soft_num_requests_running", "Sequences running", registry=r)
         self.waiting = Gauge("soft_num_requests_waiting", "Sequences waiting", registry=r)
         self.kv_usage = Gauge(
@@ -132,6 +139,13 @@ class Metrics:
             self.generated.labels(depth=str(d))
         for outcome in ("met", "missed", "infeasible"):
             self.budget.labels(outcome=outcome)
+            for d in exits:
+                self.budget_by_depth.labels(depth=str(d), outcome=outcome)
+
+    def observe_budget(self, depth: int, outcome: str) -> None:
+        """One request with a budget (or SLOs) ended: met | missed | infeasible."""
+        self.budget.labels(outcome=outcome).inc()
+        self.budget_by_depth.labels(depth=str(depth), outcome=outcome).inc()
 
     def observe(self, rec: RequestRecord) -> None:
         d = str(rec.depth)

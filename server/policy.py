@@ -8,10 +8,17 @@ A request may pin a depth (`"model": "name@d"` or `x-soft-depth`), carry a laten
 Profile format (what `latency_profile` in soft.json holds; depths as strings, ms):
 ```json
 {"prefill_ms_per_token": {"2": 0.05, "4": 0.09},
- "decode_ms_per_step":   {"2": 1.1,  "4": 1.9},
- "prefill_ms_base":      {"2": 0.4,  "4": 0.7}}      (optional)
+ "decode_ms_per_step":   {"2": 1.1,  "4": 1.9},      a decode step of one row
+ "prefill_ms_base":      {"2": 0.4,  "4": 0.7},      (optional)
+ "decode_ms_per_row":    {"2": 0.1,  "4": 0.2}}      (optional) each further row
 ```
 Depths it does not list are interpolated linearly in depth (cost is per layer + head).
+`soft-profile` (server/profile.py) measures and writes it; other keys are kept, not read.
+
+A step of a mixed batch costs the deepest row's one-row step (every layer it needs runs
+once) plus `decode_ms_per_row` of each other row at that row's depth. The budget policies
+predict with it on the live batch (EngineStats); `load` adds the governor
+(server/governor.py); server/deadline.py lowers running requests that fall behind.
 """
 
 from __future__ import annotations
@@ -22,11 +29,12 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from server.types import GenerationRequest, SamplingParams
+from server.governor import Governor, GovernorConfig
+from server.types import EngineStats, GenerationRequest, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -41,37 +49,57 @@ class PolicyError(ValueError):
         self.param = param
 
 
-def parse_budget(value: str) -> float:
+def parse_budget(value: str, header: str = "x-latency-budget") -> float:
     """`250ms`, `1.5s` or a bare number of milliseconds -> milliseconds (> 0).
 
     Raises:
-        PolicyError: malformed, zero, or not finite.
+        PolicyError: malformed, zero, or not finite; `param` is `header`.
     """
     m = _BUDGET.match(value)
     ms = float(m.group(1)) * (1000.0 if (m.group(2) or "ms").lower() == "s" else 1.0) if m else 0
     if not m or not math.isfinite(ms) or ms <= 0:
         raise PolicyError(
-            f"x-latency-budget {value!r} is not a latency: use e.g. '250ms', '1.5s' or '250'",
-            "x-latency-budget",
+            f"{header} {value!r} is not a latency: use e.g. '250ms', '1.5s' or '250'", header
         )
     return ms
 
 
+def parse_budget_mode(value: str | None) -> bool:
+    """`x-latency-budget-mode`: `strict` (refuse what no exit meets) or `best-effort`.
+    Returns True for strict."""
+    mode = (value or "best-effort").strip().lower()
+    if mode not in ("strict", "best-effort"):
+        raise PolicyError(
+            f"x-latency-budget-mode {value!r}: use 'strict' or 'best-effort'",
+            "x-latency-budget-mode",
+        )
+    return mode == "strict"
+
+
 @dataclass(frozen=True)
 class LatencyProfile:
-    """Predicted milliseconds per exit: prefill = base + per_token * prompt_len; each
-    decode step = step_ms (batch-independent here; the load policy refines it)."""
+    """Predicted milliseconds per exit: prefill = base + per_token * prompt_len; a decode
+    step = one-row step of the deepest row + per_row of every other row."""
 
     prefill_ms_base: Mapping[int, float]
     prefill_ms_per_token: Mapping[int, float]
     decode_ms_per_step: Mapping[int, float]
-    source: str  # "soft.json" | "measured" | "given"
+    source: str  # "soft.json" | "measured" | "given" | a file
+    decode_ms_per_row: Mapping[int, float] = field(default_factory=dict)  # {}: batch-free
 
     def prefill_ms(self, depth: int, prompt_len: int) -> float:
         return self.prefill_ms_base[depth] + self.prefill_ms_per_token[depth] * prompt_len
 
     def step_ms(self, depth: int) -> float:
         return self.decode_ms_per_step[depth]
+
+    def batch_step_ms(self, depths: Sequence[int]) -> float:
+        """One decode step of a batch whose rows run at `depths` (any order)."""
+        if not depths:
+            return 0.0
+        rows = sorted(depths)
+        extra = sum(self.decode_ms_per_row.get(d, 0.0) for d in rows[:-1])
+        return self.decode_ms_per_step[rows[-1]] + extra
 
     def predict_ms(self, depth: int, prompt_len: int, max_tokens: int) -> float:
         """End-to-end server-side time of one request at `depth`, alone on the device."""
@@ -85,6 +113,7 @@ class LatencyProfile:
         per_token: Mapping[int, float],
         step: Mapping[int, float],
         source: str,
+        per_row: Mapping[int, float] | None = None,
     ) -> LatencyProfile:
         """Fill every exit from measurements at some depths (linear in depth, never
         decreasing with depth, never negative)."""
@@ -93,10 +122,13 @@ class LatencyProfile:
             prefill_ms_per_token=_fill(exits, per_token),
             decode_ms_per_step=_fill(exits, step),
             source=source,
+            decode_ms_per_row=_fill(exits, per_row) if per_row else {},
         )
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any], exits: Sequence[int]) -> LatencyProfile:
+    def from_json(
+        cls, data: Mapping[str, Any], exits: Sequence[int], source: str = "soft.json"
+    ) -> LatencyProfile:
         """Read soft.json's `latency_profile`; raises ValueError naming the bad field."""
 
         def table(key: str, required: bool) -> dict[int, float]:
@@ -113,17 +145,21 @@ class LatencyProfile:
         per_token = table("prefill_ms_per_token", True)
         step = table("decode_ms_per_step", True)
         base = table("prefill_ms_base", False) or dict.fromkeys(per_token, 0.0)
-        return cls.from_points(exits, base, per_token, step, "soft.json")
+        per_row = table("decode_ms_per_row", False)
+        return cls.from_points(exits, base, per_token, step, source, per_row)
 
     def to_json(self) -> dict[str, dict[str, float]]:
         def f(t: Mapping[int, float]) -> dict[str, float]:
             return {str(d): round(v, 4) for d, v in sorted(t.items())}
 
-        return {
+        out = {
             "prefill_ms_base": f(self.prefill_ms_base),
             "prefill_ms_per_token": f(self.prefill_ms_per_token),
             "decode_ms_per_step": f(self.decode_ms_per_step),
         }
+        if self.decode_ms_per_row:
+            out["decode_ms_per_row"] = f(self.decode_ms_per_row)
+        return out
 
 
 def _fill(exits: Sequence[int], points: Mapping[int, float]) -> dict[int, float]:
@@ -205,14 +241,51 @@ def measure_profile(
     return profile
 
 
+def read_profile_file(path: str, exits: Sequence[int]) -> LatencyProfile:
+    """A profile from a JSON file: `soft-profile --out`'s, or a soft.json holding one.
+    Raises ValueError naming the file (the server reports it and exits)."""
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--latency-profile {path}: {e}") from e
+    if isinstance(data, Mapping) and isinstance(data.get("latency_profile"), Mapping):
+        data = data["latency_profile"]
+    if not isinstance(data, Mapping):
+        raise ValueError(f"--latency-profile {path}: expected a JSON object")
+    try:
+        return LatencyProfile.from_json(data, exits, source=path)
+    except ValueError as e:
+        raise ValueError(f"--latency-profile {path}: {e}") from e
+
+
 @dataclass(frozen=True)
 class DepthRequest:
     """What the policy sees of one request."""
 
     prompt_len: int
     max_tokens: int
-    budget_ms: float | None = None
+    budget_ms: float | None = None  # x-latency-budget, end to end
     pinned_depth: int | None = None
+    ttft_ms: float | None = None  # x-slo-ttft-ms: arrival -> first token
+    tpot_ms: float | None = None  # x-slo-tpot-ms: between tokens
+    strict: bool = False  # x-latency-budget-mode: strict -> refuse what no exit meets
+
+    @property
+    def target_ms(self) -> float | None:
+        """The end-to-end time the request asks for: its budget, or what its SLOs add up
+        to (the tighter of both when it sends both); None without either."""
+        slo = None
+        if self.ttft_ms is not None or self.tpot_ms is not None:
+            first = self.ttft_ms if self.ttft_ms is not None else math.inf
+            per = self.tpot_ms if self.tpot_ms is not None else math.inf
+            slo = first + max(self.max_tokens - 1, 0) * per
+            slo = None if math.isinf(slo) else slo
+        if slo is None or self.budget_ms is None:
+            return slo if self.budget_ms is None else self.budget_ms
+        return min(slo, self.budget_ms)
 
 
 @dataclass(frozen=True)
@@ -221,18 +294,30 @@ class DepthChoice:
     predicted_ms: float
     budget_ms: float | None
     feasible: bool  # False: a budget no exit meets (served at the shallowest anyway)
+    target_ms: float | None = None  # end-to-end deadline after arrival (budget or SLOs)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Milliseconds a request would take at one depth, joining the engine as it is now."""
+
+    queue_ms: float  # waiting for the requests ahead of it
+    ttft_ms: float  # queue + prefill
+    tpot_ms: float  # one decode step of the batch it joins
+    total_ms: float  # ttft + max_tokens steps (the first token's step is the margin)
 
 
 class Policy(Protocol):
-    """Chooses the exit for a request. Implementations: fixed, budget (load: later)."""
+    """Chooses the exit for a request. Implementations: fixed, budget, load."""
 
     name: str
     exits: tuple[int, ...]
     default_depth: int
+    profile: LatencyProfile
 
     def choose(self, request: DepthRequest) -> DepthChoice:
-        """Args: the request's sizes, budget and pin. Returns: the depth and prediction.
-        Raises: PolicyError when the pin is not an exit."""
+        """Args: the request's sizes, budget, SLOs and pin. Returns: the depth and prediction.
+        Raises: PolicyError when the pin is not an exit, or (strict mode) no exit fits."""
         ...
 
     def depth_cap(self) -> int:
@@ -241,16 +326,31 @@ class Policy(Protocol):
 
 
 class FixedPolicy:
-    """Always the default depth (a pin still wins); budgets are reported, not used."""
+    """Always the default depth (a pin still wins); budgets are reported, not used.
+
+    Predictions use the live engine (`stats`, when given): the queue ahead, the batch the
+    request joins, and the measured step time against the profile's (CPU contention,
+    speculation) as a correction factor."""
 
     name = "fixed"
 
-    def __init__(self, exits: Sequence[int], default_depth: int, profile: LatencyProfile):
+    def __init__(
+        self,
+        exits: Sequence[int],
+        default_depth: int,
+        profile: LatencyProfile,
+        stats: Callable[[], EngineStats] | None = None,
+        max_num_seqs: int = 32,
+        governor: GovernorConfig | None = None,
+    ):
         if default_depth not in exits:
             raise ValueError(f"default depth {default_depth} is not an exit {list(exits)}")
         self.exits = tuple(sorted(exits))
         self.default_depth = default_depth
         self.profile = profile
+        self.stats = stats
+        self.max_num_seqs = max_num_seqs
+        self._scale = 1.0  # measured / profiled step time, smoothed
 
     def check_pin(self, depth: int) -> int:
         if depth not in self.exits:
@@ -261,45 +361,136 @@ class FixedPolicy:
             )
         return depth
 
-    def _choice(self, depth: int, req: DepthRequest, feasible: bool = True) -> DepthChoice:
-        predicted = self.profile.predict_ms(depth, req.prompt_len, req.max_tokens)
-        return DepthChoice(depth, predicted, req.budget_ms, feasible)
+    def _snapshot(self) -> EngineStats | None:
+        if self.stats is None:
+            return None
+        s = self.stats()
+        running = [d for d, n in sorted(s.depths_running.items()) for _ in range(n)]
+        if running and s.steps and s.decode_step_seconds > 0:
+            profiled = self.profile.batch_step_ms(running[: self.max_num_seqs])
+            if profiled > 0:
+                ratio = min(max(s.decode_step_seconds * 1000.0 / profiled, 0.5), 4.0)
+                self._scale = 0.8 * self._scale + 0.2 * ratio
+        return s
+
+    def predict(self, depth: int, req: DepthRequest, s: EngineStats | None = None) -> Prediction:
+        """The request's latency at `depth` if admitted now (alone when `s` is None)."""
+        prefill = self.profile.prefill_ms(depth, req.prompt_len)
+        if s is None:
+            step = self.profile.step_ms(depth)
+            return Prediction(0.0, prefill, step, prefill + req.max_tokens * step)
+        rows = [d for d, n in sorted(s.depths_running.items(), reverse=True) for _ in range(n)]
+        batch = [*rows[: self.max_num_seqs - 1], depth]
+        step = self.profile.batch_step_ms(batch) * self._scale
+        # FCFS: each waiting request's prefill runs first; a full batch adds a turnover
+        queue = s.waiting * prefill * self._scale
+        over = s.running + s.waiting + 1 - self.max_num_seqs
+        if over > 0:
+            queue += over / self.max_num_seqs * req.max_tokens * step
+        ttft = queue + prefill * self._scale
+        return Prediction(queue, ttft, step, ttft + req.max_tokens * step)
+
+    def _choice(
+        self, depth: int, req: DepthRequest, feasible: bool = True, s: EngineStats | None = None
+    ) -> DepthChoice:
+        predicted = self.predict(depth, req, s).total_ms
+        return DepthChoice(depth, predicted, req.budget_ms, feasible, req.target_ms)
+
+    def _unbudgeted_depth(self) -> int:
+        return self.default_depth
 
     def choose(self, request: DepthRequest) -> DepthChoice:
+        s = self._snapshot()
         if request.pinned_depth is not None:
-            return self._choice(self.check_pin(request.pinned_depth), request)
-        return self._choice(self.default_depth, request)
+            return self._choice(self.check_pin(request.pinned_depth), request, s=s)
+        return self._choice(self._unbudgeted_depth(), request, s=s)
 
     def depth_cap(self) -> int:
         return self.default_depth
 
 
+def fits(p: Prediction, req: DepthRequest) -> bool:
+    """Whether a prediction meets every target the request set."""
+    target = req.target_ms
+    return (
+        (target is None or p.total_ms <= target)
+        and (req.ttft_ms is None or p.ttft_ms <= req.ttft_ms)
+        and (req.tpot_ms is None or p.tpot_ms <= req.tpot_ms)
+    )
+
+
 class BudgetPolicy(FixedPolicy):
-    """The deepest exit whose predicted latency fits the budget, else the shallowest;
-    without a budget, the default depth."""
+    """The deepest exit whose predicted latency fits the budget / SLOs, else the shallowest
+    (infeasible; refused in strict mode); without either, the default depth."""
 
     name = "budget"
 
     def choose(self, request: DepthRequest) -> DepthChoice:
-        if request.pinned_depth is not None or request.budget_ms is None:
+        if request.pinned_depth is not None or request.target_ms is None:
             return super().choose(request)
-        budget = request.budget_ms
+        s = self._snapshot()
         for d in sorted(self.exits, reverse=True):
-            if self.profile.predict_ms(d, request.prompt_len, request.max_tokens) <= budget:
-                return self._choice(d, request)
-        return self._choice(self.exits[0], request, feasible=False)
+            if fits(self.predict(d, request, s), request):
+                return self._choice(d, request, s=s)
+        if request.strict:
+            best = self.predict(self.exits[0], request, s)
+            raise PolicyError(
+                f"no exit meets this request's latency target of {request.target_ms:.0f} ms "
+                f"right now (the shallowest, depth {self.exits[0]}, is predicted at "
+                f"{best.total_ms:.0f} ms, first token {best.ttft_ms:.0f} ms, "
+                f"{best.tpot_ms:.1f} ms/token): raise the budget, lower max_tokens, or "
+                "drop 'x-latency-budget-mode: strict' to be served at the shallowest exit",
+                "x-latency-budget",
+            )
+        return self._choice(self.exits[0], request, feasible=False, s=s)
+
+
+class LoadPolicy(BudgetPolicy):
+    """`budget`, plus a governor that caps the depth of requests without a budget as the
+    queue and step time grow, and restores it when load falls (server/governor.py)."""
+
+    name = "load"
+
+    def __init__(
+        self,
+        exits: Sequence[int],
+        default_depth: int,
+        profile: LatencyProfile,
+        stats: Callable[[], EngineStats] | None = None,
+        max_num_seqs: int = 32,
+        governor: GovernorConfig | None = None,
+    ):
+        super().__init__(exits, default_depth, profile, stats, max_num_seqs)
+        self.governor = Governor(self.exits, default_depth, profile, governor or GovernorConfig())
+
+    def depth_cap(self) -> int:
+        if self.stats is None:
+            return self.governor.cap
+        return self.governor.observe(self.stats())
+
+    def _unbudgeted_depth(self) -> int:
+        cap = self.depth_cap()
+        return max((d for d in self.exits if d <= min(cap, self.default_depth)), default=cap)
 
 
 POLICIES: dict[str, type[FixedPolicy]] = {
     "fixed": FixedPolicy,
     "budget": BudgetPolicy,
-    "load": BudgetPolicy,  # until the load governor lands
+    "load": LoadPolicy,
 }
 
 
 def make_policy(
-    name: str, exits: Sequence[int], default_depth: int, profile: LatencyProfile
+    name: str,
+    exits: Sequence[int],
+    default_depth: int,
+    profile: LatencyProfile,
+    stats: Callable[[], EngineStats] | None = None,
+    max_num_seqs: int = 32,
+    governor: GovernorConfig | None = None,
 ) -> Policy:
+    """Args: the policy's name, the model's exits, the default depth, the profile; `stats`
+    (the engine's) makes predictions load-aware; `governor` configures `load`."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
-    return POLICIES[name](exits, default_depth, profile)
+    return POLICIES[name](exits, default_depth, profile, stats, max_num_seqs, governor)

@@ -24,9 +24,17 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
+from server.deadline import DeadlineController
 from server.detokenizer import Detokenizer, Track
 from server.metrics import Metrics, RequestRecord
-from server.policy import DepthChoice, DepthRequest, Policy, PolicyError, parse_budget
+from server.policy import (
+    DepthChoice,
+    DepthRequest,
+    Policy,
+    PolicyError,
+    parse_budget,
+    parse_budget_mode,
+)
 from server.protocol import (
     ErrorInfo,
     ErrorResponse,
@@ -78,6 +86,9 @@ class Hints:
     arrival: float  # time.monotonic() at receipt
     budget: str | None = None  # x-latency-budget
     depth: str | None = None  # x-soft-depth
+    budget_mode: str | None = None  # x-latency-budget-mode: strict | best-effort
+    slo_ttft: str | None = None  # x-slo-ttft-ms
+    slo_tpot: str | None = None  # x-slo-tpot-ms
 
 
 @dataclass
@@ -128,6 +139,7 @@ class ServingBase:
         self.max_model_len: int = engine.max_model_len
         self.vocab_size: int = model.cfg.vocab_size
         self.created = now()
+        self.deadlines = DeadlineController(engine, policy.exits, policy.profile)
 
     # -- /v1/models -------------------------------------------------------------------------
     def models(self) -> ModelList:
@@ -187,7 +199,12 @@ class ServingBase:
         pin = self._pinned_depth(model, hints)
         try:
             budget = parse_budget(hints.budget) if hints.budget is not None else None
-            return self.policy.choose(DepthRequest(prompt_len, max_tokens, budget, pin))
+            ttft = None if hints.slo_ttft is None else parse_budget(hints.slo_ttft, "x-slo-ttft-ms")
+            tpot = None if hints.slo_tpot is None else parse_budget(hints.slo_tpot, "x-slo-tpot-ms")
+            strict = parse_budget_mode(hints.budget_mode)
+            return self.policy.choose(
+                DepthRequest(prompt_len, max_tokens, budget, pin, ttft, tpot, strict)
+            )
         except PolicyError as e:
             param = "x-soft-depth" if e.param == "model" and hints.depth is not None else e.param
             raise bad_request(str(e), param) from e
@@ -216,8 +233,8 @@ class ServingBase:
         """One engine request per (prompt, choice), all or nothing. Returns the tracks and
         each request's event stream."""
         deadline = None
-        if choice.budget_ms is not None:
-            deadline = hints.arrival + choice.budget_ms / 1000.0
+        if choice.target_ms is not None:
+            deadline = hints.arrival + choice.target_ms / 1000.0
         tracks: list[Track] = []
         for i, ids in enumerate(prompts):
             for j in range(n):
@@ -236,7 +253,7 @@ class ServingBase:
         streams: list[AsyncIterator[TokenEvent]] = []
         try:
             for t in tracks:
-                streams.append(self.engine.submit(t.request))
+                streams.append(self.deadlines.follow(t.request, self.engine.submit(t.request)))
         except QueueFull as e:
             for t in tracks[: len(streams)]:
                 self.engine.abort(t.request.request_id)
@@ -325,13 +342,14 @@ class ServingBase:
                     queue=t.queue_s,
                 )
             )
-        if choice.budget_ms is not None:
+        if choice.target_ms is not None:  # a budget or SLOs: met | missed | infeasible
             outcome = "infeasible"
             if choice.feasible:
                 slowest = max(((t.last_token_at or end) for t in tracks), default=end)
-                met = (slowest - hints.arrival) * 1000 <= choice.budget_ms
+                met = (slowest - hints.arrival) * 1000 <= choice.target_ms
                 outcome = "met" if met else "missed"
-            self.metrics.budget.labels(outcome=outcome).inc()
+            depth = min((t.depth for t in tracks if t.depth), default=choice.depth)
+            self.metrics.observe_budget(min(depth, choice.depth), outcome)
 
     @staticmethod
     def _served_at(choice: DepthChoice, tracks: list[Track]) -> DepthChoice:

@@ -10,8 +10,6 @@ from typing import Literal
 from pydantic import ByteSize, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# `load` is the load-aware governor of the load-policy issue; until it lands it behaves as
-# `budget` (per-request budgets, no depth cap) so manifests that ask for it still start.
 PolicyName = Literal["fixed", "budget", "load"]
 
 
@@ -35,8 +33,9 @@ class Settings(BaseSettings):
     policy: PolicyName = Field(
         "budget",
         description="depth policy: 'fixed' (always --default-depth unless pinned), 'budget' "
-        "(deepest exit whose predicted latency fits x-latency-budget), 'load' (for now the "
-        "same as 'budget')",
+        "(deepest exit whose predicted latency under the current load fits x-latency-budget "
+        "/ x-slo-*), 'load' (budget + a governor that caps the depth of requests without a "
+        "budget as the queue and step time grow; see --governor-*)",
     )
     default_depth: int | None = Field(
         None,
@@ -90,6 +89,42 @@ class Settings(BaseSettings):
         ge=0,
         description="time budget of the start-up latency profile, used when "
         "soft.json has no latency_profile",
+    )
+    latency_profile: str | None = Field(
+        None,
+        description="JSON file with a latency profile (soft-profile --out, or a soft.json); "
+        "wins over the checkpoint's own soft.json and the start-up measurement",
+    )
+    governor_queue_high: int = Field(
+        4, ge=1, description="--policy load: waiting sequences that count as overload"
+    )
+    governor_queue_low: int = Field(
+        0, ge=0, description="--policy load: the cap is raised only while at most this many wait"
+    )
+    governor_tpot_ms: float | None = Field(
+        None,
+        gt=0,
+        description="--policy load: decode step (time per output token) that counts as "
+        "overload; default: 3x the default depth's one-row step in the latency profile",
+    )
+    governor_restore_ratio: float = Field(
+        0.7,
+        gt=0,
+        le=1,
+        description="--policy load: raise the cap only if one exit deeper is predicted at "
+        "most this x --governor-tpot-ms",
+    )
+    governor_factor: float = Field(
+        0.7, gt=0, lt=1, description="--policy load: each lowering keeps ~this share of layers"
+    )
+    governor_down_s: float = Field(
+        1.0, ge=0, description="--policy load: seconds overload must last to lower the cap"
+    )
+    governor_up_s: float = Field(
+        5.0, ge=0, description="--policy load: seconds without overload to raise it one exit"
+    )
+    governor_min_depth: int | None = Field(
+        None, ge=1, description="--policy load: floor of the cap; default: the shallowest exit"
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="log level of the server and uvicorn"
