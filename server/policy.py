@@ -281,11 +281,15 @@ class DepthRequest:
         if self.ttft_ms is not None or self.tpot_ms is not None:
             first = self.ttft_ms if self.ttft_ms is not None else math.inf
             per = self.tpot_ms if self.tpot_ms is not None else math.inf
-            slo = first + max(self.max_tokens - 1, 0) * per
+            slo = first + self.max_tokens * per  # as predicted: one step of margin
             slo = None if math.isinf(slo) else slo
         if slo is None or self.budget_ms is None:
             return slo if self.budget_ms is None else self.budget_ms
         return min(slo, self.budget_ms)
+
+    @property
+    def has_target(self) -> bool:
+        return self.budget_ms is not None or self.ttft_ms is not None or self.tpot_ms is not None
 
 
 @dataclass(frozen=True)
@@ -426,7 +430,7 @@ class BudgetPolicy(FixedPolicy):
     name = "budget"
 
     def choose(self, request: DepthRequest) -> DepthChoice:
-        if request.pinned_depth is not None or request.target_ms is None:
+        if request.pinned_depth is not None or not request.has_target:
             return super().choose(request)
         s = self._snapshot()
         for d in sorted(self.exits, reverse=True):
@@ -435,8 +439,8 @@ class BudgetPolicy(FixedPolicy):
         if request.strict:
             best = self.predict(self.exits[0], request, s)
             raise PolicyError(
-                f"no exit meets this request's latency target of {request.target_ms:.0f} ms "
-                f"right now (the shallowest, depth {self.exits[0]}, is predicted at "
+                "no exit meets this request's latency targets right now (the shallowest, "
+                f"depth {self.exits[0]}, is predicted at "
                 f"{best.total_ms:.0f} ms, first token {best.ttft_ms:.0f} ms, "
                 f"{best.tpot_ms:.1f} ms/token): raise the budget, lower max_tokens, or "
                 "drop 'x-latency-budget-mode: strict' to be served at the shallowest exit",

@@ -553,3 +553,31 @@ def test_settings_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_path_spec_for_checkpoint_dir(tmp_path: Path) -> None:
     assert Settings(model=str(tmp_path / "run" / "final")).model_name() == "final"
+
+
+def test_strict_budget_mode_and_slo_headers(client: tuple[TestClient, FakeEngine]) -> None:
+    c, fake = client
+    ids = [5] * 10  # depth 4: first token 2 ms, 10 ms/token; depth 2: 1 ms, 5 ms/token
+    strict = {"x-latency-budget-mode": "strict"}
+    r = complete(c, prompt=ids, max_tokens=10, headers={"x-latency-budget": "1ms", **strict})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "x-latency-budget"
+    assert "no exit meets" in r.json()["error"]["message"]
+    r = complete(c, prompt=ids, max_tokens=10, headers={"x-latency-budget": "80ms", **strict})
+    assert r.status_code == 200 and r.headers["x-soft-depth"] == "2"
+    slos = [({"x-slo-tpot-ms": "7"}, 2), ({"x-slo-tpot-ms": "12"}, 4),
+            ({"x-slo-ttft-ms": "1.5"}, 2), ({"x-slo-ttft-ms": "1s"}, 4)]  # fmt: skip
+    for headers, depth in slos:
+        r = complete(c, prompt=ids, max_tokens=10, headers=headers)
+        assert r.status_code == 200 and r.headers["x-soft-depth"] == str(depth), headers
+    assert fake.submitted[-1].deadline is None  # a first-token SLO alone: no end-to-end one
+    r = complete(c, prompt=ids, max_tokens=10, headers={"x-slo-ttft-ms": "5", "x-slo-tpot-ms": "7"})
+    req = fake.submitted[-1]
+    assert r.headers["x-soft-depth"] == "2" and req.deadline is not None
+    assert req.deadline - req.arrival == pytest.approx((5 + 10 * 7) / 1000)
+    for name, bad in [("x-slo-ttft-ms", "soon"), ("x-slo-tpot-ms", "-1"),
+                      ("x-latency-budget-mode", "lenient")]:  # fmt: skip
+        r = complete(c, headers={name: bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == name
+    metrics = c.get("/metrics").text
+    assert 'soft_latency_budget_depth_total{depth="2",outcome="met"}' in metrics
+    assert "soft_depth_cap 4.0" in metrics

@@ -531,7 +531,8 @@ def test_cli_run_against_the_real_soft_serve(tmp_path: Path) -> None:
     from tests.fakes import PROFILE, make_served_checkpoint
 
     ckpt = make_served_checkpoint(tmp_path / "tiny", profile=PROFILE)
-    app = create_app(Settings.model_validate({"model": str(ckpt), "kv_cache_memory": 64 << 20}))
+    settings = {"model": str(ckpt), "kv_cache_memory": 64 << 20, "policy": "load"}
+    app = create_app(Settings.model_validate(settings))
     with LocalServer(app) as server:
         import httpx
 
@@ -545,7 +546,11 @@ def test_cli_run_against_the_real_soft_serve(tmp_path: Path) -> None:
             + ["--budget-mix", "30ms:0.5,none:0.5", "--prompt-tokens", "4:12"]
             + ["--max-tokens", "4:8", "--seed", "1", "--quiet", "--out", str(out)]
         )
+        metrics = httpx.get(server.url + "/metrics").text
     assert code == 0
+    # --policy load: a light load leaves the cap at full depth; outcomes counted per depth
+    assert "soft_depth_cap 4.0" in metrics
+    assert 'soft_latency_budget_depth_total{depth="2",outcome="infeasible"}' in metrics
     data = json.loads((out / "report.json").read_text())
     s, records = data["summary"], data["records"]
     assert s["ok"] == s["sent"] == s["scheduled"] > 3

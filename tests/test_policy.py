@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,10 +14,12 @@ from server.policy import (
     DepthRequest,
     FixedPolicy,
     LatencyProfile,
+    LoadPolicy,
     PolicyError,
     make_policy,
     measure_profile,
     parse_budget,
+    parse_budget_mode,
 )
 
 EXITS = (8, 16, 24, 32)
@@ -127,3 +130,109 @@ def test_measure_profile_through_the_engine(tiny_dir: Path) -> None:
     while engine.stats().kv_blocks_used and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.stats().kv_blocks_used == 0  # every probe request freed its blocks
+
+
+# -- load-aware predictions (live EngineStats), SLOs, strict mode ---------------------------
+# per_row 0.5 ms per 8 layers: a batch of three depth-32 rows steps in 4 + 2 + 2 = 8 ms
+LOADED = LatencyProfile.from_json(
+    {
+        "prefill_ms_per_token": {str(d): 0.1 * d / 8 for d in EXITS},
+        "decode_ms_per_step": {str(d): 1.0 * d / 8 for d in EXITS},
+        "decode_ms_per_row": {str(d): 0.5 * d / 8 for d in EXITS},
+    },
+    EXITS,
+)
+
+
+def make_stats(depths: dict[int, int], waiting: int = 0, step_ms: float | None = None) -> Any:
+    from server.types import EngineStats
+
+    rows = [d for d, n in depths.items() for _ in range(n)]
+    step = LOADED.batch_step_ms(rows) if step_ms is None else step_ms
+    return EngineStats(
+        running=len(rows), waiting=waiting, batch_size=len(rows), kv_blocks_total=100,
+        kv_blocks_used=0, kv_bytes_per_layer=(), kv_bytes_total=0,
+        decode_step_seconds=step / 1000.0, steps=10, preemptions=0, depths_running=depths,
+    )  # fmt: skip
+
+
+def test_batch_step_cost_model_and_json_round_trip() -> None:
+    assert LOADED.batch_step_ms([]) == 0
+    assert LOADED.batch_step_ms([32]) == pytest.approx(4.0)
+    assert LOADED.batch_step_ms([8, 32, 32]) == pytest.approx(4.0 + 2.0 + 0.5)
+    back = LatencyProfile.from_json({**LOADED.to_json(), "measured": {"x": 1}}, EXITS)
+    assert back.batch_step_ms([16, 24]) == pytest.approx(LOADED.batch_step_ms([16, 24]))
+    assert "decode_ms_per_row" not in PROFILE.to_json()  # old profiles stay as they were
+
+
+def test_budget_policy_predicts_on_the_batch_it_joins() -> None:
+    # three depth-32 rows running: step(d) = 8 + d/16, prefill 0.25 d (20 tokens),
+    # 10 tokens -> total 80 + 0.875 d: 32 -> 108, 24 -> 101, 16 -> 94, 8 -> 87
+    stats = make_stats({32: 3})
+    pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: stats)
+    for budget, depth in {108: 32, 107: 24, 101: 24, 100: 16, 94: 16, 90: 8, 87: 8}.items():
+        c = pol.choose(DepthRequest(20, 10, budget_ms=budget))
+        assert (c.depth, c.feasible) == (depth, True), budget
+        assert c.predicted_ms == pytest.approx(80 + 0.875 * depth)
+        assert c.target_ms == budget
+    c = pol.choose(DepthRequest(20, 10, budget_ms=86))
+    assert (c.depth, c.feasible) == (8, False)
+    # two waiting ahead: + their prefills (0.5 d): 32 -> 124, 24 -> 113, 16 -> 102, 8 -> 91
+    queued = make_stats({32: 3}, waiting=2)
+    pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: queued)
+    assert [pol.choose(DepthRequest(20, 10, budget_ms=b)).depth for b in (124, 113, 105, 91)] == [
+        32, 24, 16, 8,
+    ]  # fmt: skip
+    assert pol.choose(DepthRequest(20, 10)).depth == 32  # no budget: the default
+
+
+def test_measured_step_time_scales_predictions() -> None:
+    stats = make_stats({32: 3}, step_ms=16.0)  # the device runs 2x slower than profiled
+    pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: stats)
+    first = pol.choose(DepthRequest(20, 10)).predicted_ms
+    # depth 32: prefill 8, step 10, scaled by 0.8 * 1 + 0.2 * 2 after one look
+    assert first == pytest.approx((8 + 10 * 10) * 1.2)
+    for _ in range(50):
+        pol.choose(DepthRequest(20, 10))
+    assert pol.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(2 * 108, rel=1e-3)
+
+
+def test_slo_headers_choose_by_first_token_and_per_token_time() -> None:
+    queued = make_stats({32: 3}, waiting=2)  # ttft 0.75 d, step 8 + d/16
+    pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: queued)
+    assert pol.choose(DepthRequest(20, 10, tpot_ms=9.5)).depth == 24
+    assert pol.choose(DepthRequest(20, 10, tpot_ms=9.0)).depth == 16
+    assert pol.choose(DepthRequest(20, 10, ttft_ms=13)).depth == 16
+    c = pol.choose(DepthRequest(20, 10, ttft_ms=13, tpot_ms=8.6))
+    assert (c.depth, c.feasible) == (8, True) and c.target_ms == pytest.approx(13 + 10 * 8.6)
+    c = pol.choose(DepthRequest(20, 10, ttft_ms=1))
+    assert (c.depth, c.feasible) == (8, False)
+    both = DepthRequest(20, 10, budget_ms=50, ttft_ms=13, tpot_ms=9.0)
+    assert both.target_ms == 50  # the tighter of the budget and the SLOs' sum (13 + 90)
+
+
+def test_strict_mode_refuses_what_no_exit_meets() -> None:
+    pol = make_policy("budget", EXITS, 32, PROFILE)
+    with pytest.raises(PolicyError, match="no exit meets") as e:
+        pol.choose(DepthRequest(20, 10, budget_ms=5, strict=True))
+    assert e.value.param == "x-latency-budget"
+    assert pol.choose(DepthRequest(20, 10, budget_ms=24, strict=True)).depth == 16
+    assert parse_budget_mode("strict") and not parse_budget_mode(None)
+    assert not parse_budget_mode(" Best-Effort ")
+    with pytest.raises(PolicyError, match="strict"):
+        parse_budget_mode("lenient")
+
+
+def test_load_policy_caps_only_requests_without_a_budget() -> None:
+    from server.governor import Governor, GovernorConfig
+
+    stats = make_stats({32: 2}, waiting=9)
+    clock = iter(float(t) for t in range(100))
+    pol = make_policy("load", EXITS, 32, LOADED, stats=lambda: stats)
+    assert isinstance(pol, LoadPolicy)
+    pol.governor = Governor(EXITS, 32, LOADED, GovernorConfig(down_s=1), clock=lambda: next(clock))
+    assert pol.choose(DepthRequest(20, 10)).depth == 32  # t=0: overload starts
+    assert pol.choose(DepthRequest(20, 10)).depth == 16  # t=1: held 1 s -> 32 * 0.7 -> 16
+    assert pol.choose(DepthRequest(20, 10, budget_ms=10_000)).depth == 32  # budgets: uncapped
+    assert pol.choose(DepthRequest(20, 10, pinned_depth=32)).depth == 32
+    assert make_policy("fixed", EXITS, 32, LOADED, stats=lambda: stats).depth_cap() == 32
