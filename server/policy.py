@@ -328,6 +328,10 @@ class Policy(Protocol):
         """The deepest depth the policy currently serves unpinned requests at."""
         ...
 
+    def observe(self, choice: DepthChoice, actual_ms: float) -> None:
+        """A request it chose for ran to max_tokens at that depth in `actual_ms`."""
+        ...
+
 
 class FixedPolicy:
     """Always the default depth (a pin still wins); budgets are reported, not used.
@@ -355,6 +359,7 @@ class FixedPolicy:
         self.stats = stats
         self.max_num_seqs = max_num_seqs
         self._scale = 1.0  # measured / profiled step time, smoothed
+        self.offset_ms = 0.0  # what requests take beyond the prediction (HTTP, text), smoothed
 
     def check_pin(self, depth: int) -> int:
         if depth not in self.exits:
@@ -377,6 +382,13 @@ class FixedPolicy:
                 self._scale = 0.8 * self._scale + 0.2 * ratio
         return s
 
+    def observe(self, choice: DepthChoice, actual_ms: float) -> None:
+        """A request served at its chosen depth ran all its max_tokens in `actual_ms`
+        (server side): learn, a tenth at a time, the latency the profile does not see
+        (tokenizing, HTTP, event loop)."""
+        if self.stats is not None:
+            self.offset_ms += 0.1 * (actual_ms - choice.predicted_ms)
+
     def predict(self, depth: int, req: DepthRequest, s: EngineStats | None = None) -> Prediction:
         """The request's latency at `depth` if admitted now (alone when `s` is None)."""
         prefill = self.profile.prefill_ms(depth, req.prompt_len)
@@ -391,8 +403,9 @@ class FixedPolicy:
         over = s.running + s.waiting + 1 - self.max_num_seqs
         if over > 0:
             queue += over / self.max_num_seqs * req.max_tokens * step
-        ttft = queue + prefill * self._scale
-        return Prediction(queue, ttft, step, ttft + req.max_tokens * step)
+        ttft = max(queue + prefill * self._scale + self.offset_ms / 2, queue)
+        total = max(ttft + req.max_tokens * step + self.offset_ms / 2, ttft)
+        return Prediction(queue, ttft, step, total)
 
     def _choice(
         self, depth: int, req: DepthRequest, feasible: bool = True, s: EngineStats | None = None

@@ -350,6 +350,9 @@ class ServingBase:
                 outcome = "met" if met else "missed"
             depth = min((t.depth for t in tracks if t.depth), default=choice.depth)
             self.metrics.observe_budget(min(depth, choice.depth), outcome)
+        if all(t.finish_reason == "length" and t.depth == choice.depth for t in tracks):
+            slowest = max(((t.last_token_at or end) for t in tracks), default=end)
+            self.policy.observe(choice, (slowest - hints.arrival) * 1000.0)
 
     @staticmethod
     def _served_at(choice: DepthChoice, tracks: list[Track]) -> DepthChoice:

@@ -236,3 +236,19 @@ def test_load_policy_caps_only_requests_without_a_budget() -> None:
     assert pol.choose(DepthRequest(20, 10, budget_ms=10_000)).depth == 32  # budgets: uncapped
     assert pol.choose(DepthRequest(20, 10, pinned_depth=32)).depth == 32
     assert make_policy("fixed", EXITS, 32, LOADED, stats=lambda: stats).depth_cap() == 32
+
+
+def test_observed_latency_calibrates_the_prediction() -> None:
+    stats = make_stats({32: 3})
+    pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: stats)
+    c = pol.choose(DepthRequest(20, 10))
+    assert c.predicted_ms == pytest.approx(108)
+    pol.observe(c, 128.0)  # 20 ms the profile does not see: a tenth of it is learnt
+    assert pol.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(110)
+    for _ in range(100):
+        pol.observe(pol.choose(DepthRequest(20, 10)), 128.0)
+    assert pol.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(128, abs=0.01)
+    assert pol.choose(DepthRequest(20, 10, budget_ms=120)).depth == 16  # 94 + 20
+    alone = make_policy("budget", EXITS, 32, LOADED)  # no engine: nothing to calibrate on
+    alone.observe(alone.choose(DepthRequest(20, 10)), 500.0)
+    assert alone.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(8 + 10 * 4)
