@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 class GovernorConfig:
     queue_high: int = 4  # waiting sequences that mean overload: requests queue, TTFT grows
     queue_low: int = 0  # restore only once nothing waits
-    # decode step (= time per output token) that means overload; None: 3x the default
-    # depth's one-row step (a batch that has grown far past the sweet spot of the device)
+    # decode step (= time per output token) that means overload; None: 2x the default
+    # depth's one-row step (a batch that has grown past the sweet spot of the device)
     tpot_ms: float | None = None
     restore_ratio: float = 0.7  # restore when one exit deeper is predicted under this x tpot
     factor: float = 0.7  # each lowering keeps ~this share of the cap's layers
@@ -52,7 +52,7 @@ class Governor:
         floor = config.min_depth or min(exits)
         self.levels = tuple(d for d in sorted(exits) if floor <= d <= default_depth)
         assert self.levels, f"no exit between the floor {floor} and the default {default_depth}"
-        self.tpot_ms = config.tpot_ms or 3.0 * profile.step_ms(default_depth)
+        self.tpot_ms = config.tpot_ms or 2.0 * profile.step_ms(default_depth)
         self.index = len(self.levels) - 1  # start uncapped
         self._over_since: float | None = None
         self._last_over = -float("inf")

@@ -30,7 +30,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from server.governor import Governor, GovernorConfig
@@ -299,6 +299,7 @@ class DepthChoice:
     budget_ms: float | None
     feasible: bool  # False: a budget no exit meets (served at the shallowest anyway)
     target_ms: float | None = None  # end-to-end deadline after arrival (budget or SLOs)
+    pinned: bool = False  # the client chose the depth
 
 
 @dataclass(frozen=True)
@@ -386,8 +387,12 @@ class FixedPolicy:
         """A request served at its chosen depth ran all its max_tokens in `actual_ms`
         (server side): learn, a tenth at a time, the latency the profile does not see
         (tokenizing, HTTP, event loop)."""
-        if self.stats is not None:
-            self.offset_ms += 0.1 * (actual_ms - choice.predicted_ms)
+        if self.stats is None or choice.pinned:
+            return
+        # a tenth of the error, at most a quarter of the prediction: one overloaded spell
+        # (queueing the model does not foresee) must not make every later budget infeasible
+        bound = 0.25 * choice.predicted_ms
+        self.offset_ms += 0.1 * min(max(actual_ms - choice.predicted_ms, -bound), bound)
 
     def predict(self, depth: int, req: DepthRequest, s: EngineStats | None = None) -> Prediction:
         """The request's latency at `depth` if admitted now (alone when `s` is None)."""
@@ -419,7 +424,8 @@ class FixedPolicy:
     def choose(self, request: DepthRequest) -> DepthChoice:
         s = self._snapshot()
         if request.pinned_depth is not None:
-            return self._choice(self.check_pin(request.pinned_depth), request, s=s)
+            choice = self._choice(self.check_pin(request.pinned_depth), request, s=s)
+            return replace(choice, pinned=True)
         return self._choice(self._unbudgeted_depth(), request, s=s)
 
     def depth_cap(self) -> int:

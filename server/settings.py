@@ -105,7 +105,7 @@ class Settings(BaseSettings):
         None,
         gt=0,
         description="--policy load: decode step (time per output token) that counts as "
-        "overload; default: 3x the default depth's one-row step in the latency profile",
+        "overload; default: 2x the default depth's one-row step in the latency profile",
     )
     governor_restore_ratio: float = Field(
         0.7,

@@ -75,6 +75,6 @@ def test_step_time_alone_signals_overload_and_blocks_a_restore() -> None:
     assert gov.observe(stats(0, 99.0, {}), now=7.0) == 24
 
 
-def test_default_tpot_is_three_one_row_steps_of_the_default_depth() -> None:
-    assert Governor(EXITS, 24, PROFILE, GovernorConfig()).tpot_ms == 36.0
+def test_default_tpot_is_two_one_row_steps_of_the_default_depth() -> None:
+    assert Governor(EXITS, 24, PROFILE, GovernorConfig()).tpot_ms == 24.0
     assert Governor(EXITS, 24, PROFILE, GovernorConfig()).levels == (8, 16, 24)

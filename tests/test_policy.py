@@ -245,7 +245,11 @@ def test_observed_latency_calibrates_the_prediction() -> None:
     assert c.predicted_ms == pytest.approx(108)
     pol.observe(c, 128.0)  # 20 ms the profile does not see: a tenth of it is learnt
     assert pol.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(110)
-    for _ in range(100):
+    pinned = pol.choose(DepthRequest(20, 10, pinned_depth=32))
+    pol.observe(pinned, 1e6)  # pinned: not the policy's choice, nothing learnt
+    pol.observe(pol.choose(DepthRequest(20, 10)), 1e6)  # at most a quarter: + 0.1 * 27.5
+    assert pol.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(112.75)
+    for _ in range(200):
         pol.observe(pol.choose(DepthRequest(20, 10)), 128.0)
     assert pol.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(128, abs=0.01)
     assert pol.choose(DepthRequest(20, 10, budget_ms=120)).depth == 16  # 94 + 20
