@@ -169,7 +169,7 @@ def lora_delta(model: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any], flo
 
 
 def save_resume(out: Path, wrapper: nn.Module, opt: Any, sched: Any, step: int,
-                history: list[list[float]]) -> None:  # fmt: skip
+                history: list[list[float]], commands: list[str]) -> None:  # fmt: skip
     from safetensors.torch import save_file
 
     tmp = out / (RESUME_DIR + ".tmp")
@@ -178,7 +178,8 @@ def save_resume(out: Path, wrapper: nn.Module, opt: Any, sched: Any, step: int,
     save_file(params, str(tmp / "trainable.safetensors"))
     rng = {"torch": torch.get_rng_state()}
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                "history": history, "rng": rng}, tmp / "state.pt")  # fmt: skip
+                "history": history, "rng": rng, "commands": commands},
+               tmp / "state.pt")  # fmt: skip
     final = out / RESUME_DIR
     if final.exists():
         import shutil
@@ -187,7 +188,9 @@ def save_resume(out: Path, wrapper: nn.Module, opt: Any, sched: Any, step: int,
     tmp.replace(final)
 
 
-def load_resume(out: Path, wrapper: nn.Module, opt: Any, sched: Any) -> tuple[int, list[Any]]:
+def load_resume(
+    out: Path, wrapper: nn.Module, opt: Any, sched: Any
+) -> tuple[int, list[Any], list[str]]:
     from safetensors.torch import load_file
 
     d = out / RESUME_DIR
@@ -203,7 +206,7 @@ def load_resume(out: Path, wrapper: nn.Module, opt: Any, sched: Any) -> tuple[in
     for group, base, fn in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
         group["lr"] = base * fn(sched.last_epoch)
     torch.set_rng_state(state["rng"]["torch"])
-    return int(state["step"]), list(state["history"])
+    return int(state["step"]), list(state["history"]), list(state.get("commands", []))
 
 
 # -- training -------------------------------------------------------------------------
@@ -271,8 +274,10 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainRes
     # 2) resume before wrapping (the saved names are the unwrapped module's)
     out: Path = args.out
     step, history = 0, cast(list[Any], [])  # history: per step, mean CE per exit
+    commands = [args.command]  # every invocation that built this checkpoint, in order
     if args.resume and (out / RESUME_DIR / "state.pt").exists():
-        step, history = load_resume(out, wrapper, opt, sched)
+        step, history, previous = load_resume(out, wrapper, opt, sched)
+        commands = previous + commands
         if acc.is_main_process:
             log.info("resumed from %s at step %d", out / RESUME_DIR, step)
     dist_model, opt = acc.prepare(wrapper, opt)
@@ -313,7 +318,7 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainRes
                                                                     strict=True)))  # fmt: skip
         if args.save_every and (step % args.save_every == 0 or step == args.steps):
             if acc.is_main_process:
-                save_resume(out, acc.unwrap_model(dist_model), opt, sched, step, history)
+                save_resume(out, acc.unwrap_model(dist_model), opt, sched, step, history, commands)
             acc.wait_for_everyone()
     bar.close()
     elapsed = time.time() - t0
@@ -326,7 +331,7 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainRes
             "method": args.method, "exits": exits, "exit_weights": weights,
             "base_model": base_name, "data": str(args.data), "data_sha256": data.sha256,
             "records": args.records or ":", "examples": len(data.examples),
-            "bad_records": len(data.bad), "command": args.command,
+            "bad_records": len(data.bad), "command": args.command, "commands": commands,
             "steps": step, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
             "world_size": acc.num_processes, "lr": args.lr, "max_length": args.max_length,
             "lora_rank": args.lora_rank, "bf16": args.bf16,

@@ -216,6 +216,8 @@ def test_resume_continues_from_the_saved_step(
     ta = json.loads((straight / "soft.json").read_text())["training"]
     tb = json.loads((part / "soft.json").read_text())["training"]
     assert tb["steps"] == 4 and tb["final_losses"] == ta["final_losses"]
+    assert len(tb["commands"]) == 2 and tb["commands"][1] == tb["command"]
+    assert "--resume" in tb["command"] and "--steps 2" in tb["commands"][0]
 
 
 @pytest.mark.parametrize("bad", [

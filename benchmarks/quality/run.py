@@ -46,6 +46,28 @@ def train_args(method: str, sft_dir: Path, lr: float) -> list[str]:
     }[method]
 
 
+def merge(paths: list[Path], out: Path) -> None:
+    """Combine soft-eval JSON files (e.g. evaluated in parallel) into one table and plot."""
+    from models.evaluate import CheckpointResult, DepthResult, markdown_table, plot
+
+    results = []
+    for path in paths:
+        for r in json.loads(path.read_text())["results"]:
+            depths = [DepthResult(**d) for d in r.pop("depths")]
+            results.append(CheckpointResult(**{**r, "exits": tuple(r["exits"])}, depths=depths))
+    payload = {
+        "merged_from": [str(p) for p in paths],
+        "results": [json.loads(p.read_text())["results"] for p in paths],
+    }
+    payload["results"] = [x for group in payload["results"] for x in group]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    table = markdown_table(results)
+    out.with_suffix(".md").write_text(table)
+    plot(results, out.with_suffix(".png"))
+    print(table)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -67,7 +89,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "quality" / "comparison")
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="only combine these soft-eval JSON files into OUT.{json,md,png}",
+    )
     args = p.parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     if not args.data.is_file():
         p.error(f"{args.data}: missing; run `make data` first")
     methods = [m for m in args.methods.split(",") if m]
