@@ -347,8 +347,6 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainRes
 
 def save_output(args: argparse.Namespace, out: Path, wrapper: Any, peft_model: Any,
                 tokenizer: Any, soft: SoftConfig) -> None:  # fmt: skip
-    from dataclasses import replace
-
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -372,8 +370,7 @@ def save_output(args: argparse.Namespace, out: Path, wrapper: Any, peft_model: A
             heads[f"exits.{d}.lm_head.weight"] = eh.lm_head.weight.detach().to(
                 torch.bfloat16).contiguous()  # fmt: skip
         save_file(heads, str(out / EXIT_HEADS))
-    # full weights are self-contained: base_model is provenance only
-    write_soft_json(out, replace(soft, base_model=soft.base_model))
+    write_soft_json(out, soft)  # full weights are self-contained: base_model is provenance
 
 
 def main(argv: list[str] | None = None) -> None:
