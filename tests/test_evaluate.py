@@ -124,3 +124,25 @@ def test_missing_checkpoint_exits_2(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path / "nope"), "--data", str(data)])
     assert e.value.code == 2 and "no such model" in capsys.readouterr().err
+
+
+def test_benchmark_merge_combines_soft_eval_results(tiny_tok_dir: Path, tmp_path: Path) -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "run.py"
+    spec = importlib.util.spec_from_file_location("quality_run", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    data = write_alpaca(tmp_path / "d.json", 4)
+    for label in ("a", "b"):
+        args = ["--gen-samples", "1", "--max-new-tokens", "2", "--no-progress"]
+        main(
+            [f"{tiny_tok_dir}={label}", "--data", str(data), "--out", str(tmp_path / label), *args]
+        )
+    out = tmp_path / "merged"
+    bench.merge([tmp_path / "a.json", tmp_path / "b.json"], out)
+    merged = json.loads(out.with_suffix(".json").read_text())
+    assert [r["label"] for r in merged["results"]] == ["a", "b"]
+    assert out.with_suffix(".md").read_text().count("| a |") == 2
+    assert out.with_suffix(".png").exists()
