@@ -44,12 +44,6 @@ class DenseKVCache:
         )
         return out.transpose(1, 2)  # (n, T, Hq, D)
 
-    def crop(self, length: int) -> None:
-        """Drop cached positions >= length (speculative rollback)."""
-        for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
-            if k is not None and v is not None:
-                self.k[i], self.v[i] = k[:, :, :length], v[:, :, :length]
-
 
 @torch.inference_mode()
 def greedy_generate(

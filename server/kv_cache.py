@@ -70,13 +70,6 @@ class KVCacheManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.cfg.block_size)
 
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def can_allocate(self, seq: Hashable, depth: int, num_tokens: int) -> bool:
-        return self._missing(seq, depth, num_tokens) <= len(self._free)
-
     def _missing(self, seq: Hashable, depth: int, num_tokens: int) -> int:
         tables = self._tables.get(seq)
         have = len(tables[0]) if tables else 0
@@ -137,10 +130,6 @@ class KVCacheManager:
             self._layer_blocks[layer] -= len(tables[layer])
             self._free.extend(reversed(tables[layer]))
         del tables[depth:]
-
-    def depth_of(self, seq: Hashable) -> int:
-        tables = self._tables.get(seq)
-        return len(tables) if tables else 0
 
     def tables(self, seq: Hashable) -> list[list[int]]:
         return self._tables[seq]

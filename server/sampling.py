@@ -23,21 +23,25 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return g
 
 
-def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Pick the next token from one row of logits (V,)."""
-    if params.greedy:
-        return int(logits.argmax())
+def distribution(logits: Tensor, params: SamplingParams) -> Tensor:
+    """The sampling distribution (V,) of one row of logits after temperature, top-k, top-p."""
     x = logits.float() / params.temperature
-    if params.top_k > 0 and params.top_k < x.shape[-1]:
+    if 0 < params.top_k < x.shape[-1]:
         kth = torch.topk(x, params.top_k).values[-1]
         x = x.masked_fill(x < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_x, order = torch.sort(x, descending=True)
-        cum = torch.softmax(sorted_x, dim=-1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_x, dim=-1) >= params.top_p  # keep the first past p
+        probs = torch.softmax(sorted_x, dim=-1)
+        drop = probs.cumsum(-1) - probs >= params.top_p  # keep the first token past p
         x = x.scatter(0, order, sorted_x.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(x, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.softmax(x, dim=-1)
+
+
+def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Pick the next token from one row of logits (V,)."""
+    if params.greedy:
+        return int(logits.argmax())
+    return int(torch.multinomial(distribution(logits, params), 1, generator=generator))
 
 
 def sample_rows(

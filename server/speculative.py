@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from models.llama import SortedModel, linear, rms_norm
+from server.sampling import distribution
 from server.types import SamplingParams
 
 
@@ -136,20 +137,6 @@ class Speculator:
         return choice
 
 
-def _distribution(logits: Tensor, p: SamplingParams) -> Tensor:
-    """The sampling distribution (V,) after temperature / top-k / top-p."""
-    x = logits.float() / p.temperature
-    if 0 < p.top_k < x.shape[-1]:
-        kth = torch.topk(x, p.top_k).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_x, order = torch.sort(x, descending=True)
-        probs = torch.softmax(sorted_x, dim=-1)
-        drop = probs.cumsum(-1) - probs >= p.top_p
-        x = x.scatter(0, order, sorted_x.masked_fill(drop, float("-inf")))
-    return torch.softmax(x, dim=-1)
-
-
 def draft_token(
     logits: Tensor, p: SamplingParams, g: torch.Generator | None, vocab_size: int
 ) -> tuple[int, Tensor | None]:
@@ -158,7 +145,7 @@ def draft_token(
     if p.greedy:
         return int(logits.argmax()), None
     q = torch.zeros(vocab_size, device=logits.device)
-    q[: logits.shape[-1]] = _distribution(logits, p)
+    q[: logits.shape[-1]] = distribution(logits, p)
     return int(torch.multinomial(q, 1, generator=g)), q
 
 
@@ -187,7 +174,7 @@ def accept(
             continue
         q = qs[i]
         assert q is not None
-        pt = _distribution(target_logits[i], p)
+        pt = distribution(target_logits[i], p)
         u = float(torch.rand((), generator=g))
         if u * float(q[d]) <= float(pt[d]):  # accept with probability min(1, p/q)
             out.append(d)
