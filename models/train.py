@@ -38,7 +38,7 @@ from models.checkpoint import (
     write_soft_json,
 )
 from models.data import DataError, collate, load_dataset, parse_range, step_batches
-from models.sorted_loss import ExitHeadModule, SortedLoss, default_exits
+from models.sorted_loss import ExitHeadModule, FrozenTeacher, SortedLoss, default_exits
 
 log = logging.getLogger("soft-train")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -79,6 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--exit-weights",
         default=None,
         help="comma-separated, one per exit (default uniform, the paper)",
+    )
+    p.add_argument(
+        "--distill",
+        type=float,
+        default=0.0,
+        help="self-distillation weight W in [0, 1]: each exit's loss = (1-W)*CE +\n"
+        "W*KL(untrained model's full-depth distribution || exit); 0 = CE only (the paper)",
+    )
+    p.add_argument(
+        "--distill-tokens",
+        choices=("response", "all"),
+        default="response",
+        help="positions the KL covers: the response only, or every token (prompt too)",
     )
     p.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
     p.add_argument("--lora-alpha", type=float, default=None, help="default 2 x rank")
@@ -244,7 +257,8 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainRes
     except (DataError, ValueError) as e:
         parser.error(str(e))
 
-    # 1) what trains
+    # 1) what trains (and, for self-distillation, the untrained teacher)
+    teacher = FrozenTeacher(model) if args.distill > 0 and not args.lora_rank else None
     peft_model = None
     exit_heads: nn.ModuleDict | None = None
     if args.method == "early-exit":
@@ -264,7 +278,10 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainRes
         enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if peft_model is not None:
             model.enable_input_require_grads()
-    wrapper = SortedLoss(model, exits, weights, exit_heads, args.method == "early-exit")
+    if args.distill > 0 and teacher is None:
+        teacher = FrozenTeacher(model, peft_model)
+    wrapper = SortedLoss(model, exits, weights, exit_heads, args.method == "early-exit",
+                         args.distill, teacher, args.distill_tokens == "all")  # fmt: skip
     wrapper.train()
     params = [p for p in wrapper.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -292,7 +309,9 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainRes
         micro = step_batches(data.examples, step, args.batch_size, args.grad_accum,
                              acc.process_index, acc.num_processes, args.seed)  # fmt: skip
         tokens = sum(e.num_targets for mb in micro for e in mb)
-        sums = torch.zeros(len(exits))
+        kl_tokens = (sum(len(e.input_ids) - 1 for mb in micro for e in mb)
+                     if args.distill_tokens == "all" else tokens)  # fmt: skip
+        sums, kl_sums = torch.zeros(len(exits)), torch.zeros(len(exits))
         for j, mb in enumerate(micro):
             batch = collate(mb, pad_id)
             sync = j == len(micro) - 1
@@ -303,9 +322,12 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainRes
                     batch.labels.to(device),
                     batch.attention_mask.to(device),
                     normaliser=max(tokens, 1),
+                    kl_normaliser=max(kl_tokens, 1),
                 )
                 acc.backward(res.loss)
             sums += res.per_exit.float().cpu()
+            if res.per_exit_kl is not None:
+                kl_sums += res.per_exit_kl.float().cpu()
         acc.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
@@ -314,8 +336,10 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainRes
         per_exit = (sums / max(tokens, 1)).tolist()
         history.append(per_exit)
         bar.update(1)
-        bar.set_postfix_str(" ".join(f"{d}:{x:.2f}" for d, x in zip(exits, per_exit,
-                                                                    strict=True)))  # fmt: skip
+        shown = " ".join(f"{d}:{x:.2f}" for d, x in zip(exits, per_exit, strict=True))
+        if args.distill > 0:
+            shown += f" kl:{float(kl_sums.mean()) / max(kl_tokens, 1):.2f}"
+        bar.set_postfix_str(shown)
         if args.save_every and (step % args.save_every == 0 or step == args.steps):
             if acc.is_main_process:
                 save_resume(out, acc.unwrap_model(dist_model), opt, sched, step, history, commands)
@@ -334,7 +358,8 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainRes
             "bad_records": len(data.bad), "command": args.command, "commands": commands,
             "steps": step, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
             "world_size": acc.num_processes, "lr": args.lr, "max_length": args.max_length,
-            "lora_rank": args.lora_rank, "bf16": args.bf16,
+            "lora_rank": args.lora_rank, "bf16": args.bf16, "distill": args.distill,
+            "distill_tokens": args.distill_tokens,
             "seconds_per_step": round(elapsed / max(step - first_step, 1), 3),
             "final_losses": {str(d): round(v, 4) for d, v in final.items()},
         }  # fmt: skip
@@ -382,6 +407,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--steps, --batch-size, --grad-accum must be >= 1 and --max-length >= 2")
     if args.lora_rank < 0:
         parser.error("--lora-rank must be >= 0")
+    if not 0.0 <= args.distill <= 1.0:
+        parser.error(f"--distill must be in [0, 1], got {args.distill}")
     if not args.data.is_file():
         parser.error(f"--data {args.data}: no such file (try `make data`)")
     try:

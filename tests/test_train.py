@@ -3,6 +3,7 @@ outputs through models.load, --resume, bad CLI input, and a 2-process gloo run."
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 import models
 from models.checkpoint import EXIT_HEADS, read_tensors
 from models.data import IGNORE, collate, load_dataset
-from models.sorted_loss import SortedLoss, default_exits
+from models.sorted_loss import FrozenTeacher, SortedLoss, default_exits
 from models.train import main as train_main
 from tests.conftest import make_hf_model
 from tests.test_data import make_tokenizer, write_alpaca
@@ -75,6 +76,63 @@ def test_sorted_loss_is_the_mean_of_naive_per_exit_losses(tmp_path: Path) -> Non
     out.loss.backward()
     assert model.lm_head.weight.grad is not None
     assert model.model.layers[3].mlp.down_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("all_tokens", [False, True])
+def test_distillation_mixes_ce_with_kl_to_the_teachers_full_depth(
+    tmp_path: Path, all_tokens: bool
+) -> None:
+    tok = make_tokenizer()
+    b = collate(load_dataset(write_alpaca(tmp_path / "d.json", 3), tok).examples, 0)
+    ids, labels, mask = b.input_ids, b.labels, b.attention_mask
+    student, teacher_model = make_hf_model(seed=1), make_hf_model(seed=5)
+    teacher = FrozenTeacher(teacher_model)
+    wrapper = SortedLoss(student, [1, 2, 4], distill=0.25, teacher=teacher,
+                         distill_all_tokens=all_tokens)  # fmt: skip
+    out = wrapper(ids, labels, mask)
+    resp = labels[:, 1:] != IGNORE
+    pos = mask[:, 1:].bool() if all_tokens else resp
+    t_logp = F.log_softmax(teacher_model(input_ids=ids, attention_mask=mask).logits[:, :-1], -1)
+    mixed = []
+    for d in (1, 2, 4):
+        sub = copy.deepcopy(student)
+        sub.model.layers = sub.model.layers[:d]
+        logp = F.log_softmax(sub(input_ids=ids, attention_mask=mask).logits[:, :-1], -1)
+        ce = -logp.gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0][resp].mean()
+        kl = (t_logp.exp() * (t_logp - logp)).sum(-1)[pos].mean()
+        mixed.append(0.75 * ce + 0.25 * kl)
+        i = (1, 2, 4).index(d)
+        torch.testing.assert_close(out.per_exit[i] / out.tokens, ce.detach())
+        assert out.per_exit_kl is not None
+        torch.testing.assert_close(out.per_exit_kl[i] / out.kl_tokens, kl.detach())
+    assert out.kl_tokens == int(pos.sum()) and out.tokens == int(resp.sum())
+    torch.testing.assert_close(out.loss, torch.stack(mixed).mean())
+    out.loss.backward()
+    assert student.model.layers[0].self_attn.q_proj.weight.grad is not None
+    assert all(p.grad is None for p in teacher_model.parameters())
+
+
+def test_lora_teacher_is_the_untrained_model(tmp_path: Path) -> None:
+    from models.train import add_lora
+
+    tok = make_tokenizer()
+    b = collate(load_dataset(write_alpaca(tmp_path / "d.json", 2), tok).examples, 0)
+    reference = make_hf_model(seed=1)
+    want = reference(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    model = make_hf_model(seed=1)
+    peft_model = add_lora(model, 4, 8.0)
+    teacher = FrozenTeacher(model, peft_model)
+    with torch.no_grad():  # "training" moved the adapter and the final norm
+        for name, p in model.named_parameters():
+            if "lora_B" in name or name.endswith("model.norm.weight"):
+                p.add_(0.5)
+    trained = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    assert (trained - want).abs().max() > 1e-2
+    torch.testing.assert_close(teacher(b.input_ids, b.attention_mask), want)
+    # and the trained weights are back in place afterwards
+    torch.testing.assert_close(
+        model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, trained
+    )
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_grads(tmp_path: Path) -> None:
@@ -152,6 +210,22 @@ def test_lora_merged_and_delta_give_the_same_model(tiny_base: Path, data_file: P
     assert not torch.equal(trained_norm, base.norm.float())  # the final norm trains too
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_distilled_training_runs_and_records_its_objective(
+    tiny_base: Path, data_file: Path, tmp_path: Path, lora: bool
+) -> None:
+    out = tmp_path / "distilled"
+    extra = ("--lora-rank", "4", "--save-delta") if lora else ()
+    run_train("--model", tiny_base, "--data", data_file, "--out", out, "--exits", "2,4",
+              "--steps", "2", "--batch-size", "2", "--save-every", "0", "--distill", "0.5",
+              "--distill-tokens", "all", *extra)  # fmt: skip
+    training = json.loads((out / "soft.json").read_text())["training"]
+    assert training["distill"] == 0.5 and training["distill_tokens"] == "all"
+    ids = torch.tensor([[5, 6, 7, 8]])
+    base = models.load(tiny_base)
+    assert not torch.allclose(models.load(out).logits(ids, 2), base.logits(ids, 2))
+
+
 def test_sft_trains_only_the_last_layer_exit(tiny_base: Path, data_file: Path,
                                              tmp_path: Path) -> None:  # fmt: skip
     run_train(
@@ -222,7 +296,7 @@ def test_resume_continues_from_the_saved_step(
 
 @pytest.mark.parametrize("bad", [
     ["--exits", "0,9"], ["--exits", "a,b"], ["--exit-weights", "1"], ["--steps", "0"],
-    ["--method", "nope"], ["--save-delta"], ["--data", "/nonexistent.json"],
+    ["--method", "nope"], ["--save-delta"], ["--data", "/nonexistent.json"], ["--distill", "1.5"],
 ])  # fmt: skip
 def test_bad_cli_input_exits_2_with_a_message(bad: list[str], tiny_base: Path, data_file: Path,
                                               tmp_path: Path, capsys) -> None:  # fmt: skip
