@@ -108,6 +108,7 @@ class Engine:
         self._accepting = True
         self._thread: threading.Thread | None = None
         self._step_ewma = 0.0
+        self._interval_ewma = 0.0
         self._steps = 0
         self._last_batch = 0
         self._stats = self._snapshot()
@@ -248,6 +249,7 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> None:
         out = self.scheduler.schedule()
+        t_prefill = time.perf_counter()
         for seq in out.prefill:
             self._prefill(seq)
         decode = [s for s in out.decode if s.finish_reason is None]
@@ -261,6 +263,8 @@ class Engine:
             self._speculate(seqs, exit_, k)
         dt = time.perf_counter() - t0
         self._step_ewma = dt if self._steps == 0 else 0.9 * self._step_ewma + 0.1 * dt
+        turn = dt + (t0 - t_prefill)  # what the running rows waited for this token
+        self._interval_ewma = turn if self._steps == 0 else 0.95 * self._interval_ewma + 0.05 * turn
         self._steps += 1
         self._last_batch = len(decode)
 
@@ -442,6 +446,7 @@ class Engine:
             kv_bytes_per_layer=per_layer,
             kv_bytes_total=sum(per_layer),
             decode_step_seconds=self._step_ewma,
+            token_interval_seconds=self._interval_ewma,
             steps=self._steps,
             preemptions=self.scheduler.num_preemptions,
             depths_running=depths,

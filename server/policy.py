@@ -338,8 +338,9 @@ class FixedPolicy:
     """Always the default depth (a pin still wins); budgets are reported, not used.
 
     Predictions use the live engine (`stats`, when given): the queue ahead, the batch the
-    request joins, and the measured step time against the profile's (CPU contention,
-    speculation) as a correction factor."""
+    request joins, the measured step time against the profile's (CPU contention,
+    speculation) as a correction factor, and the measured stall of running rows by
+    newcomers' prefills (token interval / decode step) as a second one."""
 
     name = "fixed"
 
@@ -360,6 +361,7 @@ class FixedPolicy:
         self.stats = stats
         self.max_num_seqs = max_num_seqs
         self._scale = 1.0  # measured / profiled step time, smoothed
+        self._stall = 1.0  # token interval / decode step: newcomers' prefills stall the batch
         self.offset_ms = 0.0  # what requests take beyond the prediction (HTTP, text), smoothed
 
     def check_pin(self, depth: int) -> int:
@@ -381,6 +383,9 @@ class FixedPolicy:
             if profiled > 0:
                 ratio = min(max(s.decode_step_seconds * 1000.0 / profiled, 0.5), 4.0)
                 self._scale = 0.8 * self._scale + 0.2 * ratio
+        if s.steps and s.decode_step_seconds > 0 and s.token_interval_seconds > 0:
+            stall = min(max(s.token_interval_seconds / s.decode_step_seconds, 1.0), 4.0)
+            self._stall = 0.8 * self._stall + 0.2 * stall
         return s
 
     def observe(self, choice: DepthChoice, actual_ms: float) -> None:
@@ -409,6 +414,7 @@ class FixedPolicy:
         if over > 0:
             queue += over / self.max_num_seqs * req.max_tokens * step
         ttft = max(queue + prefill * self._scale + self.offset_ms / 2, queue)
+        step *= self._stall  # the next arrivals' prefills will stall this row too
         total = max(ttft + req.max_tokens * step + self.offset_ms / 2, ttft)
         return Prediction(queue, ttft, step, total)
 

@@ -88,6 +88,9 @@ class EngineStats:
     preemptions: int
     depths_running: dict[int, int] = field(default_factory=dict)  # depth -> sequences
     speculation: dict[int, SpecCounters] = field(default_factory=dict)  # draft exit -> counts
+    # EWMA of the wall time between a running row's tokens: its decode step plus the
+    # prefills of newcomers run in the same loop turn (0.0 until a decode step ran)
+    token_interval_seconds: float = 0.0
 
     @property
     def kv_usage_ratio(self) -> float:

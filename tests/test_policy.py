@@ -144,7 +144,8 @@ LOADED = LatencyProfile.from_json(
 )
 
 
-def make_stats(depths: dict[int, int], waiting: int = 0, step_ms: float | None = None) -> Any:
+def make_stats(depths: dict[int, int], waiting: int = 0, step_ms: float | None = None,
+               interval_ms: float = 0.0) -> Any:  # fmt: skip
     from server.types import EngineStats
 
     rows = [d for d, n in depths.items() for _ in range(n)]
@@ -153,6 +154,7 @@ def make_stats(depths: dict[int, int], waiting: int = 0, step_ms: float | None =
         running=len(rows), waiting=waiting, batch_size=len(rows), kv_blocks_total=100,
         kv_blocks_used=0, kv_bytes_per_layer=(), kv_bytes_total=0,
         decode_step_seconds=step / 1000.0, steps=10, preemptions=0, depths_running=depths,
+        token_interval_seconds=interval_ms / 1000.0,
     )  # fmt: skip
 
 
@@ -195,6 +197,20 @@ def test_measured_step_time_scales_predictions() -> None:
     for _ in range(50):
         pol.choose(DepthRequest(20, 10))
     assert pol.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(2 * 108, rel=1e-3)
+
+
+def test_prefill_stalls_of_the_running_batch_stretch_the_decode_prediction() -> None:
+    # the batch's rows wait 1.5x their decode step per token (newcomers' prefills between)
+    step = LOADED.batch_step_ms([32, 32, 32])  # 10 ms
+    stats = make_stats({32: 3}, interval_ms=1.5 * step)
+    pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: stats)
+    for _ in range(60):
+        c = pol.choose(DepthRequest(20, 10))
+    assert c.predicted_ms == pytest.approx(8 + 10 * 10 * 1.5, rel=1e-3)  # prefill unscaled
+    # an interval shorter than the step (no prefills, timer noise) never speeds it up
+    quiet = make_stats({32: 3}, interval_ms=0.5 * step)
+    pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: quiet)
+    assert pol.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(108)
 
 
 def test_slo_headers_choose_by_first_token_and_per_token_time() -> None:
