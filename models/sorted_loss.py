@@ -96,6 +96,8 @@ class FrozenTeacher:
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
         """(B, T, V) logits."""
         if self._peft is None:
+            if next(self._model.parameters()).device != input_ids.device:
+                self._model.to(input_ids.device)  # the copy was taken before accelerate moved
             return self._model(input_ids=input_ids, attention_mask=attention_mask,
                                use_cache=False).logits  # fmt: skip
         norm: Any = self._model.model.norm  # type: ignore[union-attr]
