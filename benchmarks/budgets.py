@@ -146,7 +146,12 @@ def main(argv: list[str] | None = None) -> int:
                         str(out / "profile.png"), "--quiet", "--repeats", "2"],
                        check=True)  # fmt: skip
     directory = resolve(args.model)
-    num_layers = json.loads((directory / "config.json").read_text())["num_hidden_layers"]
+    config_dir = directory
+    if not (directory / "config.json").exists():  # a delta checkpoint: its base has the config
+        delta = read_soft_json(directory, None)
+        assert delta is not None and delta.base_model, f"{directory}: no config.json"
+        config_dir = resolve(delta.base_model)
+    num_layers = json.loads((config_dir / "config.json").read_text())["num_hidden_layers"]
     soft = read_soft_json(directory, num_layers)
     exits = sorted(soft.exits) if soft else list(range(1, num_layers + 1))
     profile = read_profile_file(str(prof_path), exits)
