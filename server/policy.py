@@ -362,7 +362,7 @@ class FixedPolicy:
         self.max_num_seqs = max_num_seqs
         self._scale = 1.0  # measured / profiled step time, smoothed
         self._stall = 1.0  # token interval / decode step: newcomers' prefills stall the batch
-        self.offset_ms = 0.0  # what requests take beyond the prediction (HTTP, text), smoothed
+        self.calibration = 1.0  # actual / predicted latency of finished requests, smoothed
 
     def check_pin(self, depth: int) -> int:
         if depth not in self.exits:
@@ -390,14 +390,15 @@ class FixedPolicy:
 
     def observe(self, choice: DepthChoice, actual_ms: float) -> None:
         """A request served at its chosen depth ran all its max_tokens in `actual_ms`
-        (server side): learn, a tenth at a time, the latency the profile does not see
-        (tokenizing, HTTP, event loop)."""
-        if self.stats is None or choice.pinned:
+        (server side): learn the share of latency the profile does not see (HTTP, SSE,
+        detokenising, the event loop: it grows with the tokens streamed) as a factor on
+        the whole prediction, a fifth of the log-error at a time."""
+        if self.stats is None or choice.pinned or choice.predicted_ms <= 0:
             return
-        # a tenth of the error, at most a quarter of the prediction: one overloaded spell
-        # (queueing the model does not foresee) must not make every later budget infeasible
-        bound = 0.25 * choice.predicted_ms
-        self.offset_ms += 0.1 * min(max(actual_ms - choice.predicted_ms, -bound), bound)
+        # one request moves it by at most ~6 %: one overloaded spell (queueing the model
+        # does not foresee) must not make every later budget infeasible
+        ratio = min(max(actual_ms / choice.predicted_ms, 0.75), 1.0 / 0.75)
+        self.calibration = min(max(self.calibration * ratio**0.2, 0.5), 4.0)
 
     def predict(self, depth: int, req: DepthRequest, s: EngineStats | None = None) -> Prediction:
         """The request's latency at `depth` if admitted now (alone when `s` is None)."""
@@ -413,10 +414,10 @@ class FixedPolicy:
         over = s.running + s.waiting + 1 - self.max_num_seqs
         if over > 0:
             queue += over / self.max_num_seqs * req.max_tokens * step
-        ttft = max(queue + prefill * self._scale + self.offset_ms / 2, queue)
-        step *= self._stall  # the next arrivals' prefills will stall this row too
-        total = max(ttft + req.max_tokens * step + self.offset_ms / 2, ttft)
-        return Prediction(queue, ttft, step, total)
+        ttft = (queue + prefill * self._scale) * self.calibration
+        # the next arrivals' prefills will stall this row too
+        step *= self._stall * self.calibration
+        return Prediction(queue, ttft, step, ttft + req.max_tokens * step)
 
     def _choice(
         self, depth: int, req: DepthRequest, feasible: bool = True, s: EngineStats | None = None

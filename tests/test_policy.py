@@ -259,16 +259,22 @@ def test_observed_latency_calibrates_the_prediction() -> None:
     pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: stats)
     c = pol.choose(DepthRequest(20, 10))
     assert c.predicted_ms == pytest.approx(108)
-    pol.observe(c, 128.0)  # 20 ms the profile does not see: a tenth of it is learnt
-    assert pol.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(110)
+    pol.observe(c, 129.6)  # 1.2x the prediction: a fifth of the log-error is learnt
+    assert pol.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(108 * 1.2**0.2)
+    before = pol.calibration
     pinned = pol.choose(DepthRequest(20, 10, pinned_depth=32))
     pol.observe(pinned, 1e6)  # pinned: not the policy's choice, nothing learnt
-    pol.observe(pol.choose(DepthRequest(20, 10)), 1e6)  # at most a quarter: + 0.1 * 27.5
-    assert pol.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(112.75)
-    for _ in range(200):
-        pol.observe(pol.choose(DepthRequest(20, 10)), 128.0)
-    assert pol.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(128, abs=0.01)
-    assert pol.choose(DepthRequest(20, 10, budget_ms=120)).depth == 16  # 94 + 20
+    assert pol.calibration == before
+    pol.observe(pol.choose(DepthRequest(20, 10)), 1e6)  # one outlier: at most (4/3) ** 0.2
+    assert pol.calibration == pytest.approx(before * (4 / 3) ** 0.2)
+    for _ in range(200):  # requests keep taking 1.5x the uncalibrated 108 ms
+        pol.observe(pol.choose(DepthRequest(20, 10)), 162.0)
+    assert pol.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(162, rel=1e-3)
+    # every exit's prediction scales alike: 87 (depth 8) x 1.5 = 130.5 fits 131, 16 does not
+    assert pol.choose(DepthRequest(20, 10, budget_ms=131)).depth == 8
+    for _ in range(500):  # an endless overload cannot push it past 4x
+        pol.observe(pol.choose(DepthRequest(20, 10)), 1e9)
+    assert pol.calibration == 4.0
     alone = make_policy("budget", EXITS, 32, LOADED)  # no engine: nothing to calibrate on
     alone.observe(alone.choose(DepthRequest(20, 10)), 500.0)
     assert alone.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(8 + 10 * 4)
