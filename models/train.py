@@ -258,7 +258,6 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainRes
         parser.error(str(e))
 
     # 1) what trains (and, for self-distillation, the untrained teacher)
-    teacher = FrozenTeacher(model) if args.distill > 0 and not args.lora_rank else None
     peft_model = None
     exit_heads: nn.ModuleDict | None = None
     if args.method == "early-exit":
@@ -272,14 +271,14 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainRes
         peft_model = add_lora(model, args.lora_rank, args.lora_alpha or 2.0 * args.lora_rank)
     elif args.save_delta:
         parser.error("--save-delta needs --lora-rank")
+    # before checkpointing, SortedLoss's hooks and --resume: the untrained model, as is
+    teacher = FrozenTeacher(model, peft_model) if args.distill > 0 else None
     if args.gradient_checkpointing and args.method != "early-exit":
         enable = getattr(model, "activation_checkpointing_enable", None)
         enable = enable or model.gradient_checkpointing_enable  # transformers < 5.x name
         enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if peft_model is not None:
             model.enable_input_require_grads()
-    if args.distill > 0 and teacher is None:
-        teacher = FrozenTeacher(model, peft_model)
     wrapper = SortedLoss(model, exits, weights, exit_heads, args.method == "early-exit",
                          args.distill, teacher, args.distill_tokens == "all")  # fmt: skip
     wrapper.train()
