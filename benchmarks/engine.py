@@ -11,6 +11,10 @@ Side by side in one run on the default model (or --model):
 
 Writes JSON (--out) and prints a markdown table. Trials alternate between systems so that
 noise from a shared machine hits both alike; each figure is the best of --trials.
+
+Only one thread at a time holds torch's OpenMP team (server/engine.py says why): each
+system is measured with the other's threads gone — an engine is started for its own
+measurement and stopped after, transformers runs on a thread that ends.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ import torch
 from torch import nn
 
 import models
+from models.llama import linear, pack
 from models.loader import resolve
-from server.engine import Engine, EngineConfig
+from server.engine import Engine, EngineConfig, on_own_thread
 from server.types import GenerationRequest, SamplingParams
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -43,19 +48,30 @@ def best_of(fn: Any, trials: int) -> float:
 
 
 def bandwidth(dtype: torch.dtype, trials: int) -> float:
-    """Bytes/s of a large matrix-vector product (256 MiB of matrix in fp32)."""
+    """Bytes/s of the fastest large matrix-vector product in `dtype` (256 MiB of matrix in
+    fp32) among torch.mv and oneDNN on plain and packed weights: the limit a decode step
+    is held to."""
     rows, cols = 8192, 8192
     a = torch.randn(rows, cols).to(dtype)
-    x = torch.randn(cols).to(dtype)
-    a @ x
+    x = torch.randn(1, cols).to(dtype)
+    kernels = {"mv": (a, lambda w: torch.mv(w, x[0]))}
+    packed = pack(a)
+    if packed.is_mkldnn:
+        kernels["onednn_packed"] = (packed, lambda w: linear(x, w))
+    if dtype == torch.float32:
+        kernels["onednn"] = (a, lambda w: linear(x, w))
+    best = 0.0
+    for w, fn in kernels.values():
+        fn(w)
 
-    def once() -> float:
-        t = time.perf_counter()
-        for _ in range(5):
-            a @ x
-        return (time.perf_counter() - t) / 5
+        def once(w: torch.Tensor = w, fn: Any = fn) -> float:
+            t = time.perf_counter()
+            for _ in range(5):
+                fn(w)
+            return (time.perf_counter() - t) / 5
 
-    return a.numel() * a.element_size() / best_of(once, trials)
+        best = max(best, a.numel() * a.element_size() / best_of(once, trials))
+    return best
 
 
 # -- our engine ------------------------------------------------------------------------------
@@ -160,7 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
     t_start = time.perf_counter()
-    ours = {tag: models.load(args.model, device="cpu", dtype=dt) for tag, dt in DTYPES.items()}
+
+    def load_ours() -> tuple[dict[str, Any], dict[str, Engine]]:
+        m = {tag: models.load(args.model, device="cpu", dtype=dt) for tag, dt in DTYPES.items()}
+        return m, {tag: Engine(x, EngineConfig(kv_cache_memory=1 << 29)) for tag, x in m.items()}
+
+    ours, engines = on_own_thread(load_ours)
     model = ours["fp32"]
     depths = [int(d) for d in args.depths.split(",")] if args.depths else list(model.exits)
     if len(depths) > 6:  # a base model allows every depth; sample a few
@@ -168,15 +189,20 @@ def main(argv: list[str] | None = None) -> int:
     L = model.num_layers
     # transformers runs the base weights: same shapes, so the same cost per token
     base_dir = resolve(model.soft.base_model or args.model)
-    hf = {
+    hf = on_own_thread(lambda: {
         tag: AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dt).eval()
         for tag, dt in DTYPES.items()
-    }
+    })  # fmt: skip
     prompt = model.tokenizer.encode(PROMPT)
     ids = torch.tensor([prompt])
-    engines = {tag: Engine(m, EngineConfig(kv_cache_memory=1 << 29)) for tag, m in ours.items()}
-    for e in engines.values():
-        e.start()
+
+    def with_engine(tag: str, fn: Any) -> Any:
+        engines[tag].start()
+        try:
+            return fn(engines[tag])
+        finally:
+            engines[tag].stop()
+
     result: dict[str, Any] = {
         "model": args.model, "num_layers": L, "depths": depths, "tokens": args.tokens,
         "trials": args.trials, "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -184,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
 
     # 1) the limit
-    bw = {tag: bandwidth(dt, args.trials) for tag, dt in DTYPES.items()}
+    bw = {tag: on_own_thread(lambda t=dt: bandwidth(t, args.trials)) for tag, dt in DTYPES.items()}
     result["bandwidth_GBps"] = {k: v / 1e9 for k, v in bw.items()}
 
     # 2) + 3) batch-1 decode per depth, alternating systems
@@ -193,9 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         meas: dict[str, list[float]] = {f"{s}_{t}": [] for s in ("ours", "hf") for t in DTYPES}
         for _ in range(args.trials):
             for tag in DTYPES:
-                meas[f"ours_{tag}"].append(engine_decode(engines[tag], prompt, d, args.tokens))
+                meas[f"ours_{tag}"].append(
+                    with_engine(tag, lambda e, d=d: engine_decode(e, prompt, d, args.tokens))
+                )
                 with hf_truncated(hf[tag], d) as m:
-                    meas[f"hf_{tag}"].append(hf_decode(m, ids, args.tokens))
+                    meas[f"hf_{tag}"].append(
+                        on_own_thread(lambda m=m: hf_decode(m, ids, args.tokens))
+                    )
         best = {k: max(v) for k, v in meas.items()}
         row: dict[str, Any] = {"depth": d, **{f"{k}_tok_s": v for k, v in best.items()}}
         ours_best = max(best[f"ours_{t}"] for t in DTYPES)
@@ -219,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     # 4) batching: 16 staggered requests vs transformers' static batch of 16, each dtype
     prompts16 = [prompt[: max(4, len(prompt) - (i % 5))] for i in range(16)]
     cb = {
-        tag: max(engine_batch(engines[tag], prompts16, [L] * 16, args.tokens, gap=0.01)
+        tag: max(with_engine(tag, lambda e: engine_batch(e, prompts16, [L] * 16, args.tokens,
+                                                         gap=0.01))
                  for _ in range(args.trials))
         for tag in DTYPES
     }  # fmt: skip
@@ -227,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     tok.padding_side = "left"
     batch = tok([tok.decode(p) for p in prompts16], return_tensors="pt", padding=True)
     static = {
-        tag: max(hf_decode_static(hf[tag], batch, args.tokens) for _ in range(args.trials))
+        tag: max(
+            on_own_thread(lambda tag=tag: hf_decode_static(hf[tag], batch, args.tokens))
+            for _ in range(args.trials)
+        )
         for tag in DTYPES
     }
     result["batching"] = {
@@ -235,12 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         "hf_static_16_tok_s": static,
         "speedup_vs_best_static": max(cb.values()) / max(static.values()),
     }
-    eng = engines[max(DTYPES, key=lambda t: cb[t])]
+    eng = engines[max(DTYPES, key=lambda t: cb[t])]  # stopped: step_cost drives it directly
 
     # mixed-depth step vs the per-depth cost model: step(n rows at d) = head(n) + d * layer(n)
-    lo, hi, sizes = min(depths), max(depths), (4, 8, 12, 16)
+    lo, hi, sizes, trials = min(depths), max(depths), (4, 8, 12, 16), args.trials
     cost = {
-        (d, n): best_of(lambda d=d, n=n: step_cost(eng, [d] * n), args.trials)
+        (d, n): on_own_thread(lambda d=d, n=n: best_of(lambda: step_cost(eng, [d] * n), trials))
         for d in (lo, hi)
         for n in sizes
     }
@@ -250,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         return (cost[(hi, n)] - cost[(lo, n)]) / (hi - lo)
 
     mix = [depths[j * len(depths) // 16] for j in range(16)]
-    measured = best_of(lambda: step_cost(eng, mix), args.trials)
+    measured = on_own_thread(lambda: best_of(lambda: step_cost(eng, mix), args.trials))
     head16 = cost[(hi, 16)] - hi * layer(16)
     predicted = head16 + sum(layer(sum(1 for d in mix if d > i)) for i in range(max(mix)))
     result["mixed_step"] = {

@@ -12,6 +12,7 @@ only calls it for the layers a row actually runs, so nothing is ever touched at 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -132,23 +133,42 @@ class KVStore(Protocol):
         ...
 
 
-def _onednn_linear_works() -> bool:
+@functools.cache
+def _onednn() -> bool:
+    """oneDNN can run plain fp32 and packed bf16 matrices here. Asked lazily, on the
+    thread that first computes (usually the engine's): a probe at import would give the
+    importing thread an OpenMP pool, which slows the engine's (see server/engine.py)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
     try:
         x, w = torch.ones(2, 3), torch.ones(4, 3)
         y = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-        return bool(torch.equal(y, F.linear(x, w)))
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), 1)
+        yb = torch.ops.mkldnn._linear_pointwise(x.bfloat16(), packed, None, "none", [], "")
+        return bool(torch.equal(y, F.linear(x, w)) and torch.equal(yb.float(), y))
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
 
 
-_ONEDNN = torch.backends.mkldnn.is_available() and _onednn_linear_works()
+# the batch size oneDNN picks its blocked layout for: measured best for batch 1-16 decode
+_PACK_HINT = {torch.float32: 16, torch.bfloat16: 1}
+
+
+def pack(w: Tensor) -> Tensor:
+    """`w` (out, in) in the CPU GEMM library's own blocked layout (oneDNN), or `w` itself
+    where that does not apply (other devices and dtypes, no oneDNN). A packed matrix is
+    opaque: only `linear` reads it. On this project's CPUs packed weights stream 1.3-2x
+    faster than plain ones at batch 1-16, bf16 most of all (docs/performance.md)."""
+    if w.is_mkldnn or w.device.type != "cpu" or w.dtype not in _PACK_HINT or not _onednn():
+        return w
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), _PACK_HINT[w.dtype])
 
 
 def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x (..., in) @ w (out, in)^T. fp32 on CPU goes through oneDNN directly: on this
-    project's CPUs it reads weights ~2x faster than the BLAS behind F.linear (matrix-vector
-    at batch 1 and small batches alike); everything else is F.linear."""
-    if _ONEDNN and x.dtype == torch.float32 and x.device.type == "cpu":
+    """x (..., in) @ w (out, in)^T. A packed `w` and plain fp32 on CPU go through oneDNN
+    directly (it reads fp32 weights ~2x faster than the BLAS behind F.linear here);
+    everything else is F.linear."""
+    if w.is_mkldnn or (x.dtype == torch.float32 and x.device.type == "cpu" and _onednn()):
         return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
     return F.linear(x, w, bias)
 
@@ -231,6 +251,7 @@ class SortedModel(nn.Module):
         self.rope_scaling = rope_scaling
         self.scale = cfg.head_dim**-0.5
         self.exit_heads: dict[int, ExitHead] = {}
+        self.packed_head: Tensor | None = None  # set by pack(): the head in oneDNN's layout
         # set by models.load(): what soft.json says, the tokenizer, where it came from
         self.soft: SoftConfig = base_config(cfg.num_layers)
         self.tokenizer: Any = None
@@ -263,6 +284,23 @@ class SortedModel(nn.Module):
         per_layer = sum(p.numel() * p.element_size() for p in self.layers[0].parameters())
         head = self.head_weight(depth)
         return depth * per_layer + head.numel() * head.element_size() + self.norm.numel()
+
+    def pack(self) -> None:
+        """Put every matrix a decode step reads into oneDNN's blocked layout (see `pack`).
+
+        Layer matrices are replaced: afterwards only this runner can read them. The shared
+        head, which is also the embedding table, gets a packed copy. Idempotent; nothing
+        happens off CPU or without oneDNN. The serving engine calls it."""
+        for layer in self.layers:
+            for name in ("wqkv", "wo", "w_gate_up", "w_down"):
+                w = layer._parameters[name]
+                assert w is not None
+                layer._parameters[name] = nn.Parameter(pack(w.data), requires_grad=False)
+        if self.packed_head is None:
+            self.packed_head = pack(self.lm_head.data)
+        self.exit_heads = {
+            d: ExitHead(eh.norm, pack(eh.weight)) for d, eh in self.exit_heads.items()
+        }
 
     def head_weight(self, depth: int) -> Tensor:
         eh = self.exit_heads.get(depth)
@@ -335,13 +373,14 @@ class SortedModel(nn.Module):
 
     def head(self, h: Tensor, depths: Sequence[int]) -> Tensor:
         """Final norm + LM head at each row's exit. h: (B, T, H) -> (B, T, V) logits."""
+        shared = self.lm_head if self.packed_head is None else self.packed_head
         if not self.exit_heads:
-            return linear(rms_norm(h, self.norm, self.cfg.rms_norm_eps), self.lm_head)
+            return linear(rms_norm(h, self.norm, self.cfg.rms_norm_eps), shared)
         out = h.new_empty(*h.shape[:2], self.cfg.vocab_size)
         for d in sorted(set(depths)):
             rows = [j for j, dj in enumerate(depths) if dj == d]
             eh = self.exit_heads.get(d)
-            norm, weight = (eh.norm, eh.weight) if eh is not None else (self.norm, self.lm_head)
+            norm, weight = (eh.norm, eh.weight) if eh is not None else (self.norm, shared)
             out[rows] = linear(rms_norm(h[rows], norm, self.cfg.rms_norm_eps), weight)
         return out
 

@@ -43,33 +43,43 @@ def load_serving(settings: Settings) -> OpenAIServing:
     """Load the model, its latency profile, the policy, the engine: everything a request
     needs. Runs once, in a worker thread, during the lifespan."""
     import models
-    from server.engine import Engine, EngineConfig
+    from server.engine import Engine, EngineConfig, on_own_thread
     from server.speculative import SpecConfig
 
     t0 = time.monotonic()
-    model = models.load(settings.model, device=settings.device, dtype=settings.dtype)
-    if model.tokenizer is None:
-        raise ValueError(f"{settings.model}: no tokenizer files; the server needs a tokenizer")
+
+    def build() -> tuple[models.SortedModel, Engine]:
+        model = models.load(settings.model, device=settings.device, dtype=settings.dtype)
+        if model.tokenizer is None:
+            raise ValueError(f"{settings.model}: no tokenizer files; the server needs a tokenizer")
+        default = settings.default_depth or model.exits[-1]
+        if default not in model.exits:
+            raise ValueError(
+                f"--default-depth {default} is not an exit of the model {list(model.exits)}"
+            )
+        engine = Engine(
+            model,
+            EngineConfig(
+                block_size=settings.block_size,
+                kv_cache_memory=int(settings.kv_cache_memory),
+                max_num_seqs=settings.max_num_seqs,
+                max_queue=settings.max_queue,
+                max_model_len=settings.max_model_len,
+                speculative=SpecConfig(
+                    mode=settings.speculative,
+                    exit=settings.speculative_exit,
+                    k=settings.speculative_k,
+                    draft_vocab=settings.speculative_vocab,
+                ),
+            ),
+        )
+        return model, engine
+
+    # torch work on a thread that ends, so the engine's step thread is the only one with
+    # an OpenMP team (server/engine.py says why)
+    model, engine = on_own_thread(build)
     exits = tuple(model.exits)
     default = settings.default_depth or exits[-1]
-    if default not in exits:
-        raise ValueError(f"--default-depth {default} is not an exit of the model {list(exits)}")
-    engine = Engine(
-        model,
-        EngineConfig(
-            block_size=settings.block_size,
-            kv_cache_memory=int(settings.kv_cache_memory),
-            max_num_seqs=settings.max_num_seqs,
-            max_queue=settings.max_queue,
-            max_model_len=settings.max_model_len,
-            speculative=SpecConfig(
-                mode=settings.speculative,
-                exit=settings.speculative_exit,
-                k=settings.speculative_k,
-                draft_vocab=settings.speculative_vocab,
-            ),
-        ),
-    )
     raw = model.soft.latency_profile
     if settings.latency_profile:  # soft-profile --out, for a checkpoint one cannot write to
         profile = read_profile_file(settings.latency_profile, exits)

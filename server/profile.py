@@ -270,8 +270,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         )  # fmt: skip
     if args.out is not None and not os.access(args.out.parent.resolve(), os.W_OK):
         return fail(f"--out {args.out}: the directory does not exist or is not writable")
-    try:
+    from server.engine import Engine, EngineConfig, on_own_thread
+
+    def build() -> tuple[models.SortedModel, Engine]:
+        # torch work on a thread that ends: the engine's step thread is then the only one
+        # with an OpenMP team, as in the server (server/engine.py says why)
         model = models.load(args.model, device=args.device, dtype=args.dtype)
+        return model, Engine(model, EngineConfig(max_num_seqs=max(args.batch_sizes + [32])))
+
+    try:
+        model, engine = on_own_thread(build)
     except (FileNotFoundError, ValueError) as e:
         print(f"soft-profile: cannot load {args.model}: {e}", file=sys.stderr)
         return 1
@@ -279,10 +287,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     depths = args.depths or spread(exits)
     if not set(depths) <= set(exits):
         return fail(f"--depths {depths}: each must be an exit of the model {exits}")
-
-    from server.engine import Engine, EngineConfig
-
-    engine = Engine(model, EngineConfig(max_num_seqs=max(args.batch_sizes + [32])))
     engine.start()
     try:
         m = measure(engine, depths, args)

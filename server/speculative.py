@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from models.llama import SortedModel, linear, rms_norm
-from server.sampling import distribution
+from models.llama import SortedModel, linear, pack, rms_norm
+from server.sampling import distribution, draw
 from server.types import SamplingParams
 
 
@@ -83,8 +83,8 @@ class Speculator:
         self.draft_vocab = (
             cfg.draft_vocab if 0 < cfg.draft_vocab < v and not model.exit_heads else v
         )
-        # rows [0, draft_vocab) of the shared head: a view, no copy
-        self.draft_head = model.lm_head[: self.draft_vocab]
+        # rows [0, draft_vocab) of the shared head (a packed copy on CPU, else a view)
+        self.draft_head = pack(model.lm_head.data[: self.draft_vocab])
 
     def draft_logits(self, h: Tensor, exit_: int) -> Tensor:
         """Logits over the draft vocabulary at exit e. h: (B, 1, H) -> (B, V_draft)."""
@@ -146,7 +146,7 @@ def draft_token(
         return int(logits.argmax()), None
     q = torch.zeros(vocab_size, device=logits.device)
     q[: logits.shape[-1]] = distribution(logits, p)
-    return int(torch.multinomial(q, 1, generator=g)), q
+    return draw(q, g), q
 
 
 def accept(
@@ -182,6 +182,6 @@ def accept(
         residual = (pt - q).clamp_min(0)
         total = float(residual.sum())
         dist = residual / total if total > 0 else pt
-        out.append(int(torch.multinomial(dist, 1, generator=g)))
+        out.append(draw(dist, g))
         return out
     return out

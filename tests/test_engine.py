@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import models
-from server.engine import Engine, EngineConfig
+from server.engine import Engine, EngineConfig, on_own_thread
+from server.sampling import draw
 from server.types import GenerationRequest, QueueFull, SamplingParams, TokenEvent
 from tests.conftest import make_hf_model, save_checkpoint
 
@@ -254,3 +255,36 @@ def test_lower_depth_mid_request_frees_layers(tiny) -> None:
     depths = [e.depth for e in events]
     assert depths[0] == 4 and depths[-1] == 2 and depths == sorted(depths, reverse=True)
     assert engine.cache.num_used == 0
+
+
+def test_engine_restarts_after_stop_and_on_own_thread_hands_back(tiny) -> None:
+    path, hf = tiny
+    engine = on_own_thread(lambda: make_engine(path))  # built on a thread that ends
+    p = prompts(1, seed=5)[0]
+    ref = reference(hf, p, 4, 6)
+    for rid in ("before", "after"):
+        tokens = [e.token_id for e in asyncio.run(collect(engine, request(rid, p, 4, 6)))]
+        assert tokens == ref
+        engine.stop()
+        assert engine._thread is None
+        engine.start()
+    engine.stop()
+    with pytest.raises(ZeroDivisionError):
+        on_own_thread(lambda: 1 // 0)
+
+
+def test_draw_follows_the_distribution_and_never_picks_zero_mass() -> None:
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(6)
+    for _ in range(4000):
+        counts[draw(probs, g)] += 1
+    assert counts[[0, 2, 5]].sum() == 0
+    # 4000 draws: each frequency within ~4.5 standard deviations of its probability
+    assert torch.allclose(counts / 4000, probs, atol=0.035), counts / 4000
+    again = torch.Generator().manual_seed(0)
+    first = [draw(probs, again) for _ in range(20)]
+    g2 = torch.Generator().manual_seed(0)
+    assert [draw(probs, g2) for _ in range(20)] == first
+    # a one-hot distribution, also in half precision
+    assert draw(torch.tensor([0, 0, 1, 0], dtype=torch.bfloat16), g) == 2

@@ -131,3 +131,21 @@ def test_default_model_matches_transformers_at_a_few_depths() -> None:
     for depth in (8, 20, 30):
         diff = (model.logits(ids, depth) - truncated_logits(hf, ids, depth)).abs().max().item()
         assert diff <= 1e-3, f"depth {depth}: {diff}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_give_the_same_logits(tiny_dir: Path, dtype: torch.dtype) -> None:
+    plain = models.load(tiny_dir, device="cpu", dtype=dtype)
+    packed = models.load(tiny_dir, device="cpu", dtype=dtype)
+    sizes = [packed.weight_bytes(d) for d in (1, 4)]
+    packed.pack()
+    packed.pack()  # idempotent
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN: pack() leaves the weights as they are")
+    assert packed.layers[0].wqkv.is_mkldnn and packed.packed_head is not None
+    assert [packed.weight_bytes(d) for d in (1, 4)] == sizes
+    ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(8))
+    for depth in (1, 2, 4):
+        a, b = plain.logits(ids, depth).float(), packed.logits(ids, depth).float()
+        rel = ((a - b).norm() / a.norm()).item()
+        assert rel < (1e-5 if dtype == torch.float32 else 1e-2), f"depth {depth}: {rel}"
