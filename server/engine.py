@@ -89,6 +89,10 @@ class EngineConfig:
     speculative: SpecConfig = SpecConfig()  # self-speculative decoding (off by default)
 
 
+# a batched prefill computes at most this many padded tokens per real one
+PAD_LIMIT = 1.25
+
+
 class _Sink:
     """Delivers events to the asyncio queue of the request that owns them."""
 
@@ -285,8 +289,7 @@ class Engine:
     def step(self) -> None:
         out = self.scheduler.schedule()
         t_prefill = time.perf_counter()
-        for seq in out.prefill:
-            self._prefill(seq)
+        self._prefill_all(out.prefill)
         decode = [s for s in out.decode if s.finish_reason is None]
         if not decode:
             return
@@ -329,25 +332,57 @@ class Engine:
             groups.setdefault((exit_, k), []).append(seq)
         return plain, groups
 
-    def _prefill(self, seq: Sequence) -> None:
+    def _prefill_all(self, seqs: list[Sequence]) -> None:
+        """Prefill the admitted sequences: fresh ones together in padded batches of similar
+        length (one forward reads the weights once for all), the rest one by one."""
+        fresh = sorted((s for s in seqs if s.num_computed == 0), key=lambda s: len(s.tokens))
+        resumed = [s for s in seqs if s.num_computed != 0]
+        group: list[Sequence] = []
+        for seq in fresh:
+            n = len(seq.tokens)  # the longest so far: the group's padded length if it joins
+            real = sum(len(g.tokens) for g in group) + n
+            if group and n * (len(group) + 1) > PAD_LIMIT * real:
+                self._prefill(group)
+                group = []
+            group.append(seq)
+        if group:
+            self._prefill(group)
+        for seq in resumed:
+            self._prefill([seq])
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """One forward over each sequence's uncomputed tokens (rows padded to the longest;
+        more than one row only when all start at 0), then sample each one's next token."""
         model = self.model
-        start = seq.num_computed  # 0 unless a prefix stayed cached
-        ids = torch.tensor([seq.tokens[start:]], device=model.device)
-        positions = torch.arange(start, len(seq.tokens), device=model.device)[None]
-        kv = self.cache.step_view([seq], [seq.depth], [start], ids.shape[1])
-        h = model.hidden(ids, positions, [seq.depth], kv)  # (1, T, H)
-        first = seq.num_generated == 0 and seq.preemptions == 0
-        want_prompt = first and seq.request.params.prompt_logprobs is not None
-        logits = model.head(h if want_prompt else h[:, -1:], [seq.depth])[0]  # (T|1, V)
-        seq.num_computed = len(seq.tokens)
-        plp = None
-        if want_prompt:
-            top = seq.request.params.prompt_logprobs or 0
-            plp = prompt_logprobs(logits, seq.tokens, top)
-        queue_s = None
-        if first and seq.first_scheduled is not None:
-            queue_s = max(0.0, seq.first_scheduled - (seq.request.arrival or seq.first_scheduled))
-        self._emit([seq], logits[-1:], prompt=plp, queue_s=queue_s)
+        seqs = sorted(seqs, key=lambda s: -s.depth)  # deepest first: active rows are a prefix
+        starts = [s.num_computed for s in seqs]  # 0 unless a prefix stayed cached
+        lengths = [len(s.tokens) - st for s, st in zip(seqs, starts, strict=True)]
+        t = max(lengths)
+        ids = torch.tensor(
+            [s.tokens[st:] + [0] * (t - n) for s, st, n in zip(seqs, starts, lengths, strict=True)],
+            device=model.device,
+        )
+        positions = torch.tensor(starts, device=model.device)[:, None] + torch.arange(
+            t, device=model.device
+        )
+        depths = [s.depth for s in seqs]
+        padded = lengths if min(lengths) < t else None
+        kv = self.cache.step_view(seqs, depths, starts, t, padded)
+        h = model.hidden(ids, positions, depths, kv)  # (B, T, H)
+        last = h[torch.arange(len(seqs)), torch.tensor(lengths) - 1][:, None]  # (B, 1, H)
+        logits = model.head(last, depths)[:, 0]  # (B, V)
+        for r, seq in enumerate(seqs):
+            first = seq.num_generated == 0 and seq.preemptions == 0
+            plp = None
+            if first and seq.request.params.prompt_logprobs is not None:
+                full = model.head(h[r : r + 1, : lengths[r]], [seq.depth])[0]  # (T, V)
+                plp = prompt_logprobs(full, seq.tokens, seq.request.params.prompt_logprobs)
+            seq.num_computed = len(seq.tokens)
+            queue_s = None
+            if first and seq.first_scheduled is not None:
+                arrival = seq.request.arrival or seq.first_scheduled
+                queue_s = max(0.0, seq.first_scheduled - arrival)
+            self._emit([seq], logits[r : r + 1], prompt=plp, queue_s=queue_s)
 
     def _decode(self, seqs: list[Sequence]) -> None:
         model = self.model

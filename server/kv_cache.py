@@ -59,8 +59,11 @@ class KVCacheManager:
 
     def __init__(self, cfg: KVCacheConfig) -> None:
         self.cfg = cfg
-        shape = (cfg.num_blocks, cfg.block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=cfg.dtype, device=cfg.device)  # (N, bs, Hkv, D)
+        # one block more than the pool: block `num_blocks` is never handed out; padding
+        # tokens of a batched prefill write there, so they touch no sequence's blocks
+        shape = (cfg.num_blocks + 1, cfg.block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.trash = cfg.num_blocks
+        self.k = torch.zeros(shape, dtype=cfg.dtype, device=cfg.device)  # (N+1, bs, Hkv, D)
         self.v = torch.zeros(shape, dtype=cfg.dtype, device=cfg.device)
         self._free: list[int] = list(range(cfg.num_blocks - 1, -1, -1))  # pop() -> low ids first
         self._tables: dict[Hashable, list[list[int]]] = {}  # seq -> per layer [block ids]
@@ -148,11 +151,17 @@ class KVCacheManager:
 
     # -- a step's view -----------------------------------------------------------------------
     def step_view(
-        self, seqs: Sequence[Hashable], depths: Sequence[int], starts: Sequence[int], num_new: int
+        self,
+        seqs: Sequence[Hashable],
+        depths: Sequence[int],
+        starts: Sequence[int],
+        num_new: int,
+        lengths: Sequence[int] | None = None,
     ) -> PagedAttention:
         """Attention through the cache for one forward over rows `seqs` (deepest first), each
-        writing `num_new` tokens at positions [start, start + num_new)."""
-        return PagedAttention(self, seqs, depths, starts, num_new)
+        writing `num_new` tokens at positions [start, start + num_new) — or only its first
+        `lengths[r]` of them, the rest being padding (a batched prefill: starts all 0)."""
+        return PagedAttention(self, seqs, depths, starts, num_new, lengths)
 
 
 class PagedAttention:
@@ -166,13 +175,15 @@ class PagedAttention:
         depths: Sequence[int],
         starts: Sequence[int],
         num_new: int,
+        lengths: Sequence[int] | None = None,
     ) -> None:
         bs = cache.cfg.block_size
         device = cache.k.device
         self.cache = cache
         self.num_new = num_new
         self.fresh = num_new > 1 and all(s == 0 for s in starts)  # plain prefill: no gather
-        ends = [s + num_new for s in starts]
+        assert lengths is None or self.fresh, "padded rows only in a prefill from position 0"
+        ends = [s + n for s, n in zip(starts, lengths or [num_new] * len(starts), strict=True)]
         n_blocks = max(cache.blocks_for(e) for e in ends)
         max_depth = depths[0]
         # (L', B, MB) block ids per layer and row; rows that stop before a layer are padded
@@ -186,6 +197,10 @@ class PagedAttention:
         self.table = torch.tensor(rows, dtype=torch.long, device=device)
         pos = torch.tensor(starts, device=device)[:, None] + torch.arange(num_new, device=device)
         self.write_blocks = self.table.gather(2, (pos // bs)[None].expand(max_depth, -1, -1))
+        if lengths is not None:  # padding tokens write to the trash block
+            real = torch.tensor(lengths, device=device)[:, None]
+            pad = torch.arange(num_new, device=device)[None] >= real  # (B, T)
+            self.write_blocks = self.write_blocks.masked_fill(pad[None], cache.trash)
         self.write_offsets = pos % bs  # (B, T)
         if not self.fresh:
             span = torch.arange(n_blocks * bs, device=device)  # (S,)
@@ -212,15 +227,12 @@ class PagedAttention:
         flat = table.reshape(-1)
         keys = self.cache.k.index_select(0, flat).view(n, -1, hkv, d)  # (n, S, Hkv, D)
         vals = self.cache.v.index_select(0, flat).view(n, -1, hkv, d)
-        # grouped-query attention without repeating keys: (n, Hkv, rep*T, D)
-        qg = q.view(n, t, hkv, hq // hkv, d).permute(0, 2, 3, 1, 4).reshape(n, hkv, -1, d)
-        scores = torch.matmul(qg, keys.permute(0, 2, 3, 1)) * scale  # (n, Hkv, rep*T, S)
-        mask = (
-            self.visible[:n, None, None]
-            .expand(n, 1, hq // hkv, t, -1)
-            .reshape(n, 1, -1, keys.shape[1])
-        )
-        scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = torch.matmul(probs, vals.transpose(1, 2))  # (n, Hkv, rep*T, D)
-        return out.view(n, hkv, hq // hkv, t, d).permute(0, 3, 1, 2, 4).reshape(n, t, hq, d)
+        # grouped-query attention without repeating keys: a kv head's queries (rep heads x
+        # T tokens) are rows of one fused attention call: (n, Hkv, rep*T, D)
+        rep = hq // hkv
+        qg = q.view(n, t, hkv, rep, d).permute(0, 2, 3, 1, 4).reshape(n, hkv, rep * t, d)
+        mask = self.visible[:n, None, None].expand(n, 1, rep, t, -1).reshape(n, 1, rep * t, -1)
+        out = F.scaled_dot_product_attention(
+            qg, keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=mask, scale=scale
+        )  # (n, Hkv, rep*T, D)
+        return out.view(n, hkv, rep, t, d).permute(0, 3, 1, 2, 4).reshape(n, t, hq, d)

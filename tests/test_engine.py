@@ -13,6 +13,7 @@ from torch import nn
 
 import models
 from server.engine import Engine, EngineConfig, on_own_thread
+from server.kv_cache import KVCacheConfig, KVCacheManager
 from server.sampling import draw
 from server.types import GenerationRequest, QueueFull, SamplingParams, TokenEvent
 from tests.conftest import make_hf_model, save_checkpoint
@@ -288,3 +289,46 @@ def test_draw_follows_the_distribution_and_never_picks_zero_mass() -> None:
     assert [draw(probs, g2) for _ in range(20)] == first
     # a one-hot distribution, also in half precision
     assert draw(torch.tensor([0, 0, 1, 0], dtype=torch.bfloat16), g) == 2
+
+
+def test_padded_prefill_writes_padding_only_to_the_trash_block() -> None:
+    cache = KVCacheManager(KVCacheConfig(2, 1, 4, num_blocks=8, block_size=4))
+    assert cache.allocate("a", 2, 6) and cache.allocate("b", 2, 2)  # a: 2 blocks a layer, b: 1
+    kv = cache.step_view(["a", "b"], [2, 2], [0, 0], 6, lengths=[6, 2])
+    k = torch.stack([torch.full((6, 1, 4), 1.0), torch.full((6, 1, 4), 2.0)])
+    kv.attend(0, torch.zeros(2, 6, 1, 4), k, k.clone())
+    b0 = cache.tables("b")[0][0]
+    assert cache.k[b0, :2].eq(2).all() and cache.k[b0, 2:].eq(0).all()  # its 2 tokens only
+    assert all(cache.k[blk].eq(1).all() for blk in cache.tables("a")[0][:1])
+    held = {blk for seq in ("a", "b") for table in cache.tables(seq) for blk in table}
+    assert all(cache.k[blk].eq(0).all() for blk in range(8) if blk not in held)
+    assert cache.k[cache.trash].eq(2).any()  # b's padding went there
+    assert cache.num_used == len(held) == 2 * 2 + 2
+
+
+def test_admitted_together_prefill_in_one_padded_forward(tiny) -> None:
+    path, hf = tiny
+    engine = Engine(models.load(path, device="cpu"), EngineConfig(kv_cache_memory=1 << 22))
+    groups: list[int] = []
+    prefill = engine._prefill
+    engine._prefill = lambda seqs: (groups.append(len(seqs)), prefill(seqs))[1]  # type: ignore[method-assign]
+    g = torch.Generator().manual_seed(9)
+    ps = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (12, 10, 11, 9)]
+    depths = [2, 4, 1, 3]
+
+    async def main() -> list[list[TokenEvent]]:
+        reqs = [request(f"p{i}", p, d, 6) for i, (p, d) in enumerate(zip(ps, depths, strict=True))]
+        streams = [engine.submit(r) for r in reqs]  # queued before the loop starts
+        engine.start()
+
+        async def drain(s: object) -> list[TokenEvent]:
+            return [e async for e in s]  # type: ignore[attr-defined]
+
+        return await asyncio.gather(*(drain(s) for s in streams))
+
+    results = asyncio.run(main())
+    engine.stop()
+    assert groups == [4]  # one forward for all four prompts (9 to 12 tokens), each once
+    for p, d, events in zip(ps, depths, results, strict=True):
+        assert [e.token_id for e in events] == reference(hf, p, d, 6), f"depth {d}"
+    assert engine.cache.num_used == 0
