@@ -142,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     # 1) profile
     prof_path = out / "profile.json"
     if not (args.reuse_profile and prof_path.exists()):
-        subprocess.run(["soft-profile", args.model, "--out", str(prof_path), "--png",
-                        str(out / "profile.png"), "--quiet", "--repeats", "2"],
-                       check=True)  # fmt: skip
+        subprocess.run([sys.executable, "-m", "server.profile", args.model, "--out",
+                        str(prof_path), "--png", str(out / "profile.png"), "--quiet",
+                        "--repeats", "2"], check=True)  # fmt: skip
     directory = resolve(args.model)
     config_dir = directory
     if not (directory / "config.json").exists():  # a delta checkpoint: its base has the config

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import models
-from server.engine import Engine, EngineConfig
+from server.engine import Engine, EngineConfig, on_own_thread
 from server.speculative import SpecConfig, expected_tokens
 from server.types import GenerationRequest, SamplingParams
 
@@ -53,7 +53,8 @@ def chat_prompts(model: models.SortedModel, n: int) -> list[list[int]]:
 
 
 def run(engine: Engine, prompts: list[list[int]], n: int) -> tuple[list[list[int]], float]:
-    """Greedy generations of all prompts submitted together; returns tokens and tok/s."""
+    """Greedy generations of all prompts submitted together; returns tokens and tok/s. The
+    engine runs only for this measurement: one OpenMP team at a time (server/engine.py)."""
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
     depth = engine.model.num_layers
 
@@ -64,15 +65,19 @@ def run(engine: Engine, prompts: list[list[int]], n: int) -> tuple[list[list[int
     async def main() -> list[list[int]]:
         return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
 
-    t = time.perf_counter()
-    out = asyncio.run(main())
-    return out, sum(len(o) for o in out) / (time.perf_counter() - t)
+    engine.start()
+    try:
+        t = time.perf_counter()
+        out = asyncio.run(main())
+        return out, sum(len(o) for o in out) / (time.perf_counter() - t)
+    finally:
+        engine.stop()
 
 
 def engine(model: models.SortedModel, spec: SpecConfig | None) -> Engine:
-    e = Engine(model, EngineConfig(kv_cache_memory=1 << 29, speculative=spec or SpecConfig()))
-    e.start()
-    return e
+    """An engine built on a thread that ends (it packs weights); `run` starts it."""
+    cfg = EngineConfig(kv_cache_memory=1 << 29, speculative=spec or SpecConfig())
+    return on_own_thread(lambda: Engine(model, cfg))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="docs/results/speculative.json", help="JSON output")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    model = models.load(args.model, device="cpu", dtype=args.dtype)
+    model = on_own_thread(lambda: models.load(args.model, device="cpu", dtype=args.dtype))
     L = model.num_layers
     exits = (
         [int(e) for e in args.exits.split(",")] if args.exits else [e for e in model.exits if e < L]

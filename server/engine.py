@@ -89,8 +89,11 @@ class EngineConfig:
     speculative: SpecConfig = SpecConfig()  # self-speculative decoding (off by default)
 
 
-# a batched prefill computes at most this many padded tokens per real one
+# a batched prefill computes at most this many padded tokens per real one, and at most
+# this many tokens in one forward: past a few hundred rows the weights' reads are already
+# shared, and bigger activations only grow the allocator's high-water mark (soak test)
 PAD_LIMIT = 1.25
+PREFILL_GROUP_TOKENS = 256
 
 
 class _Sink:
@@ -341,7 +344,8 @@ class Engine:
         for seq in fresh:
             n = len(seq.tokens)  # the longest so far: the group's padded length if it joins
             real = sum(len(g.tokens) for g in group) + n
-            if group and n * (len(group) + 1) > PAD_LIMIT * real:
+            padded = n * (len(group) + 1)
+            if group and (padded > PAD_LIMIT * real or padded > PREFILL_GROUP_TOKENS):
                 self._prefill(group)
                 group = []
             group.append(seq)
@@ -358,6 +362,9 @@ class Engine:
         starts = [s.num_computed for s in seqs]  # 0 unless a prefix stayed cached
         lengths = [len(s.tokens) - st for s, st in zip(seqs, starts, strict=True)]
         t = max(lengths)
+        if len(seqs) > 1:  # padded lengths in whole blocks: few distinct shapes, so kernel
+            bs = self.cache.cfg.block_size  # caches and the allocator stay bounded
+            t = -(-t // bs) * bs
         ids = torch.tensor(
             [s.tokens[st:] + [0] * (t - n) for s, st, n in zip(seqs, starts, lengths, strict=True)],
             device=model.device,
@@ -366,7 +373,7 @@ class Engine:
             t, device=model.device
         )
         depths = [s.depth for s in seqs]
-        padded = lengths if min(lengths) < t else None
+        padded = lengths if len(seqs) > 1 else None
         kv = self.cache.step_view(seqs, depths, starts, t, padded)
         h = model.hidden(ids, positions, depths, kv)  # (B, T, H)
         last = h[torch.arange(len(seqs)), torch.tensor(lengths) - 1][:, None]  # (B, 1, H)

@@ -196,7 +196,9 @@ class PagedAttention:
             rows.append(layer_rows)
         self.table = torch.tensor(rows, dtype=torch.long, device=device)
         pos = torch.tensor(starts, device=device)[:, None] + torch.arange(num_new, device=device)
-        self.write_blocks = self.table.gather(2, (pos // bs)[None].expand(max_depth, -1, -1))
+        # (padding may run past every row's blocks: clamped here, sent to the trash below)
+        blocks = (pos // bs).clamp_max(n_blocks - 1)
+        self.write_blocks = self.table.gather(2, blocks[None].expand(max_depth, -1, -1))
         if lengths is not None:  # padding tokens write to the trash block
             real = torch.tensor(lengths, device=device)[:, None]
             pad = torch.arange(num_new, device=device)[None] >= real  # (B, T)
