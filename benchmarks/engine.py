@@ -196,13 +196,6 @@ def main(argv: list[str] | None = None) -> int:
     prompt = model.tokenizer.encode(PROMPT)
     ids = torch.tensor([prompt])
 
-    def with_engine(tag: str, fn: Any) -> Any:
-        engines[tag].start()
-        try:
-            return fn(engines[tag])
-        finally:
-            engines[tag].stop()
-
     result: dict[str, Any] = {
         "model": args.model, "num_layers": L, "depths": depths, "tokens": args.tokens,
         "trials": args.trials, "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -219,9 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         meas: dict[str, list[float]] = {f"{s}_{t}": [] for s in ("ours", "hf") for t in DTYPES}
         for _ in range(args.trials):
             for tag in DTYPES:
-                meas[f"ours_{tag}"].append(
-                    with_engine(tag, lambda e, d=d: engine_decode(e, prompt, d, args.tokens))
-                )
+                with engines[tag].running() as e:
+                    meas[f"ours_{tag}"].append(engine_decode(e, prompt, d, args.tokens))
                 with hf_truncated(hf[tag], d) as m:
                     meas[f"hf_{tag}"].append(
                         on_own_thread(lambda m=m: hf_decode(m, ids, args.tokens))
@@ -248,12 +240,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # 4) batching: 16 staggered requests vs transformers' static batch of 16, each dtype
     prompts16 = [prompt[: max(4, len(prompt) - (i % 5))] for i in range(16)]
-    cb = {
-        tag: max(with_engine(tag, lambda e: engine_batch(e, prompts16, [L] * 16, args.tokens,
-                                                         gap=0.01))
-                 for _ in range(args.trials))
-        for tag in DTYPES
-    }  # fmt: skip
+    cb: dict[str, float] = {}
+    for tag in DTYPES:
+        with engines[tag].running() as e:
+            cb[tag] = max(engine_batch(e, prompts16, [L] * 16, args.tokens, gap=0.01)
+                          for _ in range(args.trials))  # fmt: skip
     tok = model.tokenizer
     tok.padding_side = "left"
     batch = tok([tok.decode(p) for p in prompts16], return_tensors="pt", padding=True)

@@ -65,13 +65,10 @@ def run(engine: Engine, prompts: list[list[int]], n: int) -> tuple[list[list[int
     async def main() -> list[list[int]]:
         return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
 
-    engine.start()
-    try:
+    with engine.running():
         t = time.perf_counter()
         out = asyncio.run(main())
         return out, sum(len(o) for o in out) / (time.perf_counter() - t)
-    finally:
-        engine.stop()
 
 
 def engine(model: models.SortedModel, spec: SpecConfig | None) -> Engine:

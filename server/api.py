@@ -52,11 +52,6 @@ def load_serving(settings: Settings) -> OpenAIServing:
         model = models.load(settings.model, device=settings.device, dtype=settings.dtype)
         if model.tokenizer is None:
             raise ValueError(f"{settings.model}: no tokenizer files; the server needs a tokenizer")
-        default = settings.default_depth or model.exits[-1]
-        if default not in model.exits:
-            raise ValueError(
-                f"--default-depth {default} is not an exit of the model {list(model.exits)}"
-            )
         engine = Engine(
             model,
             EngineConfig(
@@ -80,6 +75,8 @@ def load_serving(settings: Settings) -> OpenAIServing:
     model, engine = on_own_thread(build)
     exits = tuple(model.exits)
     default = settings.default_depth or exits[-1]
+    if default not in exits:
+        raise ValueError(f"--default-depth {default} is not an exit of the model {list(exits)}")
     raw = model.soft.latency_profile
     if settings.latency_profile:  # soft-profile --out, for a checkpoint one cannot write to
         profile = read_profile_file(settings.latency_profile, exits)

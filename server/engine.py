@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -159,6 +160,16 @@ class Engine:
             self._thread = threading.Thread(target=self._run, name="soft-engine", daemon=True)
             self._thread.start()
             _RUNNING.add(self)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Engine]:
+        """The step loop for the duration of a `with` block (a benchmark's measurement):
+        started on entry, stopped on exit, so its OpenMP team is gone afterwards."""
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the step loop now (no drain); see `shutdown` for the graceful path."""
@@ -361,9 +372,9 @@ class Engine:
         seqs = sorted(seqs, key=lambda s: -s.depth)  # deepest first: active rows are a prefix
         starts = [s.num_computed for s in seqs]  # 0 unless a prefix stayed cached
         lengths = [len(s.tokens) - st for s, st in zip(seqs, starts, strict=True)]
-        t = max(lengths)
-        if len(seqs) > 1:  # padded lengths in whole blocks: few distinct shapes, so kernel
-            bs = self.cache.cfg.block_size  # caches and the allocator stay bounded
+        t, batched = max(lengths), len(seqs) > 1
+        if batched:  # padded lengths in whole blocks: few distinct shapes, so kernel caches
+            bs = self.cache.cfg.block_size  # and the allocator stay bounded
             t = -(-t // bs) * bs
         ids = torch.tensor(
             [s.tokens[st:] + [0] * (t - n) for s, st, n in zip(seqs, starts, lengths, strict=True)],
@@ -373,8 +384,7 @@ class Engine:
             t, device=model.device
         )
         depths = [s.depth for s in seqs]
-        padded = lengths if len(seqs) > 1 else None
-        kv = self.cache.step_view(seqs, depths, starts, t, padded)
+        kv = self.cache.step_view(seqs, depths, starts, t, lengths if batched else None)
         h = model.hidden(ids, positions, depths, kv)  # (B, T, H)
         last = h[torch.arange(len(seqs)), torch.tensor(lengths) - 1][:, None]  # (B, 1, H)
         logits = model.head(last, depths)[:, 0]  # (B, V)
