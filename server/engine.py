@@ -22,6 +22,7 @@ import asyncio
 import atexit
 import contextlib
 import logging
+import math
 import threading
 import time
 import weakref
@@ -34,7 +35,7 @@ import torch
 from models.llama import SortedModel
 from server.kv_cache import KVCacheConfig, KVCacheManager
 from server.sampling import make_generator, prompt_logprobs, sample_rows, token_logprob
-from server.scheduler import Scheduler, Sequence
+from server.scheduler import Scheduler, SchedulerOutput, Sequence
 from server.speculative import SpecConfig, Speculator, accept, draft_token
 from server.types import (
     EngineStats,
@@ -95,6 +96,8 @@ class EngineConfig:
 # shared, and bigger activations only grow the allocator's high-water mark (soak test)
 PAD_LIMIT = 1.25
 PREFILL_GROUP_TOKENS = 256
+# the queue's drain rate forgets turns older than about this many seconds of backlog
+ADMIT_TAU_S = 4.0
 
 
 class _Sink:
@@ -148,7 +151,10 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._step_ewma = 0.0
         self._interval_ewma = 0.0
+        self._admitted = 0.0  # decayed admissions / seconds of turns that began with a queue
+        self._backlog_s = 0.0
         self._steps = 0
+        self._idled = False  # the loop ran out of work since the last decode step
         self._last_batch = 0
         self._stats = self._snapshot()
 
@@ -271,6 +277,9 @@ class Engine:
         while not self._stop:
             self._drain_inbox()
             if not self.scheduler.has_work:
+                # the step and interval averages restart with the next busy spell: a batch
+                # of other times must not describe the next one
+                self._idled = True
                 self._stats = self._snapshot()
                 self._wake.wait(0.1)
                 self._wake.clear()
@@ -301,9 +310,27 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
+        backlog = bool(self.scheduler.waiting)
+        t_turn = time.perf_counter()
         out = self.scheduler.schedule()
         t_prefill = time.perf_counter()
-        self._prefill_all(out.prefill)
+        try:
+            self._prefill_all(out.prefill)
+            self._decode_step(out, t_prefill)
+        finally:
+            if backlog:
+                self._count_admissions(len(out.prefill), time.perf_counter() - t_turn)
+
+    def _count_admissions(self, admitted: int, seconds: float) -> None:
+        """A loop turn that began with requests waiting: `admitted` left the queue in
+        `seconds`. The decayed ratio is the queue's drain rate (EngineStats.admit_per_second):
+        under overload every turn counts; turns with nobody waiting say nothing about it.
+        (Counting only turns that leave someone behind would select the slow ones.)"""
+        keep = math.exp(-seconds / ADMIT_TAU_S)
+        self._admitted = self._admitted * keep + admitted
+        self._backlog_s = self._backlog_s * keep + seconds
+
+    def _decode_step(self, out: SchedulerOutput, t_prefill: float) -> None:
         decode = [s for s in out.decode if s.finish_reason is None]
         if not decode:
             return
@@ -314,10 +341,12 @@ class Engine:
         for (exit_, k), seqs in groups.items():
             self._speculate(seqs, exit_, k)
         dt = time.perf_counter() - t0
-        self._step_ewma = dt if self._steps == 0 else 0.9 * self._step_ewma + 0.1 * dt
+        fresh = self._steps == 0 or self._idled
+        self._step_ewma = dt if fresh else 0.9 * self._step_ewma + 0.1 * dt
         turn = dt + (t0 - t_prefill)  # what the running rows waited for this token
-        self._interval_ewma = turn if self._steps == 0 else 0.95 * self._interval_ewma + 0.05 * turn
+        self._interval_ewma = turn if fresh else 0.95 * self._interval_ewma + 0.05 * turn
         self._steps += 1
+        self._idled = False
         self._last_batch = len(decode)
 
     def _plan_speculation(
@@ -534,9 +563,11 @@ class Engine:
             kv_bytes_total=sum(per_layer),
             decode_step_seconds=self._step_ewma,
             token_interval_seconds=self._interval_ewma,
+            admit_per_second=self._admitted / self._backlog_s if self._backlog_s > 0 else 0.0,
             steps=self._steps,
             preemptions=self.scheduler.num_preemptions,
             depths_running=depths,
+            depths_waiting=tuple(s.depth for s in self.scheduler.waiting),
             speculation={
                 e: SpecCounters(
                     n, spec.accepted.get(e, 0), spec.cycles.get(e, 0), spec.emitted.get(e, 0)

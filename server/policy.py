@@ -38,6 +38,11 @@ from server.types import EngineStats, GenerationRequest, SamplingParams
 
 log = logging.getLogger(__name__)
 
+# the share of one finished request's log-error (actual / predicted service time) that the
+# calibration factor learns: at 0.05 it follows a steady bias within ~40 requests
+CALIBRATION_RATE = 0.05
+# the arrival rate the predictions assume is the decayed count of this many seconds
+ARRIVAL_TAU_S = 5.0
 _BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s)?\s*$", re.IGNORECASE)
 
 
@@ -300,6 +305,7 @@ class DepthChoice:
     feasible: bool  # False: a budget no exit meets (served at the shallowest anyway)
     target_ms: float | None = None  # end-to-end deadline after arrival (budget or SLOs)
     pinned: bool = False  # the client chose the depth
+    queue_ms: float = 0.0  # the part of predicted_ms spent waiting to be scheduled
 
 
 @dataclass(frozen=True)
@@ -329,8 +335,9 @@ class Policy(Protocol):
         """The deepest depth the policy currently serves unpinned requests at."""
         ...
 
-    def observe(self, choice: DepthChoice, actual_ms: float) -> None:
-        """A request it chose for ran to max_tokens at that depth in `actual_ms`."""
+    def observe(self, choice: DepthChoice, actual_ms: float, queue_ms: float | None = None) -> None:
+        """A request it chose for ran to max_tokens at that depth in `actual_ms`, of which
+        `queue_ms` (when known) waiting to be scheduled."""
         ...
 
 
@@ -363,6 +370,9 @@ class FixedPolicy:
         self._scale = 1.0  # measured / profiled step time, smoothed
         self._stall = 1.0  # token interval / decode step: newcomers' prefills stall the batch
         self.calibration = 1.0  # actual / predicted latency of finished requests, smoothed
+        self.clock: Callable[[], float] = time.monotonic
+        self._arrivals = 0.0  # requests seen, decayed with time constant ARRIVAL_TAU_S
+        self._last_arrival = 0.0
 
     def check_pin(self, depth: int) -> int:
         if depth not in self.exits:
@@ -373,7 +383,15 @@ class FixedPolicy:
             )
         return depth
 
+    def arrival_rate(self) -> float:
+        """Requests per second that reached the policy over the last ~ARRIVAL_TAU_S."""
+        idle = self.clock() - self._last_arrival
+        return self._arrivals * math.exp(-idle / ARRIVAL_TAU_S) / ARRIVAL_TAU_S
+
     def _snapshot(self) -> EngineStats | None:
+        now = self.clock()
+        keep = math.exp(-(now - self._last_arrival) / ARRIVAL_TAU_S)
+        self._arrivals, self._last_arrival = self._arrivals * keep + 1.0, now
         if self.stats is None:
             return None
         s = self.stats()
@@ -383,22 +401,35 @@ class FixedPolicy:
             if profiled > 0:
                 ratio = min(max(s.decode_step_seconds * 1000.0 / profiled, 0.5), 4.0)
                 self._scale = 0.8 * self._scale + 0.2 * ratio
-        if s.steps and s.decode_step_seconds > 0 and s.token_interval_seconds > 0:
-            stall = min(max(s.token_interval_seconds / s.decode_step_seconds, 1.0), 4.0)
-            self._stall = 0.8 * self._stall + 0.2 * stall
+        # the stall is the running batch's own (the engine's averages restart after idle);
+        # an idle engine has none: it will run this request alone, or with later arrivals
+        self._stall = 1.0
+        if s.running and s.steps and s.decode_step_seconds > 0 and s.token_interval_seconds > 0:
+            self._stall = min(max(s.token_interval_seconds / s.decode_step_seconds, 1.0), 4.0)
         return s
 
-    def observe(self, choice: DepthChoice, actual_ms: float) -> None:
+    def observe(self, choice: DepthChoice, actual_ms: float, queue_ms: float | None = None) -> None:
         """A request served at its chosen depth ran all its max_tokens in `actual_ms`
-        (server side): learn the share of latency the profile does not see (HTTP, SSE,
-        detokenising, the event loop: it grows with the tokens streamed) as a factor on
-        the whole prediction, a fifth of the log-error at a time."""
-        if self.stats is None or choice.pinned or choice.predicted_ms <= 0:
+        (server side), `queue_ms` of it waiting to be scheduled: learn the share of its
+        service time (prefill + decode) the profile does not see (HTTP, SSE, detokenising,
+        the event loop: it grows with the tokens streamed) as a factor on that part of the
+        prediction, CALIBRATION_RATE of the log-error at a time. The queue is predicted from
+        the engine's drain rate and kept out of it."""
+        if self.stats is None or choice.pinned:
             return
-        # one request moves it by at most ~6 %: one overloaded spell (queueing the model
-        # does not foresee) must not make every later budget infeasible
-        ratio = min(max(actual_ms / choice.predicted_ms, 0.75), 1.0 / 0.75)
-        self.calibration = min(max(self.calibration * ratio**0.2, 0.5), 4.0)
+        predicted = choice.predicted_ms - choice.queue_ms
+        actual = actual_ms - (choice.queue_ms if queue_ms is None else queue_ms)
+        log.debug(
+            "served at %d: queue %.0f ms (predicted %.0f), service %.0f ms (predicted %.0f)",
+            choice.depth, actual_ms - actual, choice.queue_ms, actual, predicted,
+        )  # fmt: skip
+        if predicted <= 0 or actual <= 0:
+            return
+        # one request moves it by at most ~1.5 %, and it stays within [0.5, 2]: it is for
+        # steady overheads; a burst the snapshot could not foresee (a batch filling up
+        # while the request runs) must not swing every later prediction
+        ratio = min(max(actual / predicted, 0.75), 1.0 / 0.75)
+        self.calibration = min(max(self.calibration * ratio**CALIBRATION_RATE, 0.5), 2.0)
 
     def predict(self, depth: int, req: DepthRequest, s: EngineStats | None = None) -> Prediction:
         """The request's latency at `depth` if admitted now (alone when `s` is None)."""
@@ -406,24 +437,57 @@ class FixedPolicy:
         if s is None:
             step = self.profile.step_ms(depth)
             return Prediction(0.0, prefill, step, prefill + req.max_tokens * step)
-        rows = [d for d, n in sorted(s.depths_running.items(), reverse=True) for _ in range(n)]
-        batch = [*rows[: self.max_num_seqs - 1], depth]
+        # the batch it will decode in: the running rows and the queue ahead of it (they
+        # are admitted first), the latest max_num_seqs - 1 of them, and itself
+        ahead = [d for d, n in s.depths_running.items() for _ in range(n)]
+        ahead += s.depths_waiting
+        batch = [*ahead[max(0, len(ahead) - (self.max_num_seqs - 1)) :], depth]
         step = self.profile.batch_step_ms(batch) * self._scale
-        # FCFS: each waiting request's prefill runs first; a full batch adds a turnover
-        queue = s.waiting * prefill * self._scale
-        over = s.running + s.waiting + 1 - self.max_num_seqs
-        if over > 0:
-            queue += over / self.max_num_seqs * req.max_tokens * step
-        ttft = (queue + prefill * self._scale) * self.calibration
+        # and the requests that arrive while it runs: at the recent arrival rate, rate x
+        # service time of them are in service on average (Little's law), at most a full batch
+        service_s = (prefill * self._scale + req.max_tokens * step * self._stall) / 1000.0
+        busy = min(self.max_num_seqs, round(self.arrival_rate() * service_s))
+        if busy > len(batch):
+            batch += [depth] * (busy - len(batch))
+            step = self.profile.batch_step_ms(batch) * self._scale
+        queue = self._queue_ms(s, prefill * self._scale, req.max_tokens * step)
+        ttft = queue + prefill * self._scale * self.calibration
         # the next arrivals' prefills will stall this row too
         step *= self._stall * self.calibration
         return Prediction(queue, ttft, step, ttft + req.max_tokens * step)
 
+    def _queue_ms(self, s: EngineStats, prefill_ms: float, decode_ms: float) -> float:
+        """Waiting to be scheduled. With a free slot for it and everyone ahead: the rest of
+        the loop turn in progress (half a turn on average), then the prefills of those
+        ahead (admitted in the same turn). Past the free slots, its place beyond them over
+        the rate the queue has been draining (Little's law: it follows the engine through
+        overload instead of compounding profile errors); before any queue has drained, the
+        profile's guess: each waiting request's prefill runs first, and a full batch adds a
+        share of a turnover."""
+        turn = 0.5 * s.token_interval_seconds * 1000.0 if s.running else 0.0
+        over = s.running + s.waiting + 1 - self.max_num_seqs  # places beyond the free slots
+        if over <= 0:
+            return turn + s.waiting * prefill_ms
+        if s.admit_per_second > 0:
+            return turn + over / s.admit_per_second * 1000.0
+        return s.waiting * prefill_ms + over / self.max_num_seqs * decode_ms
+
     def _choice(
         self, depth: int, req: DepthRequest, feasible: bool = True, s: EngineStats | None = None
     ) -> DepthChoice:
-        predicted = self.predict(depth, req, s).total_ms
-        return DepthChoice(depth, predicted, req.budget_ms, feasible, req.target_ms)
+        p = self.predict(depth, req, s)
+        if s is not None and log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "depth %d: queue %.0f ms (%d waiting, %d running, drain %.2f/s), ttft %.0f ms, "
+                "step %.1f ms (scale %.2f stall %.2f calibration %.2f; engine step %.1f "
+                "interval %.1f), total %.0f ms",
+                depth, p.queue_ms, s.waiting, s.running, s.admit_per_second, p.ttft_ms,
+                p.tpot_ms, self._scale, self._stall, self.calibration,
+                s.decode_step_seconds * 1e3, s.token_interval_seconds * 1e3, p.total_ms,
+            )  # fmt: skip
+        return DepthChoice(
+            depth, p.total_ms, req.budget_ms, feasible, req.target_ms, queue_ms=p.queue_ms
+        )
 
     def _unbudgeted_depth(self) -> int:
         return self.default_depth

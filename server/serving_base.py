@@ -352,7 +352,9 @@ class ServingBase:
             self.metrics.observe_budget(min(depth, choice.depth), outcome)
         if all(t.finish_reason == "length" and t.depth == choice.depth for t in tracks):
             slowest = max(((t.last_token_at or end) for t in tracks), default=end)
-            self.policy.observe(choice, (slowest - hints.arrival) * 1000.0)
+            waited = [t.queue_s for t in tracks if t.queue_s is not None]
+            queue_ms = max(waited) * 1000.0 if waited else None
+            self.policy.observe(choice, (slowest - hints.arrival) * 1000.0, queue_ms)
 
     @staticmethod
     def _served_at(choice: DepthChoice, tracks: list[Track]) -> DepthChoice:

@@ -87,10 +87,14 @@ class EngineStats:
     steps: int  # decode steps run since start
     preemptions: int
     depths_running: dict[int, int] = field(default_factory=dict)  # depth -> sequences
+    depths_waiting: tuple[int, ...] = ()  # the queue's depths, first to be admitted first
     speculation: dict[int, SpecCounters] = field(default_factory=dict)  # draft exit -> counts
     # EWMA of the wall time between a running row's tokens: its decode step plus the
     # prefills of newcomers run in the same loop turn (0.0 until a decode step ran)
     token_interval_seconds: float = 0.0
+    # sequences admitted per second while others waited (decayed over ~ADMIT_TAU_S):
+    # how fast the queue drains; 0.0 until a request has had to wait
+    admit_per_second: float = 0.0
 
     @property
     def kv_usage_ratio(self) -> float:

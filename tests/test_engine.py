@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import math
+import time
 from pathlib import Path
 
 import pytest
@@ -237,6 +239,35 @@ def test_impossible_and_queue_full(tiny) -> None:
             engine.submit(request("q3", [5], 4, 1))
 
     asyncio.run(main())
+
+
+def test_queue_drain_rate_is_measured_only_while_requests_wait(tiny) -> None:
+    path, _ = tiny
+    engine = make_engine(path, kv_cache_memory=1 << 22, max_num_seqs=2)
+    p = prompts(6, seed=5)
+
+    async def main() -> None:
+        await asyncio.gather(*(collect(engine, request(f"a{i}", q, 4, 6)) for i, q in
+                               enumerate(p)))  # fmt: skip
+
+    time.sleep(0.15)  # the idle loop refreshes the snapshot
+    assert engine.stats().admit_per_second == 0.0  # nobody has waited yet
+    asyncio.run(main())  # six arrive together, two fit the batch: four wait for a slot
+    time.sleep(0.15)
+    engine.stop()
+    assert engine._idled  # out of work: the step/interval averages restart with the next spell
+    rate = engine.stats().admit_per_second
+    assert rate > 0 and engine._backlog_s > 0
+    assert rate == pytest.approx(engine._admitted / engine._backlog_s)
+    assert 5.0 <= engine._admitted <= 6.0  # six admissions, decayed by under a second
+    # the arithmetic: decayed sums of admissions and seconds, time constant ADMIT_TAU_S
+    from server.engine import ADMIT_TAU_S
+
+    engine._admitted = engine._backlog_s = 0.0
+    engine._count_admissions(3, 1.0)
+    engine._count_admissions(0, ADMIT_TAU_S)
+    keep = math.exp(-1.0)
+    assert engine._admitted / engine._backlog_s == pytest.approx(3 * keep / (keep + ADMIT_TAU_S))
 
 
 def test_lower_depth_mid_request_frees_layers(tiny) -> None:

@@ -145,7 +145,7 @@ LOADED = LatencyProfile.from_json(
 
 
 def make_stats(depths: dict[int, int], waiting: int = 0, step_ms: float | None = None,
-               interval_ms: float = 0.0) -> Any:  # fmt: skip
+               interval_ms: float = 0.0, admit_per_s: float = 0.0) -> Any:  # fmt: skip
     from server.types import EngineStats
 
     rows = [d for d, n in depths.items() for _ in range(n)]
@@ -154,7 +154,7 @@ def make_stats(depths: dict[int, int], waiting: int = 0, step_ms: float | None =
         running=len(rows), waiting=waiting, batch_size=len(rows), kv_blocks_total=100,
         kv_blocks_used=0, kv_bytes_per_layer=(), kv_bytes_total=0,
         decode_step_seconds=step / 1000.0, steps=10, preemptions=0, depths_running=depths,
-        token_interval_seconds=interval_ms / 1000.0,
+        token_interval_seconds=interval_ms / 1000.0, admit_per_second=admit_per_s,
     )  # fmt: skip
 
 
@@ -188,6 +188,67 @@ def test_budget_policy_predicts_on_the_batch_it_joins() -> None:
     assert pol.choose(DepthRequest(20, 10)).depth == 32  # no budget: the default
 
 
+def test_queue_wait_follows_the_measured_drain_rate() -> None:
+    # 3 running, 4 waiting, 5 slots: this request is 3 places beyond the free slots, and
+    # the queue drains at 10/s; the turn in progress (40 ms) is half over on average
+    queued = make_stats({32: 3}, waiting=4, admit_per_s=10.0, interval_ms=40.0)
+    pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: queued, max_num_seqs=5)
+    c = pol.choose(DepthRequest(20, 10))
+    assert c.queue_ms == pytest.approx(20.0 + 300.0)
+    # room for it and everyone ahead: the turn, then the prefills of those ahead (8 ms each)
+    roomy = make_stats({32: 3}, waiting=4, admit_per_s=10.0, interval_ms=40.0)
+    pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: roomy, max_num_seqs=8)
+    assert pol.choose(DepthRequest(20, 10)).queue_ms == pytest.approx(20.0 + 4 * 8.0)
+    # a full batch with nobody waiting: the next admission
+    full = make_stats({32: 8}, admit_per_s=4.0)
+    pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: full, max_num_seqs=8)
+    assert pol.choose(DepthRequest(20, 10)).queue_ms == pytest.approx(250.0)
+    # the wait counts against every exit alike: 300 + (80 + 0.875 d) -> 408, 401, 394, 387
+    drain = make_stats({32: 3}, waiting=4, admit_per_s=10.0)
+    pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: drain, max_num_seqs=5)
+    budgets = (408, 401, 394, 387, 386)
+    assert [pol.choose(DepthRequest(20, 10, budget_ms=b)).depth for b in budgets] == [
+        32, 24, 16, 8, 8,
+    ]  # fmt: skip
+    assert not pol.choose(DepthRequest(20, 10, budget_ms=386)).feasible
+
+
+def test_requests_expected_to_arrive_fill_the_batch_it_decodes_in() -> None:
+    from server.policy import ARRIVAL_TAU_S
+
+    idle = make_stats({})
+    pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: idle, max_num_seqs=4)
+    assert isinstance(pol, FixedPolicy)
+    now = [0.0]
+    pol.clock = lambda: now[0]
+    assert pol.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(8 + 10 * 4)  # alone
+    for _ in range(998):  # a burst: 1000 requests within the decay time
+        pol.choose(DepthRequest(20, 10))
+    assert pol.arrival_rate() == pytest.approx(999 / ARRIVAL_TAU_S)
+    # 200/s x ~0.05 s of service: a full batch of 4 depth-32 rows (step 4 + 3 x 2 ms)
+    assert pol.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(8 + 10 * 10)
+    now[0] = 60.0  # the burst is long gone: alone again
+    assert pol.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(8 + 10 * 4)
+
+
+def test_calibration_learns_from_service_time_not_the_queue() -> None:
+    from server.policy import CALIBRATION_RATE as R
+
+    queued = make_stats({32: 3}, waiting=4, admit_per_s=10.0)
+    pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: queued, max_num_seqs=5)
+    assert isinstance(pol, FixedPolicy)
+    c = pol.choose(DepthRequest(20, 10))  # 300 ms queue + 108 ms service
+    assert (c.queue_ms, c.predicted_ms) == (pytest.approx(300.0), pytest.approx(408.0))
+    pol.observe(c, 2000.0 + 108.0, queue_ms=2000.0)  # waited longer, served as predicted
+    assert pol.calibration == pytest.approx(1.0)
+    pol.observe(c, 300.0 + 129.6, queue_ms=300.0)  # served 1.2x slower
+    assert pol.calibration == pytest.approx(1.2**R)
+    c = pol.choose(DepthRequest(20, 10))
+    assert c.predicted_ms == pytest.approx(300.0 + 108 * 1.2**R)  # the queue is not scaled
+    pol.observe(c, c.predicted_ms)  # no measured wait: the predicted one is taken
+    assert pol.calibration == pytest.approx(1.2**R)
+
+
 def test_measured_step_time_scales_predictions() -> None:
     stats = make_stats({32: 3}, step_ms=16.0)  # the device runs 2x slower than profiled
     pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: stats)
@@ -206,11 +267,12 @@ def test_prefill_stalls_of_the_running_batch_stretch_the_decode_prediction() -> 
     pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: stats)
     for _ in range(60):
         c = pol.choose(DepthRequest(20, 10))
-    assert c.predicted_ms == pytest.approx(8 + 10 * 10 * 1.5, rel=1e-3)  # prefill unscaled
+    # prefill unscaled; half the turn in progress (the 12 ms interval) before it
+    assert c.predicted_ms == pytest.approx(6 + 8 + 10 * 10 * 1.5, rel=1e-3)
     # an interval shorter than the step (no prefills, timer noise) never speeds it up
     quiet = make_stats({32: 3}, interval_ms=0.5 * step)
     pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: quiet)
-    assert pol.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(108)
+    assert pol.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(2 + 108)
 
 
 def test_slo_headers_choose_by_first_token_and_per_token_time() -> None:
@@ -255,26 +317,31 @@ def test_load_policy_caps_only_requests_without_a_budget() -> None:
 
 
 def test_observed_latency_calibrates_the_prediction() -> None:
+    from server.policy import CALIBRATION_RATE as R
+
     stats = make_stats({32: 3})
     pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: stats)
+    assert isinstance(pol, FixedPolicy)
+    ticks = iter(range(0, 10**6, 100))  # requests 100 s apart: no arrivals to expect
+    pol.clock = lambda: float(next(ticks))
     c = pol.choose(DepthRequest(20, 10))
     assert c.predicted_ms == pytest.approx(108)
-    pol.observe(c, 129.6)  # 1.2x the prediction: a fifth of the log-error is learnt
-    assert pol.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(108 * 1.2**0.2)
+    pol.observe(c, 129.6)  # 1.2x the prediction: CALIBRATION_RATE of the log-error is learnt
+    assert pol.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(108 * 1.2**R)
     before = pol.calibration
     pinned = pol.choose(DepthRequest(20, 10, pinned_depth=32))
     pol.observe(pinned, 1e6)  # pinned: not the policy's choice, nothing learnt
     assert pol.calibration == before
-    pol.observe(pol.choose(DepthRequest(20, 10)), 1e6)  # one outlier: at most (4/3) ** 0.2
-    assert pol.calibration == pytest.approx(before * (4 / 3) ** 0.2)
-    for _ in range(200):  # requests keep taking 1.5x the uncalibrated 108 ms
+    pol.observe(pol.choose(DepthRequest(20, 10)), 1e6)  # one outlier: at most (4/3) ** R
+    assert pol.calibration == pytest.approx(before * (4 / 3) ** R)
+    for _ in range(400):  # requests keep taking 1.5x the uncalibrated 108 ms
         pol.observe(pol.choose(DepthRequest(20, 10)), 162.0)
     assert pol.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(162, rel=1e-3)
     # every exit's prediction scales alike: 87 (depth 8) x 1.5 = 130.5 fits 131, 16 does not
     assert pol.choose(DepthRequest(20, 10, budget_ms=131)).depth == 8
-    for _ in range(500):  # an endless overload cannot push it past 4x
+    for _ in range(500):  # an endless overload cannot push it past 2x
         pol.observe(pol.choose(DepthRequest(20, 10)), 1e9)
-    assert pol.calibration == 4.0
+    assert pol.calibration == 2.0
     alone = make_policy("budget", EXITS, 32, LOADED)  # no engine: nothing to calibrate on
     alone.observe(alone.choose(DepthRequest(20, 10)), 500.0)
     assert alone.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(8 + 10 * 4)
