@@ -11,6 +11,9 @@ driven by `python -m loadtest`.
      load), and requests without a budget
   4) --policy fixed at 2 S, the same mix: p95 of the requests without a budget against
      the load governor's, on one plot, with the governor's cap over time
+Each load point of 3) and 4) is measured in steady state: its first --warmup seconds load
+the server unrecorded, and the load goes on (unrecorded, `loadtest --steady`) until every
+recorded request has finished.
 Attainment counts the classes whose budget is at least 1.5x the shallowest exit's median
 latency at that load; the cost model's error is median |x-soft-predicted-ms - latency| /
 latency over every successful request. Writes JSON, PNGs and a markdown section to --out.
@@ -126,7 +129,9 @@ def pct(xs: list[float], q: float) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("docs/performance/budgets"))
-    ap.add_argument("--duration", type=float, default=25.0, help="seconds per load point")
+    ap.add_argument("--duration", type=float, default=30.0, help="seconds per load point [30]")
+    ap.add_argument("--warmup", type=float, default=5.0,
+                    help="of which the first seconds are not recorded [5]")  # fmt: skip
     ap.add_argument("--model", default="default", help="checkpoint [default]")
     ap.add_argument("--reuse-profile", action="store_true",
                     help="keep --out/profile.json from an earlier run")  # fmt: skip
@@ -170,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     print(f"[budgets] profile done ({time.monotonic() - t_start:.0f}s): mix {mix}", flush=True)
 
-    # 2) saturation, 3) sweep under --policy load
+    # 2) saturation, 3) sweep under --policy load: each load point measured in steady state
+    # (a warm-up after the previous point, and the load kept on until its requests are done)
+    steady = ("--warmup", str(args.warmup), "--steady")
     runs: dict[str, Any] = {}
     model = args.model
     name = "default" if model == "default" else Path(model).name
@@ -183,14 +190,14 @@ def main(argv: list[str] | None = None) -> int:
         for f in FRACTIONS:
             with CapPoller(srv.url) as poll:
                 rep = loadtest(srv.url, out / f"load-{f}", f * sat, args.duration, mix,
-                               "--concurrency", "1000", "--model", name)  # fmt: skip
+                               "--concurrency", "1000", "--model", name, *steady)  # fmt: skip
             runs[f"load@{f}"] = {"records": rep["records"], "cap": poll.samples}
             print(f"[budgets] load {f}x done ({time.monotonic() - t_start:.0f}s)", flush=True)
     # 4) --policy fixed at 2x
     with Server(model, "fixed", prof_path, out / "server-fixed.log") as srv:
         with CapPoller(srv.url) as poll:
             rep = loadtest(srv.url, out / "fixed-2.0", 2.0 * sat, args.duration, mix,
-                           "--concurrency", "1000", "--model", name)  # fmt: skip
+                           "--concurrency", "1000", "--model", name, *steady)  # fmt: skip
         runs["fixed@2.0"] = {"records": rep["records"], "cap": poll.samples}
 
     # tables

@@ -11,9 +11,11 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from loadtest.client import ClientConfig, OpenAIClient, check_target
 from loadtest.report import summarize, write_report
@@ -27,6 +29,7 @@ from loadtest.schedule import (
     Workload,
     arrival_times,
     constant_profile,
+    extend_profile,
     parse_budget_mix,
     parse_ramp,
     parse_range,
@@ -143,6 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds during which requests are launched [%(default)s]",
     )
     load.add_argument(
+        "--warmup",
+        metavar="S",
+        type=float,
+        default=0.0,
+        help="requests launched in the first S seconds load the server but are not recorded "
+        "(the report describes the load after the server has settled) [%(default)s]",
+    )
+    load.add_argument(
+        "--steady",
+        action="store_true",
+        help="after --duration, keep offering the load it ended with (unrecorded) until every "
+        "recorded request has finished: the last ones are measured under the load they were "
+        "sent into, not in a server that empties (at most --timeout more seconds)",
+    )
+    load.add_argument(
         "--max-requests",
         metavar="N",
         type=int,
@@ -235,9 +253,26 @@ class LoadTest:
     seed: int
     out: Path
 
+    warmup_s: float = 0.0
+
     def plan(self) -> list[PlannedRequest]:
-        times = arrival_times(self.profile, self.arrivals, self.seed, self.max_requests)
-        return plan_requests(times, self.workload, self.seed)
+        """The measured requests: arrivals in [warmup, duration), at most max_requests of
+        them; around them, unmeasured: the warm-up's, and --steady's tail (--timeout long,
+        at the rate the schedule ends with)."""
+        run, profile = self.run, self.profile
+        if run.steady:
+            profile = extend_profile(profile, run.drain_s)
+        times = arrival_times(profile, self.arrivals, self.seed)
+        window = (times >= self.warmup_s) & (times < run.duration_s)
+        last = np.flatnonzero(window)[self.max_requests - 1 : self.max_requests]
+        if len(last):  # max_requests measured ones: nothing after the last is measured
+            window[last[0] + 1 :] = False
+            if not run.steady:
+                times = times[: last[0] + 1]
+        return [
+            replace(p, measured=bool(window[p.index]))
+            for p in plan_requests(times, self.workload, self.seed)
+        ]
 
 
 def _positive(value: float, flag: str) -> None:
@@ -255,6 +290,11 @@ def load_test(args: argparse.Namespace, local_only: bool = False) -> LoadTest:
     check_target(args.url, local_only)
     _positive(args.duration, "--duration")
     _positive(args.timeout, "--timeout")
+    if not 0.0 <= args.warmup < args.duration:
+        raise SpecError(
+            f"--warmup must be at least 0 and below --duration ({args.duration:g}), "
+            f"got {args.warmup:g}"
+        )
     if args.max_requests < 1:
         raise SpecError(f"--max-requests must be at least 1, got {args.max_requests}")
     if args.concurrency < 1:
@@ -304,6 +344,7 @@ def load_test(args: argparse.Namespace, local_only: bool = False) -> LoadTest:
             concurrency=args.concurrency,
             overflow=args.overflow,
             drain_s=args.timeout,
+            steady=args.steady,
         ),
         profile=profile,
         arrivals=arrivals,
@@ -311,6 +352,7 @@ def load_test(args: argparse.Namespace, local_only: bool = False) -> LoadTest:
         max_requests=args.max_requests,
         seed=args.seed,
         out=out,
+        warmup_s=args.warmup,
     )
 
 
@@ -343,13 +385,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(e))  # exits with status 2
     plan = test.plan()
     if not args.quiet:
+        measured = sum(p.measured for p in plan)
+        extra = f" (+ up to {len(plan) - measured} unrecorded)" if measured < len(plan) else ""
         print(
-            f"[loadtest] {len(plan)} requests over {test.run.duration_s:g}s "
+            f"[loadtest] {measured} requests{extra} over {test.run.duration_s:g}s "
             f"({args.schedule}) → {test.client.base}",
             file=sys.stderr,
         )
     result = asyncio.run(execute(test, plan, args.quiet))
-    summary = summarize(result.records, result.elapsed_s, test.run.duration_s)
+    elapsed = result.elapsed_s
+    if result.background:  # rates over the measured requests' own span, not the tail's
+        ends = [r.sent_s + r.latency_ms / 1000.0 for r in result.records
+                if r.sent_s is not None and r.latency_ms is not None]  # fmt: skip
+        elapsed = max(ends, default=elapsed) - test.warmup_s
+    summary = summarize(result.records, elapsed, test.run.duration_s - test.warmup_s)
     config: dict[str, Any] = {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
     }

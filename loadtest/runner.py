@@ -4,6 +4,11 @@ its queueing). A concurrency limit caps requests in flight; a request that meets
 limit is either held until a slot frees (`delay`, counted and timed) or not sent at all
 (`drop`, counted). The run stops by itself: the plan is bounded by --duration and
 --max-requests, and requests still in flight `drain_s` after the last arrival are cancelled.
+
+Requests the plan marks unmeasured are background load, sent but never recorded: those of
+the warm-up, and with `steady` those of the tail, which keeps offering the load after
+`duration_s` until every measured request has finished, so the last ones are measured
+under the load they were sent into rather than in an emptying server.
 """
 
 from __future__ import annotations
@@ -34,15 +39,17 @@ class RunConfig:
     concurrency: int = 64  # requests in flight at most
     overflow: Overflow = "delay"  # what a request meeting a full limit does
     drain_s: float = 60.0  # after duration_s, how long in-flight requests may still finish
+    steady: bool = False  # the plan's unmeasured tail runs until the measured requests end
     progress_interval_s: float = 0.5
 
 
 @dataclass
 class RunResult:
-    records: list[RequestRecord]
+    records: list[RequestRecord]  # the measured requests'
     started_unix: float  # wall clock at t = 0 of the run
     elapsed_s: float
     interrupted: bool  # stopped early (Ctrl-C or `stop`)
+    background: int = 0  # unmeasured requests sent (warm-up, steady tail)
 
     @property
     def delayed(self) -> int:
@@ -157,10 +164,16 @@ async def run(
     tasks: list[asyncio.Task[None]] = []
     interrupted = False
     try:
+        measured: list[asyncio.Task[None]] = []
+
+        def measured_done() -> bool:
+            return all(t.done() for t in measured)
+
         # 1) launch every request at its time, never waiting for earlier ones
         for req, record in zip(plan, records, strict=True):
+            tail = config.steady and not req.measured and req.at >= config.duration_s
             wait = req.at - (time.perf_counter() - origin)
-            if wait > 0:
+            if wait > 0 and not (tail and measured_done()):
                 try:
                     await asyncio.wait_for(stop.wait(), timeout=wait)
                 except TimeoutError:
@@ -168,11 +181,16 @@ async def run(
             if stop.is_set():
                 interrupted = True
                 break
+            if tail and measured_done():
+                break  # the tail has done its job
             tasks.append(asyncio.create_task(one(req, record)))
-        # 2) let in-flight requests finish, up to duration + drain
-        if tasks and not interrupted:
+            if req.measured:
+                measured.append(tasks[-1])
+        # 2) let in-flight requests finish, up to duration + drain (steady: the measured)
+        waited = measured if config.steady else tasks
+        if waited and not interrupted:
             left = config.duration_s + config.drain_s - (time.perf_counter() - origin)
-            finished = asyncio.ensure_future(asyncio.wait(tasks))
+            finished = asyncio.ensure_future(asyncio.wait(waited))
             stopper = asyncio.ensure_future(stop.wait())
             await asyncio.wait(
                 [finished, stopper], timeout=max(left, 0.0), return_when=asyncio.FIRST_COMPLETED
@@ -180,7 +198,7 @@ async def run(
             for waiter in (finished, stopper):
                 waiter.cancel()
             await asyncio.gather(finished, stopper, return_exceptions=True)
-            interrupted = stop.is_set() and not all(t.done() for t in tasks)
+            interrupted = stop.is_set() and not all(t.done() for t in waited)
     finally:
         # 3) cancel whatever is left; its record says "cancelled"
         for task in tasks:
@@ -195,4 +213,7 @@ async def run(
             progress_out.flush()
     for record in records[len(tasks) :]:  # never launched: the run was stopped
         record.error, record.message = "cancelled", "not sent: the run was stopped"
-    return RunResult(records, started_unix, time.perf_counter() - origin, interrupted)
+    background = sum(1 for req, r in zip(plan, records, strict=True)
+                     if not req.measured and r.sent_s is not None)  # fmt: skip
+    kept = [r for req, r in zip(plan, records, strict=True) if req.measured]
+    return RunResult(kept, started_unix, time.perf_counter() - origin, interrupted, background)

@@ -271,6 +271,13 @@ class PlannedRequest:
     max_tokens: int
     stream: bool
     chat: bool
+    measured: bool = True  # False: background load (--warmup, --steady), never recorded
+
+
+def extend_profile(profile: RateProfile, seconds: float) -> RateProfile:
+    """`profile` followed by `seconds` more at the rate it ends with (--steady's tail)."""
+    rate, end = profile.segments[-1].rate_end, profile.duration
+    return RateProfile((*profile.segments, Segment(end, end + seconds, rate, rate)))
 
 
 def plan_requests(times: np.ndarray, workload: Workload, seed: int) -> list[PlannedRequest]:

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from loadtest.__main__ import LOCAL_ONLY_ENV, main
+from loadtest.__main__ import LOCAL_ONLY_ENV, build_parser, load_test, main
 from loadtest.client import ClientConfig, OpenAIClient, RequestRecord, check_target
 from loadtest.report import load_records, summarize, write_report
 from loadtest.runner import RunConfig, run
@@ -134,6 +135,28 @@ def test_plan_draws_the_mix_reproducibly() -> None:
     assert {p.max_tokens for p in plan} == {16}
     assert sum(p.stream for p in plan) / len(plan) == pytest.approx(0.5, abs=0.015)
     assert sum(p.chat for p in plan) / len(plan) == pytest.approx(0.25, abs=0.015)
+
+
+def test_warmup_and_steady_mark_background_requests() -> None:
+    def plan(*extra: str) -> list[Any]:
+        args = build_parser().parse_args(
+            ["--url", "http://127.0.0.1:1", "--schedule", "constant", "--rate", "10"]
+            + ["--duration", "3", "--timeout", "2", *extra]
+        )
+        return load_test(args).plan()
+
+    # constant 10/s: arrivals at 0, 0.1, ...; measured are those in [1, 3)
+    p = plan("--warmup", "1")
+    assert len(p) == 30 and [q.index for q in p if q.measured] == list(range(10, 30))
+    # --steady: a tail of --timeout seconds at the same rate, unmeasured
+    p = plan("--warmup", "1", "--steady")
+    assert len(p) == 50 and sum(q.measured for q in p) == 20
+    assert all(not q.measured for q in p if q.at >= 3.0) and p[-1].at == pytest.approx(4.9)
+    # --max-requests caps the measured ones; steady keeps its tail, plain runs stop there
+    p = plan("--max-requests", "5", "--steady")
+    assert [q.index for q in p if q.measured] == [0, 1, 2, 3, 4] and len(p) == 50
+    assert len(plan("--max-requests", "5")) == 5
+    assert len(plan()) == 30 and all(q.measured for q in plan())
 
 
 # -- parsers and the command line ------------------------------------------------------------
@@ -501,6 +524,28 @@ def test_concurrency_limit_delays_or_drops(imitation: tuple[str, Any]) -> None:
     dropped = asyncio.run(go("drop"))
     assert [r.error for r in dropped].count("dropped") == 5
     assert summarize(dropped, 1.0).dropped == 5
+
+
+def test_steady_tail_runs_until_the_measured_requests_end(imitation: tuple[str, Any]) -> None:
+    url, _ = imitation
+    workload = Workload(max_tokens=(4, 4), stream_fraction=0.0, chat_fraction=0.0)
+    times = np.arange(100) * 0.05  # 20/s for 5 s
+    plan = [replace(p, measured=0.1 <= p.at < 0.5) for p in plan_requests(times, workload, 0)]
+
+    async def go() -> Any:
+        client = OpenAIClient(ClientConfig(url, timeout_s=10, max_connections=8))
+        try:
+            config = RunConfig(duration_s=0.5, concurrency=8, drain_s=4.5, steady=True)
+            return await run(plan, client, config, progress_out=None)
+        finally:
+            await client.aclose()
+
+    t0 = time.monotonic()
+    result = asyncio.run(go())
+    assert time.monotonic() - t0 < 3.0  # the tail stopped once the measured ones were done
+    assert [r.index for r in result.records] == list(range(2, 10))  # only the measured
+    assert all(r.sent_s is not None and r.error in (None, "http") for r in result.records)
+    assert 2 <= result.background < 90  # the warm-up's two and a short tail
 
 
 def test_run_stops_by_itself_when_the_server_hangs(tmp_path: Path) -> None:
