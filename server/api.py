@@ -104,6 +104,7 @@ def load_serving(settings: Settings) -> OpenAIServing:
                 down_s=settings.governor_down_s,
                 up_s=settings.governor_up_s,
                 min_depth=settings.governor_min_depth,
+                max_utilization=settings.governor_max_utilization,
             ),
         ),
         Metrics(exits),

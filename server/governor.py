@@ -1,9 +1,14 @@
 """The load governor of `--policy load`: a depth cap for requests without a budget.
 
-Overload (the queue at `queue_high`, or the decode step slower than `tpot_ms`) held for
-`down_s` lowers the cap to the exit nearest `factor` x its layers; calm (the queue at most
+Overload (the queue at `queue_high`, the decode step slower than `tpot_ms`, or — when the
+policy can say — the recent arrivals needing more than all of the engine's time at the
+current cap, before any queue shows it) held for `down_s` lowers the cap to the exit
+nearest `factor` x its layers; calm (the queue at most
 `queue_low`, and the step the batch would take one exit deeper predicted at most
-`restore_ratio` x `tpot_ms`) held for `up_s` since the last overload raises it one exit.
+`restore_ratio` x `tpot_ms`, and — when the policy can say — the recent arrivals, served
+one exit deeper, needing at most `max_utilization` of the engine's time) held for `up_s`
+since the last overload raises it one exit. The last condition stops the cycle a load
+near one exit's capacity would otherwise run: restore, the queue builds, lower, it drains.
 The gaps between the thresholds, and the dwell times, are the hysteresis: a load that
 hovers near one threshold moves the cap at most once per dwell, and a cap that was just
 lowered is not raised by the very drop in step time it caused. Exported as soft_depth_cap;
@@ -35,6 +40,9 @@ class GovernorConfig:
     down_s: float = 1.0  # overload must last this long (and a lowering must show) first
     up_s: float = 5.0  # calm since the last overload before restoring one exit
     min_depth: int | None = None  # floor of the cap; None: the shallowest exit
+    # restore only while the recent arrivals at one exit deeper are predicted to need at
+    # most this share of the engine's time (>= 1 disables the check)
+    max_utilization: float = 0.8
 
 
 class Governor:
@@ -47,8 +55,12 @@ class Governor:
         profile: LatencyProfile,
         config: GovernorConfig,
         clock: Callable[[], float] = time.monotonic,
+        utilization: Callable[[int], float | None] | None = None,
     ) -> None:
+        """`utilization(depth)`: the share of the engine's time the recent arrivals would
+        need with unbudgeted requests capped at `depth` (None: not known yet)."""
         self.config, self.profile, self.clock = config, profile, clock
+        self.utilization = utilization
         floor = config.min_depth or min(exits)
         self.levels = tuple(d for d in sorted(exits) if floor <= d <= default_depth)
         assert self.levels, f"no exit between the floor {floor} and the default {default_depth}"
@@ -70,6 +82,7 @@ class Governor:
         step_ms = stats.decode_step_seconds * 1000.0
         busy = stats.running > 0
         over = stats.waiting >= cfg.queue_high or (busy and step_ms > self.tpot_ms)
+        over = over or (busy and not self._sustainable(self.cap, 1.0))
         if over:
             self._last_over = now
             if self._over_since is None:
@@ -83,10 +96,18 @@ class Governor:
         if self.index == len(self.levels) - 1 or stats.waiting > cfg.queue_low:
             return self.cap
         calm = now - max(self._last_over, self._changed) >= cfg.up_s
-        if calm and (not busy or self._deeper_step_ms(stats, step_ms) <= cfg.restore_ratio
-                     * self.tpot_ms):  # fmt: skip
+        fits = not busy or self._deeper_step_ms(stats, step_ms) <= cfg.restore_ratio * self.tpot_ms
+        if calm and fits and self._sustainable(self.levels[self.index + 1]):
             self._move(self.index + 1, now)
         return self.cap
+
+    def _sustainable(self, depth: int, limit: float | None = None) -> bool:
+        """Whether the recent arrivals at `depth` need at most `limit` (default:
+        max_utilization) of the engine's time; True when unknown or the check is off."""
+        if self.utilization is None or self.config.max_utilization >= 1.0:
+            return True
+        need = self.utilization(depth)
+        return need is None or need <= (self.config.max_utilization if limit is None else limit)
 
     def _lower_index(self) -> int:
         want = self.cap * self.config.factor

@@ -17,8 +17,11 @@ Depths it does not list are interpolated linearly in depth (cost is per layer + 
 
 A step of a mixed batch costs the deepest row's one-row step (every layer it needs runs
 once) plus `decode_ms_per_row` of each other row at that row's depth. The budget policies
-predict with it on the live batch (EngineStats); `load` adds the governor
-(server/governor.py); server/deadline.py lowers running requests that fall behind.
+predict with it on the batch a request will decode in (the running rows, the queue ahead,
+the arrivals expected while it runs), scaled to the engine's measured steps, plus its wait
+at the queue's measured drain rate (FixedPolicy.predict); `load` adds the governor
+(server/governor.py); server/deadline.py lowers running requests that fall behind. Each
+prediction and each finished request's queue and service time are logged at DEBUG.
 """
 
 from __future__ import annotations
@@ -373,6 +376,7 @@ class FixedPolicy:
         self.clock: Callable[[], float] = time.monotonic
         self._arrivals = 0.0  # requests seen, decayed with time constant ARRIVAL_TAU_S
         self._last_arrival = 0.0
+        self._sizes: tuple[float, float] | None = None  # mean prompt_len, max_tokens (EWMA)
 
     def check_pin(self, depth: int) -> int:
         if depth not in self.exits:
@@ -388,7 +392,11 @@ class FixedPolicy:
         idle = self.clock() - self._last_arrival
         return self._arrivals * math.exp(-idle / ARRIVAL_TAU_S) / ARRIVAL_TAU_S
 
-    def _snapshot(self) -> EngineStats | None:
+    def _snapshot(self, req: DepthRequest | None = None) -> EngineStats | None:
+        if req is not None:
+            size = (float(req.prompt_len), float(req.max_tokens))
+            old = self._sizes or size
+            self._sizes = (0.9 * old[0] + 0.1 * size[0], 0.9 * old[1] + 0.1 * size[1])
         now = self.clock()
         keep = math.exp(-(now - self._last_arrival) / ARRIVAL_TAU_S)
         self._arrivals, self._last_arrival = self._arrivals * keep + 1.0, now
@@ -493,7 +501,7 @@ class FixedPolicy:
         return self.default_depth
 
     def choose(self, request: DepthRequest) -> DepthChoice:
-        s = self._snapshot()
+        s = self._snapshot(request)
         if request.pinned_depth is not None:
             choice = self._choice(self.check_pin(request.pinned_depth), request, s=s)
             return replace(choice, pinned=True)
@@ -522,7 +530,7 @@ class BudgetPolicy(FixedPolicy):
     def choose(self, request: DepthRequest) -> DepthChoice:
         if request.pinned_depth is not None or not request.has_target:
             return super().choose(request)
-        s = self._snapshot()
+        s = self._snapshot(request)
         for d in sorted(self.exits, reverse=True):
             if fits(self.predict(d, request, s), request):
                 return self._choice(d, request, s=s)
@@ -555,7 +563,26 @@ class LoadPolicy(BudgetPolicy):
         governor: GovernorConfig | None = None,
     ):
         super().__init__(exits, default_depth, profile, stats, max_num_seqs)
-        self.governor = Governor(self.exits, default_depth, profile, governor or GovernorConfig())
+        self.governor = Governor(
+            self.exits,
+            default_depth,
+            profile,
+            governor or GovernorConfig(),
+            utilization=self.utilization,
+        )
+
+    def utilization(self, cap: int) -> float | None:
+        """The share of the engine's time the recent arrivals (rate over ARRIVAL_TAU_S, mean
+        sizes) would need if every request were served at `cap`: prefill plus max_tokens
+        rows of a full batch's step, from the profile scaled to the measured steps. None
+        before any request."""
+        if self._sizes is None:
+            return None
+        prompt, tokens = self._sizes
+        p, rows = self.profile, self.max_num_seqs
+        per_row = p.batch_step_ms([cap] * rows) / rows
+        work_ms = (p.prefill_ms(cap, round(prompt)) + tokens * per_row) * self._scale
+        return self.arrival_rate() * work_ms / 1000.0
 
     def depth_cap(self) -> int:
         if self.stats is None:

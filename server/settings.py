@@ -123,6 +123,13 @@ class Settings(BaseSettings):
     governor_up_s: float = Field(
         5.0, ge=0, description="--policy load: seconds without overload to raise it one exit"
     )
+    governor_max_utilization: float = Field(
+        0.8,
+        gt=0,
+        description="--policy load: raise the cap only while the recent arrivals, served one "
+        "exit deeper, are predicted to need at most this share of the engine's time (1 or "
+        "more: no such check)",
+    )
     governor_min_depth: int | None = Field(
         None, ge=1, description="--policy load: floor of the cap; default: the shallowest exit"
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from server.governor import Governor, GovernorConfig
 from server.policy import LatencyProfile
 from server.types import EngineStats
@@ -78,3 +80,34 @@ def test_step_time_alone_signals_overload_and_blocks_a_restore() -> None:
 def test_default_tpot_is_two_one_row_steps_of_the_default_depth() -> None:
     assert Governor(EXITS, 24, PROFILE, GovernorConfig()).tpot_ms == 24.0
     assert Governor(EXITS, 24, PROFILE, GovernorConfig()).levels == (8, 16, 24)
+
+
+def test_restore_waits_until_the_deeper_exit_is_sustainable() -> None:
+    need = {16: 0.9}  # the arrivals at depth 16 would need 90 % of the engine's time
+
+    def utilization(depth: int) -> float | None:
+        return need.get(depth)
+
+    gov = Governor(EXITS, 32, PROFILE, CONFIG, utilization=utilization)
+    assert [gov.observe(stats(9, 0.0), now=t) for t in (0.0, 1.0, 2.0)] == [32, 16, 8]
+    # calm for longer than up_s, a step that would fit: still held at 8 while 16 is too full
+    assert [gov.observe(stats(0, 5.0), now=t) for t in (8.0, 20.0)] == [8, 8]
+    need[16] = 0.5
+    assert gov.observe(stats(0, 5.0), now=21.0) == 16
+    # unknown (no requests seen yet) does not hold it back; >= 1 disables the check
+    need.clear()
+    assert gov.observe(stats(0, 5.0, {16: 4}), now=27.0) == 24
+    no_check = replace(CONFIG, max_utilization=1.0)
+    off = Governor(EXITS, 32, PROFILE, no_check, utilization=lambda d: 5.0)
+    assert [off.observe(stats(9, 0.0), now=t) for t in (0.0, 1.0)] == [32, 16]
+    assert off.observe(stats(0, 5.0), now=7.0) == 24
+
+
+def test_arrivals_beyond_the_engines_time_lower_the_cap_before_a_queue_shows() -> None:
+    need = {32: 1.2, 16: 0.6}
+    gov = Governor(EXITS, 32, PROFILE, CONFIG, utilization=need.get)
+    # no queue, a quick step: only the arrivals say overload; held down_s, then 32 -> 16
+    assert [gov.observe(stats(0, 5.0, {32: 2}), now=t) for t in (0.0, 0.5, 1.0)] == [32, 32, 16]
+    assert gov.observe(stats(0, 5.0, {16: 2}), now=2.5) == 16  # 0.6 of the time: calm
+    idle = Governor(EXITS, 32, PROFILE, CONFIG, utilization=need.get)
+    assert [idle.observe(stats(0, 0.0, {}), now=t) for t in (0.0, 2.0)] == [32, 32]  # idle

@@ -316,6 +316,21 @@ def test_load_policy_caps_only_requests_without_a_budget() -> None:
     assert make_policy("fixed", EXITS, 32, LOADED, stats=lambda: stats).depth_cap() == 32
 
 
+def test_load_policy_utilization_of_the_recent_arrivals_at_a_depth() -> None:
+    idle = make_stats({})
+    pol = make_policy("load", EXITS, 32, LOADED, stats=lambda: idle)
+    assert isinstance(pol, LoadPolicy)
+    pol.clock = lambda: 0.0
+    assert pol.utilization(16) is None  # nothing seen yet: the governor does not wait on it
+    for _ in range(40):  # 40 requests within the decay time: 8/s
+        pol.choose(DepthRequest(20, 10))
+    # at depth 16: prefill 20 x 0.2 = 4 ms, then 10 rows of a full batch of 32, each
+    # (2 + 31 x 1) / 32 ms: 14.3125 ms of engine time per request, x 8/s
+    assert pol.utilization(16) == pytest.approx(8 * 14.3125 / 1000)
+    assert pol.governor.utilization is not None
+    assert pol.governor.utilization(32) == pytest.approx(pol.utilization(32))
+
+
 def test_observed_latency_calibrates_the_prediction() -> None:
     from server.policy import CALIBRATION_RATE as R
 
