@@ -376,7 +376,6 @@ class FixedPolicy:
         self.clock: Callable[[], float] = time.monotonic
         self._arrivals = 0.0  # requests seen, decayed with time constant ARRIVAL_TAU_S
         self._last_arrival = 0.0
-        self._sizes: tuple[float, float] | None = None  # mean prompt_len, max_tokens (EWMA)
 
     def check_pin(self, depth: int) -> int:
         if depth not in self.exits:
@@ -392,11 +391,9 @@ class FixedPolicy:
         idle = self.clock() - self._last_arrival
         return self._arrivals * math.exp(-idle / ARRIVAL_TAU_S) / ARRIVAL_TAU_S
 
-    def _snapshot(self, req: DepthRequest | None = None) -> EngineStats | None:
-        if req is not None:
-            size = (float(req.prompt_len), float(req.max_tokens))
-            old = self._sizes or size
-            self._sizes = (0.9 * old[0] + 0.1 * size[0], 0.9 * old[1] + 0.1 * size[1])
+    def _snapshot(self, req: DepthRequest) -> EngineStats | None:
+        """Count `req`'s arrival; the engine's stats (None without an engine), with the
+        measured step scale and the running batch's stall taken from them."""
         now = self.clock()
         keep = math.exp(-(now - self._last_arrival) / ARRIVAL_TAU_S)
         self._arrivals, self._last_arrival = self._arrivals * keep + 1.0, now
@@ -481,9 +478,14 @@ class FixedPolicy:
         return s.waiting * prefill_ms + over / self.max_num_seqs * decode_ms
 
     def _choice(
-        self, depth: int, req: DepthRequest, feasible: bool = True, s: EngineStats | None = None
+        self,
+        depth: int,
+        req: DepthRequest,
+        feasible: bool = True,
+        s: EngineStats | None = None,
+        p: Prediction | None = None,
     ) -> DepthChoice:
-        p = self.predict(depth, req, s)
+        p = p or self.predict(depth, req, s)
         if s is not None and log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "depth %d: queue %.0f ms (%d waiting, %d running, drain %.2f/s), ttft %.0f ms, "
@@ -531,11 +533,11 @@ class BudgetPolicy(FixedPolicy):
         if request.pinned_depth is not None or not request.has_target:
             return super().choose(request)
         s = self._snapshot(request)
-        for d in sorted(self.exits, reverse=True):
-            if fits(self.predict(d, request, s), request):
-                return self._choice(d, request, s=s)
+        for d in sorted(self.exits, reverse=True):  # ends with the shallowest's prediction
+            best = self.predict(d, request, s)
+            if fits(best, request):
+                return self._choice(d, request, s=s, p=best)
         if request.strict:
-            best = self.predict(self.exits[0], request, s)
             raise PolicyError(
                 "no exit meets this request's latency targets right now (the shallowest, "
                 f"depth {self.exits[0]}, is predicted at "
@@ -544,7 +546,7 @@ class BudgetPolicy(FixedPolicy):
                 "drop 'x-latency-budget-mode: strict' to be served at the shallowest exit",
                 "x-latency-budget",
             )
-        return self._choice(self.exits[0], request, feasible=False, s=s)
+        return self._choice(self.exits[0], request, feasible=False, s=s, p=best)
 
 
 class LoadPolicy(BudgetPolicy):
@@ -563,6 +565,7 @@ class LoadPolicy(BudgetPolicy):
         governor: GovernorConfig | None = None,
     ):
         super().__init__(exits, default_depth, profile, stats, max_num_seqs)
+        self._sizes: tuple[float, float] | None = None  # mean prompt_len, max_tokens (EWMA)
         self.governor = Governor(
             self.exits,
             default_depth,
@@ -570,6 +573,12 @@ class LoadPolicy(BudgetPolicy):
             governor or GovernorConfig(),
             utilization=self.utilization,
         )
+
+    def _snapshot(self, req: DepthRequest) -> EngineStats | None:
+        size = (float(req.prompt_len), float(req.max_tokens))
+        old = self._sizes or size
+        self._sizes = (0.9 * old[0] + 0.1 * size[0], 0.9 * old[1] + 0.1 * size[1])
+        return super()._snapshot(req)
 
     def utilization(self, cap: int) -> float | None:
         """The share of the engine's time the recent arrivals (rate over ARRIVAL_TAU_S, mean
