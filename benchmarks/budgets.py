@@ -82,7 +82,8 @@ class CapPoller:
     """soft_depth_cap and soft_num_requests_waiting from /metrics every 0.5 s."""
 
     def __init__(self, url: str) -> None:
-        self.url, self.samples, self.stop = url, [], threading.Event()
+        self.url, self.stop = url, threading.Event()
+        self.samples: list[tuple[float, float | None, float | None]] = []  # t, cap, waiting
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.t0 = time.monotonic()
 

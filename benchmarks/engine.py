@@ -28,6 +28,7 @@ import resource
 import sys
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
 
     # 1) the limit
-    bw = {tag: on_own_thread(lambda t=dt: bandwidth(t, args.trials)) for tag, dt in DTYPES.items()}
+    bw = {tag: on_own_thread(partial(bandwidth, dt, args.trials)) for tag, dt in DTYPES.items()}
     result["bandwidth_GBps"] = {k: v / 1e9 for k, v in bw.items()}
 
     # 2) + 3) batch-1 decode per depth, alternating systems
@@ -215,9 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 with engines[tag].running() as e:
                     meas[f"ours_{tag}"].append(engine_decode(e, prompt, d, args.tokens))
                 with hf_truncated(hf[tag], d) as m:
-                    meas[f"hf_{tag}"].append(
-                        on_own_thread(lambda m=m: hf_decode(m, ids, args.tokens))
-                    )
+                    meas[f"hf_{tag}"].append(on_own_thread(partial(hf_decode, m, ids, args.tokens)))
         best = {k: max(v) for k, v in meas.items()}
         row: dict[str, Any] = {"depth": d, **{f"{k}_tok_s": v for k, v in best.items()}}
         ours_best = max(best[f"ours_{t}"] for t in DTYPES)
@@ -250,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = tok([tok.decode(p) for p in prompts16], return_tensors="pt", padding=True)
     static = {
         tag: max(
-            on_own_thread(lambda tag=tag: hf_decode_static(hf[tag], batch, args.tokens))
+            on_own_thread(partial(hf_decode_static, hf[tag], batch, args.tokens))
             for _ in range(args.trials)
         )
         for tag in DTYPES
@@ -265,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     # mixed-depth step vs the per-depth cost model: step(n rows at d) = head(n) + d * layer(n)
     lo, hi, sizes, trials = min(depths), max(depths), (4, 8, 12, 16), args.trials
     cost = {
-        (d, n): on_own_thread(lambda d=d, n=n: best_of(lambda: step_cost(eng, [d] * n), trials))
+        (d, n): on_own_thread(partial(best_of, partial(step_cost, eng, [d] * n), trials))
         for d in (lo, hi)
         for n in sizes
     }

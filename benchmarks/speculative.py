@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     best = max(rows, key=lambda r: r["speedup"])
     result["best"] = best
     vocab = 0 if best["draft_vocab"] == model.cfg.vocab_size else best["draft_vocab"]
-    cfg = SpecConfig(mode="auto", exit=best["exit"], k=best["k"], draft_vocab=vocab, max_batch=16)
+    cfg = SpecConfig(
+        mode="auto", exit=int(best["exit"]), k=int(best["k"]), draft_vocab=int(vocab), max_batch=16
+    )
 
     # 1) identity on every prompt, greedy
     spec = engine(model, cfg)
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         result["batched"][b] = {"plain_tok_s": p_rate, "spec_tok_s": s_rate,
                                 "speedup": s_rate / p_rate}  # fmt: skip
     result["expected_tokens_formula"] = "E = (1 - a^k) / (1 - a); speed-up = E / (k c_d + c_v)"
-    result["example_expected_tokens"] = expected_tokens(best["acceptance"], best["k"])
+    result["example_expected_tokens"] = expected_tokens(best["acceptance"], int(best["k"]))
     result["wall_s"] = time.perf_counter() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
