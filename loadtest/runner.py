@@ -45,7 +45,7 @@ class RunConfig:
 
 @dataclass
 class RunResult:
-    records: list[RequestRecord]  # the measured requests'
+    records: list[RequestRecord]  # the measured requests only
     started_unix: float  # wall clock at t = 0 of the run
     elapsed_s: float
     interrupted: bool  # stopped early (Ctrl-C or `stop`)
