@@ -2,7 +2,8 @@
 step loop, paged KV cache and thread: what requests meet), fit the cost model the depth
 policy predicts with, store it in soft.json (or a file), print a table, write a PNG.
 
-Cost model (ms), per profiled depth d, the other exits interpolated linearly in depth:
+Cost model (ms), per profiled depth d (each coefficient then smoothed to its least-squares
+line in depth when 3 or more depths are profiled), the other exits interpolated linearly:
   prefill(d, n)      = prefill_ms_base[d] + prefill_ms_per_token[d] * n   (least squares)
   step(d, B rows)    = decode_ms_per_step[d] + decode_ms_per_row[d] * (B - 1)
   step(mixed batch)  = decode_ms_per_step[deepest] + sum of the other rows' per_row
@@ -182,6 +183,17 @@ def line_fit(points: dict[int, float]) -> tuple[float, float]:
     return max(my - slope * mx, 0.0), slope
 
 
+def in_depth(table: dict[int, float]) -> dict[int, float]:
+    """A cost measured at 3 or more depths, as its least-squares line in depth: a fixed
+    part (head, launches) plus the same amount per layer. One noisy depth then cannot bend
+    the table into a plateau (the policy forces costs never to fall with depth, so a high
+    reading at the shallowest depth would otherwise flatten every deeper one to it)."""
+    if len(table) < 3:
+        return table
+    icpt, slope = line_fit(table)
+    return {d: icpt + slope * d for d in table}
+
+
 def fit(m: Measurements, exits: Sequence[int]) -> Any:
     from server.policy import LatencyProfile
 
@@ -190,6 +202,7 @@ def fit(m: Measurements, exits: Sequence[int]) -> Any:
         base[d], per_token[d] = line_fit(m.prefill[d])
         c, r = line_fit({b - 1: ms for b, ms in m.step[d].items()})  # B - 1: one row at 0
         step[d], per_row[d] = c, r
+    base, per_token, step, per_row = (in_depth(t) for t in (base, per_token, step, per_row))
     return LatencyProfile.from_points(exits, base, per_token, step, "soft-profile", per_row)
 
 

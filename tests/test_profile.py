@@ -10,7 +10,7 @@ import pytest
 
 from models.checkpoint import read_soft_json
 from server.policy import LatencyProfile, read_profile_file
-from server.profile import line_fit, main, spread
+from server.profile import Measurements, fit, in_depth, line_fit, main, spread
 
 QUICK = ["--prompt-lens", "8,32", "--batch-sizes", "1,4", "--repeats", "1", "--tokens", "5"]
 
@@ -21,6 +21,20 @@ def test_fit_helpers_are_exact() -> None:
     assert line_fit({0: 5.0, 10: 1.0}) == pytest.approx((3.0, 0.0))  # never a negative slope
     assert spread(list(range(1, 31))) == [1, 8, 15, 23, 30]
     assert spread([2, 4]) == [2, 4]
+
+
+def test_fit_smooths_each_cost_along_depth() -> None:
+    assert in_depth({8: 2.0, 16: 3.0}) == {8: 2.0, 16: 3.0}  # two depths: as measured
+    assert in_depth({8: 2.0, 16: 3.0, 24: 4.0}) == pytest.approx({8: 2.0, 16: 3.0, 24: 4.0})
+    # per row: 1 + d/16 ms, but depth 8 read high (2.5 instead of 1.5)
+    steps = {d: {1: 10.0 + d, 9: 10.0 + d + 8 * (1 + d / 16)} for d in (8, 16, 24, 32)}
+    steps[8][9] = 18.0 + 8 * 2.5
+    prefill = {d: {8: 1.0 + 0.1 * d * 8, 32: 1.0 + 0.1 * d * 32} for d in (8, 16, 24, 32)}
+    p = fit(Measurements(prefill, steps, []), (8, 16, 24, 32))
+    rows = [p.decode_ms_per_row[d] for d in (8, 16, 24, 32)]
+    assert rows == sorted(rows) and len(set(rows)) == 4  # still rises with depth: no plateau
+    assert rows[-1] - rows[0] == pytest.approx(24 * 0.025)  # least-squares slope of the four
+    assert p.step_ms(24) == pytest.approx(34.0) and p.prefill_ms(16, 10) == pytest.approx(17.0)
 
 
 def test_profile_into_soft_json_and_into_a_file(
