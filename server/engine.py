@@ -154,7 +154,7 @@ class Engine:
         self._admitted = 0.0  # decayed admissions / seconds of turns that began with a queue
         self._backlog_s = 0.0
         self._steps = 0
-        self._idled = False  # the loop ran out of work since the last decode step
+        self._idled = True  # no decode step since the loop last ran out of work (or ever)
         self._last_batch = 0
         self._stats = self._snapshot()
 
@@ -341,10 +341,9 @@ class Engine:
         for (exit_, k), seqs in groups.items():
             self._speculate(seqs, exit_, k)
         dt = time.perf_counter() - t0
-        fresh = self._steps == 0 or self._idled
-        self._step_ewma = dt if fresh else 0.9 * self._step_ewma + 0.1 * dt
+        self._step_ewma = dt if self._idled else 0.9 * self._step_ewma + 0.1 * dt
         turn = dt + (t0 - t_prefill)  # what the running rows waited for this token
-        self._interval_ewma = turn if fresh else 0.95 * self._interval_ewma + 0.05 * turn
+        self._interval_ewma = turn if self._idled else 0.95 * self._interval_ewma + 0.05 * turn
         self._steps += 1
         self._idled = False
         self._last_batch = len(decode)
