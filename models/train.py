@@ -182,7 +182,7 @@ def lora_delta(model: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any], flo
 
 
 def save_resume(out: Path, wrapper: nn.Module, opt: Any, sched: Any, step: int,
-                history: list[list[float]], commands: list[str]) -> None:  # fmt: skip
+                history: list[dict[str, float]], commands: list[str]) -> None:  # fmt: skip
     from safetensors.torch import save_file
 
     tmp = out / (RESUME_DIR + ".tmp")
@@ -203,23 +203,47 @@ def save_resume(out: Path, wrapper: nn.Module, opt: Any, sched: Any, step: int,
 
 def load_resume(
     out: Path, wrapper: nn.Module, opt: Any, sched: Any
-) -> tuple[int, list[Any], list[str]]:
+) -> tuple[int, list[dict[str, float]], list[str]]:
+    """Restore OUT/resume into `wrapper`, `opt` and `sched`; (step, history, commands).
+
+    The exits may change on resume (e.g. a shallower exit added to a finished run) when
+    nothing trainable belongs to one exit (soft, sft); early-exit heads must match.
+    Raises ValueError with what to change when the saved state does not fit.
+    """
     from safetensors.torch import load_file
 
     d = out / RESUME_DIR
     params = load_file(str(d / "trainable.safetensors"))
     own = dict(wrapper.named_parameters())
+    if missing := sorted(set(params) - set(own)):
+        raise ValueError(f"{d}: saved weights {missing[:3]} have no place in this run "
+                         "(early-exit heads: resume with the same --exits)")  # fmt: skip
     with torch.no_grad():
         for n, v in params.items():
             own[n].copy_(v)
     state = torch.load(d / "state.pt", weights_only=True)  # never unpickles code
+    history = [history_row(h, state, out) for h in state["history"]]
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     # --steps may differ from the saved run's: the LR of the next step follows the new schedule
     for group, base, fn in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
         group["lr"] = base * fn(sched.last_epoch)
     torch.set_rng_state(state["rng"]["torch"])
-    return int(state["step"]), list(state["history"]), list(state.get("commands", []))
+    return int(state["step"]), history, list(state.get("commands", []))
+
+
+def history_row(row: Any, state: dict[str, Any], out: Path) -> dict[str, float]:
+    """One step's per-exit CE as {exit: ce}; states written before rows were keyed by
+    exit hold plain lists, ordered as the exits in OUT/soft.json."""
+    if isinstance(row, dict):
+        return {str(k): float(v) for k, v in row.items()}
+    soft = read_soft_json(out, None)
+    exits = list(soft.exits) if soft else []
+    if len(exits) != len(row):
+        raise ValueError(f"{out / RESUME_DIR}: an old resume state whose exits are unknown "
+                         f"({len(row)} losses per step, soft.json lists {exits}); "
+                         "resume it once with its original --exits")  # fmt: skip
+    return {str(e): float(x) for e, x in zip(exits, row, strict=True)}
 
 
 # -- training -------------------------------------------------------------------------
@@ -289,10 +313,13 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainRes
 
     # 2) resume before wrapping (the saved names are the unwrapped module's)
     out: Path = args.out
-    step, history = 0, cast(list[Any], [])  # history: per step, mean CE per exit
+    step, history = 0, cast(list[dict[str, float]], [])  # per step: {exit: mean CE}
     commands = [args.command]  # every invocation that built this checkpoint, in order
     if args.resume and (out / RESUME_DIR / "state.pt").exists():
-        step, history, previous = load_resume(out, wrapper, opt, sched)
+        try:
+            step, history, previous = load_resume(out, wrapper, opt, sched)
+        except ValueError as e:
+            parser.error(str(e))
         commands = previous + commands
         if acc.is_main_process:
             log.info("resumed from %s at step %d", out / RESUME_DIR, step)
@@ -333,7 +360,7 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainRes
         opt.zero_grad(set_to_none=True)
         step += 1
         per_exit = (sums / max(tokens, 1)).tolist()
-        history.append(per_exit)
+        history.append({str(d): x for d, x in zip(exits, per_exit, strict=True)})
         bar.update(1)
         shown = " ".join(f"{d}:{x:.2f}" for d, x in zip(exits, per_exit, strict=True))
         if args.distill > 0:
@@ -345,8 +372,7 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainRes
             acc.wait_for_everyone()
     bar.close()
     elapsed = time.time() - t0
-    tail = history[-min(20, len(history)) :] if history else [[math.nan] * len(exits)]
-    final = {d: sum(h[i] for h in tail) / len(tail) for i, d in enumerate(exits)}
+    final = {d: final_loss(history, d) for d in exits}
 
     # 4) the checkpoint
     if acc.is_main_process:
@@ -367,6 +393,12 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainRes
                                training=training))  # fmt: skip
     acc.wait_for_everyone()
     return TrainResult(out, step, tuple(exits), final)
+
+
+def final_loss(history: list[dict[str, float]], exit: int, last: int = 20) -> float:
+    """Mean CE of `exit` over the last `last` steps that trained it (nan when none did)."""
+    seen = [h[str(exit)] for h in history if str(exit) in h][-last:]
+    return sum(seen) / len(seen) if seen else math.nan
 
 
 def save_output(args: argparse.Namespace, out: Path, wrapper: Any, peft_model: Any,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import models
 from models.checkpoint import EXIT_HEADS, read_tensors
 from models.data import IGNORE, collate, load_dataset
 from models.sorted_loss import FrozenTeacher, SortedLoss, default_exits
+from models.train import final_loss
 from models.train import main as train_main
 from tests.conftest import make_hf_model
 from tests.test_data import make_tokenizer, write_alpaca
@@ -292,6 +294,45 @@ def test_resume_continues_from_the_saved_step(
     assert tb["steps"] == 4 and tb["final_losses"] == ta["final_losses"]
     assert len(tb["commands"]) == 2 and tb["commands"][1] == tb["command"]
     assert "--resume" in tb["command"] and "--steps 2" in tb["commands"][0]
+
+
+def test_resume_may_add_an_exit(tiny_base: Path, data_file: Path, tmp_path: Path) -> None:
+    common = ("--model", tiny_base, "--data", data_file, "--batch-size", "2", "--lora-rank",
+              "4", "--lr", "1e-2", "--save-every", "2", "--save-delta",
+              "--out", tmp_path / "r")  # fmt: skip
+    run_train(*common, "--exits", "2,4", "--steps", "2")
+    # an old state (rows as plain lists) is read with the exits of OUT/soft.json
+    state_path = tmp_path / "r" / "resume" / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    state["history"] = [[h["2"], h["4"]] for h in state["history"]]
+    torch.save(state, state_path)
+    run_train(*common, "--exits", "1,2,4", "--steps", "4", "--resume")
+    training = json.loads((tmp_path / "r" / "soft.json").read_text())["training"]
+    assert training["exits"] == [1, 2, 4] and training["steps"] == 4
+    assert set(training["final_losses"]) == {"1", "2", "4"}
+    rows = torch.load(state_path, weights_only=True)["history"]
+    assert [sorted(h) for h in rows] == [["2", "4"]] * 2 + [["1", "2", "4"]] * 2
+    assert models.load(tmp_path / "r").exits == (1, 2, 4)
+
+
+def test_final_loss_averages_the_steps_that_trained_the_exit() -> None:
+    history = [{"2": 9.0, "4": 1.0}, {"2": 3.0, "4": 2.0}, {"1": 5.0, "2": 1.0, "4": 3.0}]
+    assert final_loss(history, 1) == 5.0 and final_loss(history, 2, last=2) == 2.0
+    assert math.isnan(final_loss(history, 3))
+
+
+def test_resume_of_an_unknown_old_state_exits_2(tiny_base: Path, data_file: Path,
+                                                tmp_path: Path, capsys) -> None:  # fmt: skip
+    common = ("--model", tiny_base, "--data", data_file, "--batch-size", "2", "--lora-rank",
+              "4", "--save-every", "1", "--out", tmp_path / "r", "--save-delta")  # fmt: skip
+    run_train(*common, "--exits", "2,4", "--steps", "1")
+    state_path = tmp_path / "r" / "resume" / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    state["history"] = [[1.0, 2.0, 3.0]]  # three losses, soft.json lists two exits
+    torch.save(state, state_path)
+    with pytest.raises(SystemExit) as e:
+        train_main([str(a) for a in (*common, "--exits", "2,4", "--steps", "2", "--resume")])
+    assert e.value.code == 2 and "original --exits" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bad", [
