@@ -567,6 +567,10 @@ class Engine:
             preemptions=self.scheduler.num_preemptions,
             depths_running=depths,
             depths_waiting=tuple(s.depth for s in self.scheduler.waiting),
+            rows_left=tuple(
+                (s.depth, max(s.request.params.max_tokens - s.num_generated, 0))
+                for s in (*running, *self.scheduler.waiting)
+            ),
             speculation={
                 e: SpecCounters(
                     n, spec.accepted.get(e, 0), spec.cycles.get(e, 0), spec.emitted.get(e, 0)

@@ -443,23 +443,40 @@ class FixedPolicy:
             step = self.profile.step_ms(depth)
             return Prediction(0.0, prefill, step, prefill + req.max_tokens * step)
         # the batch it will decode in: the running rows and the queue ahead of it (they
-        # are admitted first), the latest max_num_seqs - 1 of them, and itself
-        ahead = [d for d, n in s.depths_running.items() for _ in range(n)]
-        ahead += s.depths_waiting
-        batch = [*ahead[max(0, len(ahead) - (self.max_num_seqs - 1)) :], depth]
-        step = self.profile.batch_step_ms(batch) * self._scale
+        # are admitted first), the latest max_num_seqs - 1 of them, and itself; each stays
+        # for the tokens it has left (unknown: all of this request's)
+        if len(s.rows_left) == s.running + len(s.depths_waiting):
+            ahead = list(s.rows_left)
+        else:
+            ahead = [(d, req.max_tokens) for d, n in s.depths_running.items() for _ in range(n)]
+            ahead += [(d, req.max_tokens) for d in s.depths_waiting]
+        ahead = ahead[max(0, len(ahead) - (self.max_num_seqs - 1)) :]
         # and the requests that arrive while it runs: at the recent arrival rate, rate x
-        # service time of them are in service on average (Little's law), at most a full batch
-        service_s = (prefill * self._scale + req.max_tokens * step * self._stall) / 1000.0
+        # service time of them are in service on average (Little's law), at most a full
+        # batch; they take the places of those that leave
+        first = self.profile.batch_step_ms([d for d, _ in ahead] + [depth]) * self._scale
+        service_s = (prefill * self._scale + req.max_tokens * first * self._stall) / 1000.0
         busy = min(self.max_num_seqs, round(self.arrival_rate() * service_s))
-        if busy > len(batch):
-            batch += [depth] * (busy - len(batch))
-            step = self.profile.batch_step_ms(batch) * self._scale
-        queue = self._queue_ms(s, prefill * self._scale, req.max_tokens * step)
+        decode = self._decode_ms(depth, req.max_tokens, ahead, busy)
+        queue = self._queue_ms(s, prefill * self._scale, decode)
         ttft = queue + prefill * self._scale * self.calibration
         # the next arrivals' prefills will stall this row too
-        step *= self._stall * self.calibration
-        return Prediction(queue, ttft, step, ttft + req.max_tokens * step)
+        decode *= self._stall * self.calibration
+        step = decode / max(req.max_tokens, 1)
+        return Prediction(queue, ttft, step, ttft + decode)
+
+    def _decode_ms(self, depth: int, tokens: int, ahead: list[tuple[int, int]],
+                   busy: int) -> float:  # fmt: skip
+        """`tokens` decode steps at `depth` beside the rows `ahead` ((depth, tokens left)),
+        each leaving after its last token, the batch kept at `busy` rows by newcomers at
+        `depth`: the sum of the profile's batch steps, segment by segment."""
+        total, done = 0.0, 0
+        for until in sorted({min(left, tokens) for _, left in ahead if left < tokens} | {tokens}):
+            rows = [d for d, left in ahead if left > done]
+            rows += [depth] * max(busy - len(rows), 1)  # itself, and the newcomers
+            total += (until - done) * self.profile.batch_step_ms(rows) * self._scale
+            done = until
+        return total
 
     def _queue_ms(self, s: EngineStats, prefill_ms: float, decode_ms: float) -> float:
         """Waiting to be scheduled. With a free slot for it and everyone ahead: the rest of

@@ -95,6 +95,9 @@ class EngineStats:
     # sequences admitted per second while others waited (decayed over ~ADMIT_TAU_S):
     # how fast the queue drains; 0.0 until a request has had to wait
     admit_per_second: float = 0.0
+    # (depth, tokens still to generate) of every running sequence, then of the queue in
+    # admission order: when each of a newcomer's companions will leave the batch
+    rows_left: tuple[tuple[int, int], ...] = ()
 
     @property
     def kv_usage_ratio(self) -> float:

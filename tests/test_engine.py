@@ -270,6 +270,20 @@ def test_queue_drain_rate_is_measured_only_while_requests_wait(tiny) -> None:
     assert engine._admitted / engine._backlog_s == pytest.approx(3 * keep / (keep + ADMIT_TAU_S))
 
 
+def test_snapshot_lists_the_tokens_each_row_has_left(tiny) -> None:
+    from server.scheduler import Sequence
+
+    path, _ = tiny
+    engine = Engine(models.load(path, device="cpu"), EngineConfig(kv_cache_memory=1 << 22))
+    run = Sequence(request("r", [5, 6], 4, n=10), [5, 6, 7, 8, 9], 4, num_generated=3)
+    wait = Sequence(request("w", [5], 2, n=6), [5], 2)
+    engine.scheduler.running.append(run)
+    engine.scheduler.waiting.append(wait)
+    stats = engine._snapshot()
+    assert stats.rows_left == ((4, 7), (2, 6))  # running first, then the queue in order
+    assert stats.depths_running == {4: 1} and stats.depths_waiting == (2,)
+
+
 def test_lower_depth_mid_request_frees_layers(tiny) -> None:
     path, hf = tiny
     engine = make_engine(path, kv_cache_memory=1 << 22)

@@ -188,6 +188,26 @@ def test_budget_policy_predicts_on_the_batch_it_joins() -> None:
     assert pol.choose(DepthRequest(20, 10)).depth == 32  # no budget: the default
 
 
+def test_rows_about_to_finish_leave_the_batch_in_the_prediction() -> None:
+    from dataclasses import replace
+
+    # the three depth-32 rows have 2 tokens left: 2 steps of 8 + 8/16 ms beside them,
+    # then 8 steps alone at step(8) = 1 ms; prefill 0.25 x 8 = 2 ms
+    leaving = replace(make_stats({32: 3}), rows_left=((32, 2), (32, 2), (32, 2)))
+    pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: leaving)
+    assert pol.predict(8, DepthRequest(20, 10), leaving).total_ms == pytest.approx(
+        2 + 2 * 8.5 + 8 * 1.0
+    )
+    # one stays for 5 more: 2 steps beside all three (8.5), 3 beside one (4 + 0.5), 5 alone
+    mixed = replace(make_stats({32: 3}), rows_left=((32, 2), (32, 5), (32, 2)))
+    p = pol.predict(8, DepthRequest(20, 10), mixed)
+    assert p.total_ms == pytest.approx(2 + 2 * 8.5 + 3 * 4.5 + 5 * 1.0)
+    assert p.tpot_ms == pytest.approx((2 * 8.5 + 3 * 4.5 + 5 * 1.0) / 10)
+    # rows staying longer than it: the whole batch throughout, as without the counts
+    staying = replace(make_stats({32: 3}), rows_left=((32, 50),) * 3)
+    assert pol.predict(8, DepthRequest(20, 10), staying).total_ms == pytest.approx(87.0)
+
+
 def test_queue_wait_follows_the_measured_drain_rate() -> None:
     # 3 running, 4 waiting, 5 slots: this request is 3 places beyond the free slots, and
     # the queue drains at 10/s; the turn in progress (40 ms) is half over on average
