@@ -10,6 +10,7 @@ import pytest
 
 import models
 from server.policy import (
+    SCALE_RATE,
     BudgetPolicy,
     DepthRequest,
     FixedPolicy,
@@ -208,6 +209,25 @@ def test_rows_about_to_finish_leave_the_batch_in_the_prediction() -> None:
     assert pol.predict(8, DepthRequest(20, 10), staying).total_ms == pytest.approx(87.0)
 
 
+def test_expected_newcomers_take_the_depths_recent_requests_got() -> None:
+    stats = make_stats({})
+    pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: stats)
+    assert isinstance(pol, FixedPolicy)
+    now = [0.0]
+    pol.clock = lambda: now[0]
+    assert pol._newcomers(2, 8) == [8, 8]  # nothing chosen yet: its own depth
+    pol.choose(DepthRequest(20, 10, pinned_depth=8))
+    for _ in range(3):
+        pol.choose(DepthRequest(20, 10))  # no budget: the default, 32
+    assert pol._newcomers(4, 8) == [8, 32, 32, 32]  # quantiles of 1 x 8, 3 x 32
+    assert pol._newcomers(1, 8) == [32] and pol._newcomers(0, 8) == []
+    # a depth-8 request that expects one newcomer decodes beside a depth-32 row
+    assert pol._decode_ms(8, 10, [], busy=2) == pytest.approx(10 * LOADED.batch_step_ms([8, 32]))
+    now[0] = 1000.0  # long ago: forgotten
+    pol.choose(DepthRequest(20, 10, pinned_depth=16))
+    assert pol._newcomers(2, 8) == [16, 16]
+
+
 def test_queue_wait_follows_the_measured_drain_rate() -> None:
     # 3 running, 4 waiting, 5 slots: this request is 3 places beyond the free slots, and
     # the queue drains at 10/s; the turn in progress (40 ms) is half over on average
@@ -272,10 +292,13 @@ def test_calibration_learns_from_service_time_not_the_queue() -> None:
 def test_measured_step_time_scales_predictions() -> None:
     stats = make_stats({32: 3}, step_ms=16.0)  # the device runs 2x slower than profiled
     pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: stats)
+    now = [0.0]
+    pol.clock = lambda: now[0]  # one request a second: arrivals do not fill the batch
     first = pol.choose(DepthRequest(20, 10)).predicted_ms
-    # depth 32: prefill 8, step 10, scaled by 0.8 * 1 + 0.2 * 2 after one look
-    assert first == pytest.approx((8 + 10 * 10) * 1.2)
-    for _ in range(50):
+    # depth 32: prefill 8, step 10, scaled by 1 + SCALE_RATE * (2 - 1) after one look
+    assert first == pytest.approx((8 + 10 * 10) * (1 + SCALE_RATE))
+    for _ in range(300):
+        now[0] += 1.0
         pol.choose(DepthRequest(20, 10))
     assert pol.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(2 * 108, rel=1e-3)
 
@@ -369,7 +392,7 @@ def test_observed_latency_calibrates_the_prediction() -> None:
     assert pol.calibration == before
     pol.observe(pol.choose(DepthRequest(20, 10)), 1e6)  # one outlier: at most (4/3) ** R
     assert pol.calibration == pytest.approx(before * (4 / 3) ** R)
-    for _ in range(400):  # requests keep taking 1.5x the uncalibrated 108 ms
+    for _ in range(2000):  # requests keep taking 1.5x the uncalibrated 108 ms
         pol.observe(pol.choose(DepthRequest(20, 10)), 162.0)
     assert pol.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(162, rel=1e-3)
     # every exit's prediction scales alike: 87 (depth 8) x 1.5 = 130.5 fits 131, 16 does not
