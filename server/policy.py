@@ -454,13 +454,8 @@ class FixedPolicy:
             return Prediction(0.0, prefill, step, prefill + req.max_tokens * step)
         # the batch it will decode in: the running rows and the queue ahead of it (they
         # are admitted first), the latest max_num_seqs - 1 of them, and itself; each stays
-        # for the tokens it has left (unknown: all of this request's)
-        if len(s.rows_left) == s.running + len(s.depths_waiting):
-            ahead = list(s.rows_left)
-        else:
-            ahead = [(d, req.max_tokens) for d, n in s.depths_running.items() for _ in range(n)]
-            ahead += [(d, req.max_tokens) for d in s.depths_waiting]
-        ahead = ahead[max(0, len(ahead) - (self.max_num_seqs - 1)) :]
+        # for the tokens it has left
+        ahead = list(s.rows_left[max(0, len(s.rows_left) - (self.max_num_seqs - 1)) :])
         # and the requests that arrive while it runs: at the recent arrival rate, rate x
         # service time of them are in service on average (Little's law), at most a full
         # batch; they take the places of those that leave

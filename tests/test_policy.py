@@ -156,6 +156,7 @@ def make_stats(depths: dict[int, int], waiting: int = 0, step_ms: float | None =
         kv_blocks_used=0, kv_bytes_per_layer=(), kv_bytes_total=0,
         decode_step_seconds=step / 1000.0, steps=10, preemptions=0, depths_running=depths,
         token_interval_seconds=interval_ms / 1000.0, admit_per_second=admit_per_s,
+        rows_left=tuple((d, 10**6) for d in rows),  # they outlast any request here
     )  # fmt: skip
 
 
