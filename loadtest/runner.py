@@ -165,9 +165,13 @@ async def run(
     interrupted = False
     try:
         measured: list[asyncio.Task[None]] = []
+        pending = [0]  # measured requests not finished yet
 
         def measured_done() -> bool:
-            return all(t.done() for t in measured)
+            return pending[0] == 0
+
+        def one_finished(_: asyncio.Task[None]) -> None:
+            pending[0] -= 1
 
         # 1) launch every request at its time, never waiting for earlier ones
         for req, record in zip(plan, records, strict=True):
@@ -186,6 +190,8 @@ async def run(
             tasks.append(asyncio.create_task(one(req, record)))
             if req.measured:
                 measured.append(tasks[-1])
+                pending[0] += 1
+                tasks[-1].add_done_callback(one_finished)
         # 2) let in-flight requests finish, up to duration + drain (steady: the measured)
         waited = measured if config.steady else tasks
         if waited and not interrupted:

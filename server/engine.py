@@ -566,7 +566,6 @@ class Engine:
             steps=self._steps,
             preemptions=self.scheduler.num_preemptions,
             depths_running=depths,
-            depths_waiting=tuple(s.depth for s in self.scheduler.waiting),
             rows_left=tuple(
                 (s.depth, max(s.request.params.max_tokens - s.num_generated, 0))
                 for s in (*running, *self.scheduler.waiting)

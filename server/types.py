@@ -87,7 +87,6 @@ class EngineStats:
     steps: int  # decode steps run since start
     preemptions: int
     depths_running: dict[int, int] = field(default_factory=dict)  # depth -> sequences
-    depths_waiting: tuple[int, ...] = ()  # the queue's depths, first to be admitted first
     speculation: dict[int, SpecCounters] = field(default_factory=dict)  # draft exit -> counts
     # EWMA of the wall time between a running row's tokens: its decode step plus the
     # prefills of newcomers run in the same loop turn (0.0 until a decode step ran)

@@ -281,7 +281,7 @@ def test_snapshot_lists_the_tokens_each_row_has_left(tiny) -> None:
     engine.scheduler.waiting.append(wait)
     stats = engine._snapshot()
     assert stats.rows_left == ((4, 7), (2, 6))  # running first, then the queue in order
-    assert stats.depths_running == {4: 1} and stats.depths_waiting == (2,)
+    assert stats.depths_running == {4: 1} and stats.waiting == 1
 
 
 def test_lower_depth_mid_request_frees_layers(tiny) -> None:
