@@ -312,23 +312,39 @@ class SortedModel(nn.Module):
         return (emb.cos() * self.rope_scaling).to(dtype), (emb.sin() * self.rope_scaling).to(dtype)
 
     def layer_forward(
-        self, i: int, h: Tensor, cos: Tensor, sin: Tensor, kv: KVStore | None
-    ) -> Tensor:
-        """One decoder block on h (n, T, H); returns the new residual stream."""
+        self,
+        i: int,
+        hs: Sequence[Tensor],
+        cos: Sequence[Tensor],
+        sin: Sequence[Tensor],
+        kvs: Sequence[KVStore | None],
+    ) -> list[Tensor]:
+        """One decoder block over groups of rows, each group's h (n, T, H) with its own
+        T, rotary tables and KV store: the matrix products run once over every group's
+        tokens together (the weights are read once), attention runs per group. Returns
+        each group's new residual stream."""
         w: Layer = self.layers[i]  # type: ignore[assignment]
-        n, t, _ = h.shape
         cfg = self.cfg
-        x = rms_norm(h, w.input_norm, cfg.rms_norm_eps)
-        qk, v = linear(x, w.wqkv, w.bqkv).split([w.split[0] + w.split[1], w.split[2]], dim=-1)
-        # rotary on queries and keys together: (n, T, Hq + Hkv, D)
-        qk = rotate(qk.view(n, t, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim), cos, sin)
-        q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=2)
-        v = v.view(n, t, cfg.num_kv_heads, cfg.head_dim)
-        a = kv.attend(i, q, k, v) if kv is not None else causal_attention(q, k, v, self.scale)
-        h = h + linear(a.reshape(n, t, -1), w.wo)
-        x = rms_norm(h, w.post_norm, cfg.rms_norm_eps)
+        shapes = [h.shape[:2] for h in hs]
+        sizes = [n * t for n, t in shapes]
+        flat = torch.cat([h.reshape(-1, h.shape[-1]) for h in hs]) if len(hs) > 1 else hs[0]
+        flat = flat.reshape(-1, cfg.hidden_size)
+        x = rms_norm(flat, w.input_norm, cfg.rms_norm_eps)
+        qkvs = linear(x, w.wqkv, w.bqkv).split(sizes)
+        outs = []
+        for (n, t), qkv, c, sn, kv in zip(shapes, qkvs, cos, sin, kvs, strict=True):
+            qk, v = qkv.split([w.split[0] + w.split[1], w.split[2]], dim=-1)
+            # rotary on queries and keys together: (n, T, Hq + Hkv, D)
+            qk = rotate(qk.view(n, t, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim), c, sn)
+            q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=2)
+            v = v.view(n, t, cfg.num_kv_heads, cfg.head_dim)
+            a = kv.attend(i, q, k, v) if kv is not None else causal_attention(q, k, v, self.scale)
+            outs.append(a.reshape(n * t, -1))
+        flat = flat + linear(torch.cat(outs) if len(outs) > 1 else outs[0], w.wo)
+        x = rms_norm(flat, w.post_norm, cfg.rms_norm_eps)
         gate, up = linear(x, w.w_gate_up).chunk(2, dim=-1)
-        return h + linear(F.silu(gate) * up, w.w_down)
+        flat = flat + linear(F.silu(gate) * up, w.w_down)
+        return [y.view(n, t, -1) for y, (n, t) in zip(flat.split(sizes), shapes, strict=True)]
 
     def hidden(
         self,
@@ -351,23 +367,52 @@ class SortedModel(nn.Module):
         Returns:
             (B, T, H) residual stream of each row after its last layer (before the norm).
         """
-        assert all(a >= b for a, b in zip(depths, depths[1:], strict=False)), (
-            "rows must be deepest first"
-        )
-        assert depths[0] <= self.cfg.num_layers and depths[-1] >= start_layer, depths
         if h is None:
             assert input_ids is not None, "give input_ids or h"
-            h = F.embedding(input_ids, self.embed)  # (B, T, H)
-        cos, sin = self.rope(positions, h.dtype)
-        active = len(depths)
-        for i in range(start_layer, depths[0]):
-            while depths[active - 1] <= i:  # rows [active:] have reached their exit
-                active -= 1
-            if active == len(depths):
-                h = self.layer_forward(i, h, cos, sin, kv)
-            else:
-                h[:active] = self.layer_forward(i, h[:active], cos[:active], sin[:active], kv)
-        return h
+            h = self.embed_ids(input_ids)
+        return self.hidden_groups([(h, positions, depths, kv)], start_layer)[0]
+
+    def embed_ids(self, input_ids: Tensor) -> Tensor:
+        """(B, T) token ids -> (B, T, H) the residual stream before layer 0."""
+        return F.embedding(input_ids, self.embed)
+
+    def hidden_groups(
+        self,
+        groups: Sequence[tuple[Tensor, Tensor, Sequence[int], KVStore | None]],
+        start_layer: int = 0,
+    ) -> list[Tensor]:
+        """`hidden` for several groups of rows in one pass, e.g. a decode batch (T = 1)
+        and newcomers' prompts (T = their length): each group is (h (B, T, H) after
+        `start_layer` layers, positions (B, T), depths deepest first, KV store). The
+        groups share every matrix product (`layer_forward`). Returns each group's h."""
+        hs = [h for h, _, _, _ in groups]
+        rope = [self.rope(pos, h.dtype) for h, pos, _, _ in groups]
+        active = [len(d) for _, _, d, _ in groups]
+        for _, _, depths, _ in groups:
+            assert all(a >= b for a, b in zip(depths, depths[1:], strict=False)), (
+                "rows must be deepest first"
+            )
+            assert depths[0] <= self.cfg.num_layers and depths[-1] >= start_layer, depths
+        for i in range(start_layer, max(d[0] for _, _, d, _ in groups)):
+            run = []  # the groups with rows at layer i: rows [:active] of each
+            for g, (_, _, depths, _) in enumerate(groups):
+                while active[g] and depths[active[g] - 1] <= i:  # rows past their exit
+                    active[g] -= 1
+                if active[g]:
+                    run.append(g)
+            outs = self.layer_forward(
+                i,
+                [hs[g][: active[g]] for g in run],
+                [rope[g][0][: active[g]] for g in run],
+                [rope[g][1][: active[g]] for g in run],
+                [groups[g][3] for g in run],
+            )
+            for g, out in zip(run, outs, strict=True):
+                if active[g] == hs[g].shape[0]:
+                    hs[g] = out
+                else:
+                    hs[g][: active[g]] = out
+        return hs
 
     def head(self, h: Tensor, depths: Sequence[int]) -> Tensor:
         """Final norm + LM head at each row's exit. h: (B, T, H) -> (B, T, V) logits."""

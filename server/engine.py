@@ -33,7 +33,7 @@ from typing import TypeVar
 import torch
 
 from models.llama import SortedModel
-from server.kv_cache import KVCacheConfig, KVCacheManager
+from server.kv_cache import KVCacheConfig, KVCacheManager, PagedAttention
 from server.sampling import make_generator, prompt_logprobs, sample_rows, token_logprob
 from server.scheduler import Scheduler, SchedulerOutput, Sequence
 from server.speculative import SpecConfig, Speculator, accept, draft_token
@@ -98,6 +98,19 @@ PAD_LIMIT = 1.25
 PREFILL_GROUP_TOKENS = 256
 # the queue's drain rate forgets turns older than about this many seconds of backlog
 ADMIT_TAU_S = 4.0
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Rows that share one forward's attention call: a prefill group or the decode batch."""
+
+    seqs: list[Sequence]  # deepest first
+    ids: torch.Tensor  # (B, T) token ids, padded
+    positions: torch.Tensor  # (B, T)
+    depths: list[int]
+    kv: PagedAttention
+    lengths: list[int]  # real tokens per row (the last one's logits are sampled)
+    prefill: bool
 
 
 class _Sink:
@@ -313,10 +326,8 @@ class Engine:
         backlog = bool(self.scheduler.waiting)
         t_turn = time.perf_counter()
         out = self.scheduler.schedule()
-        t_prefill = time.perf_counter()
         try:
-            self._prefill_all(out.prefill)
-            self._decode_step(out, t_prefill)
+            self._forward_step(out)
         finally:
             if backlog:
                 self._count_admissions(len(out.prefill), time.perf_counter() - t_turn)
@@ -330,20 +341,26 @@ class Engine:
         self._admitted = self._admitted * keep + admitted
         self._backlog_s = self._backlog_s * keep + seconds
 
-    def _decode_step(self, out: SchedulerOutput, t_prefill: float) -> None:
+    def _forward_step(self, out: SchedulerOutput) -> None:
+        """One loop turn's model work: the newcomers' prefills and one decode step of the
+        running rows in a single forward (their matrix products share each weight read),
+        then the speculating rows' draft + verify cycles."""
+        t0 = time.perf_counter()
         decode = [s for s in out.decode if s.finish_reason is None]
+        plain, spec = self._plan_speculation(decode) if decode else ([], {})
+        groups = [self._prefill_group(g) for g in self._prefill_groups(out.prefill)]
+        if plain:
+            groups.append(self._decode_group(plain))
+        if groups:
+            self._forward(groups)
+        for (exit_, k), seqs in spec.items():
+            self._speculate(seqs, exit_, k)
         if not decode:
             return
-        t0 = time.perf_counter()
-        plain, groups = self._plan_speculation(decode)
-        if plain:
-            self._decode(plain)
-        for (exit_, k), seqs in groups.items():
-            self._speculate(seqs, exit_, k)
-        dt = time.perf_counter() - t0
-        self._step_ewma = dt if self._idled else 0.9 * self._step_ewma + 0.1 * dt
-        turn = dt + (t0 - t_prefill)  # what the running rows waited for this token
-        self._interval_ewma = turn if self._idled else 0.95 * self._interval_ewma + 0.05 * turn
+        dt = time.perf_counter() - t0  # what the running rows waited for this token
+        if not out.prefill or self._idled:  # the decode step alone (no newcomer's prefill)
+            self._step_ewma = dt if self._idled else 0.9 * self._step_ewma + 0.1 * dt
+        self._interval_ewma = dt if self._idled else 0.95 * self._interval_ewma + 0.05 * dt
         self._steps += 1
         self._idled = False
         self._last_batch = len(decode)
@@ -374,28 +391,27 @@ class Engine:
             groups.setdefault((exit_, k), []).append(seq)
         return plain, groups
 
-    def _prefill_all(self, seqs: list[Sequence]) -> None:
-        """Prefill the admitted sequences: fresh ones together in padded batches of similar
-        length (one forward reads the weights once for all), the rest one by one."""
+    def _prefill_groups(self, seqs: list[Sequence]) -> list[list[Sequence]]:
+        """The admitted sequences in prefill groups: fresh ones together in padded groups
+        of similar length (attention runs once per group), the rest one by one."""
         fresh = sorted((s for s in seqs if s.num_computed == 0), key=lambda s: len(s.tokens))
-        resumed = [s for s in seqs if s.num_computed != 0]
+        groups: list[list[Sequence]] = []
         group: list[Sequence] = []
         for seq in fresh:
             n = len(seq.tokens)  # the longest so far: the group's padded length if it joins
             real = sum(len(g.tokens) for g in group) + n
             padded = n * (len(group) + 1)
             if group and (padded > PAD_LIMIT * real or padded > PREFILL_GROUP_TOKENS):
-                self._prefill(group)
+                groups.append(group)
                 group = []
             group.append(seq)
         if group:
-            self._prefill(group)
-        for seq in resumed:
-            self._prefill([seq])
+            groups.append(group)
+        return groups + [[s] for s in seqs if s.num_computed != 0]
 
-    def _prefill(self, seqs: list[Sequence]) -> None:
-        """One forward over each sequence's uncomputed tokens (rows padded to the longest;
-        more than one row only when all start at 0), then sample each one's next token."""
+    def _prefill_group(self, seqs: list[Sequence]) -> _Group:
+        """Each sequence's uncomputed tokens, rows padded to the longest (more than one row
+        only when all start at 0)."""
         model = self.model
         seqs = sorted(seqs, key=lambda s: -s.depth)  # deepest first: active rows are a prefix
         starts = [s.num_computed for s in seqs]  # 0 unless a prefix stayed cached
@@ -413,23 +429,10 @@ class Engine:
         )
         depths = [s.depth for s in seqs]
         kv = self.cache.step_view(seqs, depths, starts, t, lengths if batched else None)
-        h = model.hidden(ids, positions, depths, kv)  # (B, T, H)
-        last = h[torch.arange(len(seqs)), torch.tensor(lengths) - 1][:, None]  # (B, 1, H)
-        logits = model.head(last, depths)[:, 0]  # (B, V)
-        for r, seq in enumerate(seqs):
-            first = seq.num_generated == 0 and seq.preemptions == 0
-            plp = None
-            if first and seq.request.params.prompt_logprobs is not None:
-                full = model.head(h[r : r + 1, : lengths[r]], [seq.depth])[0]  # (T, V)
-                plp = prompt_logprobs(full, seq.tokens, seq.request.params.prompt_logprobs)
-            seq.num_computed = len(seq.tokens)
-            queue_s = None
-            if first and seq.first_scheduled is not None:
-                arrival = seq.request.arrival or seq.first_scheduled
-                queue_s = max(0.0, seq.first_scheduled - arrival)
-            self._emit([seq], logits[r : r + 1], prompt=plp, queue_s=queue_s)
+        return _Group(seqs, ids, positions, depths, kv, lengths, prefill=True)
 
-    def _decode(self, seqs: list[Sequence]) -> None:
+    def _decode_group(self, seqs: list[Sequence]) -> _Group:
+        """Each sequence's last token."""
         model = self.model
         seqs = sorted(seqs, key=lambda s: -s.depth)  # deepest first: active rows are a prefix
         depths = [s.depth for s in seqs]
@@ -437,11 +440,45 @@ class Engine:
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=model.device)  # (B, 1)
         positions = torch.tensor(starts, device=model.device)[:, None]
         kv = self.cache.step_view(seqs, depths, starts, 1)
-        h = model.hidden(ids, positions, depths, kv)  # (B, 1, H)
-        logits = model.head(h, depths)[:, 0]  # (B, V)
-        for s in seqs:
-            s.num_computed = len(s.tokens)
-        self._emit(seqs, logits)
+        return _Group(seqs, ids, positions, depths, kv, [1] * len(seqs), prefill=False)
+
+    def _forward(self, groups: list[_Group]) -> None:
+        """One forward over every group, one head call over each row's last token, then
+        each row's next token: prefill groups first (and their prompt logprobs), then the
+        decode rows."""
+        model = self.model
+        hs = model.hidden_groups(
+            [(model.embed_ids(g.ids), g.positions, g.depths, g.kv) for g in groups]
+        )
+        last = [h[torch.arange(len(g.seqs)), torch.tensor(g.lengths) - 1] for g, h in
+                zip(groups, hs, strict=True)]  # fmt: skip
+        depths = [d for g in groups for d in g.depths]
+        logits = model.head(torch.cat(last)[:, None], depths)[:, 0]  # (rows, V)
+        row = 0
+        for g, h in zip(groups, hs, strict=True):
+            mine = logits[row : row + len(g.seqs)]
+            row += len(g.seqs)
+            if not g.prefill:
+                for s in g.seqs:
+                    s.num_computed = len(s.tokens)
+                self._emit(g.seqs, mine)
+                continue
+            for r, seq in enumerate(g.seqs):
+                first = seq.num_generated == 0 and seq.preemptions == 0
+                plp = None
+                if first and seq.request.params.prompt_logprobs is not None:
+                    full = model.head(h[r : r + 1, : g.lengths[r]], [seq.depth])[0]  # (T, V)
+                    plp = prompt_logprobs(full, seq.tokens, seq.request.params.prompt_logprobs)
+                seq.num_computed = len(seq.tokens)
+                queue_s = None
+                if first and seq.first_scheduled is not None:
+                    arrival = seq.request.arrival or seq.first_scheduled
+                    queue_s = max(0.0, seq.first_scheduled - arrival)
+                self._emit([seq], mine[r : r + 1], prompt=plp, queue_s=queue_s)
+
+    def _decode(self, seqs: list[Sequence]) -> None:
+        """One decode step of `seqs` alone (benchmarks time it)."""
+        self._forward([self._decode_group(seqs)])
 
     def _speculate(self, seqs: list[Sequence], exit_: int, k: int) -> None:
         """One draft + verify cycle for rows deeper than `exit_` (see server/speculative.py)."""

@@ -1,10 +1,12 @@
-"""The load governor of `--policy load`: a depth cap for requests without a budget.
+"""The load governor of `--policy load`: a depth cap for requests without a budget (and,
+while it is lowered, the deepest exit a budget may pick: server/policy.py).
 
-Overload (the queue at `queue_high`, the decode step slower than `tpot_ms`, or — when the
+Overload (the queue at `queue_high`, a running row's time per output token — its decode
+step plus the prefills that share its loop turn — slower than `tpot_ms`, or — when the
 policy can say — the recent arrivals needing more than all of the engine's time at the
 current cap, before any queue shows it) held for `down_s` lowers the cap to the exit
 nearest `factor` x its layers; calm (the queue at most
-`queue_low`, and the step the batch would take one exit deeper predicted at most
+`queue_low`, and the time per token the batch would take one exit deeper predicted at most
 `restore_ratio` x `tpot_ms`, and — when the policy can say — the recent arrivals, served
 one exit deeper, needing at most `max_utilization` of the engine's time) held for `up_s`
 since the last overload raises it one exit. The last condition stops the cycle a load
@@ -32,8 +34,8 @@ if TYPE_CHECKING:
 class GovernorConfig:
     queue_high: int = 4  # waiting sequences that mean overload: requests queue, TTFT grows
     queue_low: int = 0  # restore only once nothing waits
-    # decode step (= time per output token) that means overload; None: 2x the default
-    # depth's one-row step (a batch that has grown past the sweet spot of the device)
+    # time per output token (decode step + newcomers' prefills) that means overload; None:
+    # 2x the default depth's one-row step (a batch that has grown past the device's sweet spot)
     tpot_ms: float | None = None
     restore_ratio: float = 0.7  # restore when one exit deeper is predicted under this x tpot
     factor: float = 0.7  # each lowering keeps ~this share of the cap's layers
@@ -79,7 +81,8 @@ class Governor:
         """Args: the engine's snapshot; `now` (tests: a scripted clock). Returns the cap."""
         now = self.clock() if now is None else now
         cfg = self.config
-        step_ms = stats.decode_step_seconds * 1000.0
+        # what running rows wait per token: the decode step and newcomers' prefills
+        step_ms = (stats.token_interval_seconds or stats.decode_step_seconds) * 1000.0
         busy = stats.running > 0
         over = stats.waiting >= cfg.queue_high or (busy and step_ms > self.tpot_ms)
         over = over or (busy and not self._sustainable(self.cap, 1.0))
@@ -115,7 +118,8 @@ class Governor:
         return below[-1] if below else max(self.index - 1, 0)
 
     def _deeper_step_ms(self, stats: EngineStats, step_ms: float) -> float:
-        """The measured step, scaled by the profile to rows capped one exit deeper."""
+        """The measured time per token, scaled by the profile's decode steps to rows
+        capped one exit deeper."""
         cap, up = self.cap, self.levels[self.index + 1]
         rows = [d for d, n in stats.depths_running.items() for _ in range(n)]
         now_ms = self.profile.batch_step_ms(rows)

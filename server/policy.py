@@ -537,6 +537,10 @@ class FixedPolicy:
     def _unbudgeted_depth(self) -> int:
         return self.default_depth
 
+    def _budget_exits(self) -> tuple[int, ...]:
+        """The exits a request with a budget or SLOs may be served at."""
+        return self.exits
+
     def choose(self, request: DepthRequest) -> DepthChoice:
         s = self._snapshot(request)
         if request.pinned_depth is not None:
@@ -568,7 +572,7 @@ class BudgetPolicy(FixedPolicy):
         if request.pinned_depth is not None or not request.has_target:
             return super().choose(request)
         s = self._snapshot(request)
-        for d in sorted(self.exits, reverse=True):  # ends with the shallowest's prediction
+        for d in sorted(self._budget_exits(), reverse=True):  # ends with the shallowest
             best = self.predict(d, request, s)
             if fits(best, request):
                 return self._choice(d, request, s=s, p=best)
@@ -632,6 +636,15 @@ class LoadPolicy(BudgetPolicy):
         if self.stats is None:
             return self.governor.cap
         return self.governor.observe(self.stats())
+
+    def _budget_exits(self) -> tuple[int, ...]:
+        """Under a lowered cap, the exits up to it: a row deeper than the batch's others
+        sets everyone's decode step (its extra layers' weights are read for it alone),
+        so under overload a budget picks the deepest exit that fits within the cap."""
+        cap = self.depth_cap()
+        if cap >= self.default_depth:
+            return self.exits
+        return tuple(d for d in self.exits if d <= cap) or self.exits[:1]
 
     def _unbudgeted_depth(self) -> int:
         cap = self.depth_cap()

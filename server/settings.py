@@ -35,7 +35,8 @@ class Settings(BaseSettings):
         description="depth policy: 'fixed' (always --default-depth unless pinned), 'budget' "
         "(deepest exit whose predicted latency under the current load fits x-latency-budget "
         "/ x-slo-*), 'load' (budget + a governor that caps the depth of requests without a "
-        "budget as the queue and step time grow; see --governor-*)",
+        "budget as the queue and time per token grow, and bounds the exits budgets pick "
+        "while it does; see --governor-*)",
     )
     default_depth: int | None = Field(
         None,
@@ -104,8 +105,9 @@ class Settings(BaseSettings):
     governor_tpot_ms: float | None = Field(
         None,
         gt=0,
-        description="--policy load: decode step (time per output token) that counts as "
-        "overload; default: 2x the default depth's one-row step in the latency profile",
+        description="--policy load: time per output token of running requests (decode step "
+        "plus newcomers' prefills) that counts as overload; default: 2x the default depth's "
+        "one-row step in the latency profile",
     )
     governor_restore_ratio: float = Field(
         0.7,

@@ -97,6 +97,36 @@ def test_greedy_matches_transformers_mixed_depths_together_and_staggered(tiny) -
     assert stats.steps > 0 and stats.token_interval_seconds > 0
 
 
+def test_newcomer_prefill_shares_the_decode_forward_and_stays_exact(tiny) -> None:
+    path, hf = tiny
+    engine = make_engine(path, kv_cache_memory=1 << 22)
+    kinds: list[tuple[bool, ...]] = []
+    forward = engine._forward
+    engine._forward = lambda groups: (
+        kinds.append(tuple(g.prefill for g in groups)),
+        forward(groups),
+    )[1]  # type: ignore[method-assign]
+    ps = prompts(3, seed=5)
+
+    async def main() -> list[list[TokenEvent]]:
+        first = engine.submit(request("a", ps[0], 4, 30))
+        events = [await anext(first)]  # a is decoding now
+        late = [
+            collect(engine, request("b", ps[1], 2, 6)),
+            collect(engine, request("c", ps[2], 3, 6)),
+        ]
+        rest = asyncio.gather(*late)
+        events += [e async for e in first]
+        return [events, *await rest]
+
+    results = asyncio.run(main())
+    engine.stop()
+    for p, d, n, events in zip(ps, (4, 2, 3), (30, 6, 6), results, strict=True):
+        assert [e.token_id for e in events] == reference(hf, p, d, n), f"depth {d}"
+    assert any(True in k and False in k for k in kinds), kinds  # prefill + decode together
+    assert engine.cache.num_used == 0
+
+
 def test_preemption_under_tiny_cache_still_exact(tiny) -> None:
     path, hf = tiny
     # 24 blocks of 16 tokens: a few sequences at once, the rest queue or get preempted
@@ -355,8 +385,8 @@ def test_admitted_together_prefill_in_one_padded_forward(tiny) -> None:
     path, hf = tiny
     engine = Engine(models.load(path, device="cpu"), EngineConfig(kv_cache_memory=1 << 22))
     groups: list[int] = []
-    prefill = engine._prefill
-    engine._prefill = lambda seqs: (groups.append(len(seqs)), prefill(seqs))[1]  # type: ignore[method-assign]
+    prefill = engine._prefill_group
+    engine._prefill_group = lambda seqs: (groups.append(len(seqs)), prefill(seqs))[1]  # type: ignore[method-assign]
     g = torch.Generator().manual_seed(9)
     ps = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (12, 10, 11, 9)]
     depths = [2, 4, 1, 3]

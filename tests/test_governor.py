@@ -77,6 +77,16 @@ def test_step_time_alone_signals_overload_and_blocks_a_restore() -> None:
     assert gov.observe(stats(0, 99.0, {}), now=7.0) == 24
 
 
+def test_prefill_stalls_count_in_the_time_per_token() -> None:
+    gov = Governor(EXITS, 32, PROFILE, CONFIG)
+    # a 12 ms decode step, but newcomers' prefills stretch each row's token to 25 ms
+    stalled = replace(stats(0, 12.0, {32: 8}), token_interval_seconds=0.025)
+    assert [gov.observe(stalled, now=t) for t in (0.0, 0.5, 1.0)] == [32, 32, 16]
+    quick = replace(stats(0, 12.0, {32: 8}), token_interval_seconds=0.013)
+    gov = Governor(EXITS, 32, PROFILE, CONFIG)
+    assert [gov.observe(quick, now=t) for t in (0.0, 0.5, 1.0)] == [32, 32, 32]
+
+
 def test_default_tpot_is_two_one_row_steps_of_the_default_depth() -> None:
     assert Governor(EXITS, 24, PROFILE, GovernorConfig()).tpot_ms == 24.0
     assert Governor(EXITS, 24, PROFILE, GovernorConfig()).levels == (8, 16, 24)

@@ -345,7 +345,7 @@ def test_strict_mode_refuses_what_no_exit_meets() -> None:
         parse_budget_mode("lenient")
 
 
-def test_load_policy_caps_only_requests_without_a_budget() -> None:
+def test_load_policy_caps_requests_without_a_budget_and_bounds_budgets() -> None:
     from server.governor import Governor, GovernorConfig
 
     stats = make_stats({32: 2}, waiting=9)
@@ -353,9 +353,13 @@ def test_load_policy_caps_only_requests_without_a_budget() -> None:
     pol = make_policy("load", EXITS, 32, LOADED, stats=lambda: stats)
     assert isinstance(pol, LoadPolicy)
     pol.governor = Governor(EXITS, 32, LOADED, GovernorConfig(down_s=1), clock=lambda: next(clock))
-    assert pol.choose(DepthRequest(20, 10)).depth == 32  # t=0: overload starts
+    generous = DepthRequest(20, 10, budget_ms=10_000)
+    assert pol.choose(generous).depth == 32  # t=0: overload starts; not capped yet
     assert pol.choose(DepthRequest(20, 10)).depth == 16  # t=1: held 1 s -> 32 * 0.7 -> 16
-    assert pol.choose(DepthRequest(20, 10, budget_ms=10_000)).depth == 32  # budgets: uncapped
+    # under the cap, a budget picks among the exits up to it (a deeper row would set every
+    # companion's step); a pin still wins
+    c = pol.choose(generous)  # t=2: still overloaded: lowered again, 16 * 0.7 -> 8
+    assert c.depth == pol.governor.cap == 8 and c.feasible
     assert pol.choose(DepthRequest(20, 10, pinned_depth=32)).depth == 32
     assert make_policy("fixed", EXITS, 32, LOADED, stats=lambda: stats).depth_cap() == 32
 
