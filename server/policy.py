@@ -49,9 +49,10 @@ log = logging.getLogger(__name__)
 # out the +-35 % one request's latency scatters under load (at 0.05, ~40 requests, it
 # swung with a standard deviation of 0.26 at 10 requests/s and doubled the errors)
 CALIBRATION_RATE = 0.01
-# the share of one look at the engine (measured / profiled step of the running batch) that
-# the step scale takes: ~20 looks, a few seconds under load
-SCALE_RATE = 0.05
+# the step scale (measured / profiled step of the running batch, read at each request)
+# follows the engine with this time constant, at most half of the way per look: ~20 looks
+# at 10 requests/s; at a light load it forgets a burst's contention within seconds too
+SCALE_TAU_S = 2.0
 # the arrival rate the predictions assume is the decayed count of this many seconds
 ARRIVAL_TAU_S = 5.0
 _BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s)?\s*$", re.IGNORECASE)
@@ -379,6 +380,7 @@ class FixedPolicy:
         self.stats = stats
         self.max_num_seqs = max_num_seqs
         self._scale = 1.0  # measured / profiled step time, smoothed
+        self._scale_seen = -math.inf  # when the engine's step was last looked at
         self._stall = 1.0  # token interval / decode step: newcomers' prefills stall the batch
         self.calibration = 1.0  # actual / predicted latency of finished requests, smoothed
         self.clock: Callable[[], float] = time.monotonic
@@ -415,7 +417,9 @@ class FixedPolicy:
             profiled = self.profile.batch_step_ms(running[: self.max_num_seqs])
             if profiled > 0:
                 ratio = min(max(s.decode_step_seconds * 1000.0 / profiled, 0.5), 4.0)
-                self._scale += SCALE_RATE * (ratio - self._scale)
+                take = min(1.0 - math.exp(-(now - self._scale_seen) / SCALE_TAU_S), 0.5)
+                self._scale += take * (ratio - self._scale)
+                self._scale_seen = now
         # the stall is the running batch's own (the engine's averages restart after idle);
         # an idle engine has none: it will run this request alone, or with later arrivals
         self._stall = 1.0

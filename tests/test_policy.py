@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import pytest
 
 import models
 from server.policy import (
-    SCALE_RATE,
+    SCALE_TAU_S,
     BudgetPolicy,
     DepthRequest,
     FixedPolicy,
@@ -296,9 +297,13 @@ def test_measured_step_time_scales_predictions() -> None:
     now = [0.0]
     pol.clock = lambda: now[0]  # one request a second: arrivals do not fill the batch
     first = pol.choose(DepthRequest(20, 10)).predicted_ms
-    # depth 32: prefill 8, step 10, scaled by 1 + SCALE_RATE * (2 - 1) after one look
-    assert first == pytest.approx((8 + 10 * 10) * (1 + SCALE_RATE))
-    for _ in range(300):
+    # depth 32: prefill 8, step 10; a first look takes the scale half of the way to 2
+    assert first == pytest.approx((8 + 10 * 10) * 1.5)
+    # a look 0.1 s later moves it by 1 - exp(-0.1 / SCALE_TAU_S) of the rest
+    now[0] += 0.1
+    second = pol.choose(DepthRequest(20, 10)).predicted_ms
+    assert second == pytest.approx(108 * (1.5 + 0.5 * (1 - math.exp(-0.1 / SCALE_TAU_S))))
+    for _ in range(30):  # a look a second: within seconds whatever the request rate
         now[0] += 1.0
         pol.choose(DepthRequest(20, 10))
     assert pol.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(2 * 108, rel=1e-3)
