@@ -357,9 +357,9 @@ class FixedPolicy:
     """Always the default depth (a pin still wins); budgets are reported, not used.
 
     Predictions use the live engine (`stats`, when given): the queue ahead, the batch the
-    request joins, the measured step time against the profile's (CPU contention,
-    speculation) as a correction factor, and the measured stall of running rows by
-    newcomers' prefills (token interval / decode step) as a second one."""
+    request joins, and the measured time per token of the running rows against the
+    profile's decode step as a correction factor (CPU contention, speculation, and the
+    newcomers' prefills that share the rows' turns)."""
 
     name = "fixed"
 
@@ -381,7 +381,6 @@ class FixedPolicy:
         self.max_num_seqs = max_num_seqs
         self._scale = 1.0  # measured / profiled step time, smoothed
         self._scale_seen = -math.inf  # when the engine's step was last looked at
-        self._stall = 1.0  # token interval / decode step: newcomers' prefills stall the batch
         self.calibration = 1.0  # actual / predicted latency of finished requests, smoothed
         self.clock: Callable[[], float] = time.monotonic
         self._arrivals = 0.0  # requests seen, decayed with time constant ARRIVAL_TAU_S
@@ -404,7 +403,7 @@ class FixedPolicy:
 
     def _snapshot(self, req: DepthRequest) -> EngineStats | None:
         """Count `req`'s arrival; the engine's stats (None without an engine), with the
-        measured step scale and the running batch's stall taken from them."""
+        measured step scale taken from them."""
         now = self.clock()
         keep = math.exp(-(now - self._last_arrival) / ARRIVAL_TAU_S)
         self._arrivals, self._last_arrival = self._arrivals * keep + 1.0, now
@@ -413,18 +412,15 @@ class FixedPolicy:
             return None
         s = self.stats()
         running = [d for d, n in sorted(s.depths_running.items()) for _ in range(n)]
-        if running and s.steps and s.decode_step_seconds > 0:
+        # what the running rows wait per token: their step and the prefills sharing its turns
+        per_token = s.token_interval_seconds or s.decode_step_seconds
+        if running and s.steps and per_token > 0:
             profiled = self.profile.batch_step_ms(running[: self.max_num_seqs])
             if profiled > 0:
-                ratio = min(max(s.decode_step_seconds * 1000.0 / profiled, 0.5), 4.0)
+                ratio = min(max(per_token * 1000.0 / profiled, 0.5), 4.0)
                 take = min(1.0 - math.exp(-(now - self._scale_seen) / SCALE_TAU_S), 0.5)
                 self._scale += take * (ratio - self._scale)
                 self._scale_seen = now
-        # the stall is the running batch's own (the engine's averages restart after idle);
-        # an idle engine has none: it will run this request alone, or with later arrivals
-        self._stall = 1.0
-        if s.running and s.steps and s.decode_step_seconds > 0 and s.token_interval_seconds > 0:
-            self._stall = min(max(s.token_interval_seconds / s.decode_step_seconds, 1.0), 4.0)
         return s
 
     def observe(self, choice: DepthChoice, actual_ms: float, queue_ms: float | None = None) -> None:
@@ -464,13 +460,12 @@ class FixedPolicy:
         # service time of them are in service on average (Little's law), at most a full
         # batch; they take the places of those that leave
         first = self.profile.batch_step_ms([d for d, _ in ahead] + [depth]) * self._scale
-        service_s = (prefill * self._scale + req.max_tokens * first * self._stall) / 1000.0
+        service_s = (prefill * self._scale + req.max_tokens * first) / 1000.0
         busy = min(self.max_num_seqs, round(self.arrival_rate() * service_s))
         decode = self._decode_ms(depth, req.max_tokens, ahead, busy)
         queue = self._queue_ms(s, prefill * self._scale, decode)
         ttft = queue + prefill * self._scale * self.calibration
-        # the next arrivals' prefills will stall this row too
-        decode *= self._stall * self.calibration
+        decode *= self.calibration
         step = decode / max(req.max_tokens, 1)
         return Prediction(queue, ttft, step, ttft + decode)
 
@@ -528,10 +523,10 @@ class FixedPolicy:
         if s is not None and log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "depth %d: queue %.0f ms (%d waiting, %d running, drain %.2f/s), ttft %.0f ms, "
-                "step %.1f ms (scale %.2f stall %.2f calibration %.2f; engine step %.1f "
+                "step %.1f ms (scale %.2f calibration %.2f; engine step %.1f "
                 "interval %.1f), total %.0f ms",
                 depth, p.queue_ms, s.waiting, s.running, s.admit_per_second, p.ttft_ms,
-                p.tpot_ms, self._scale, self._stall, self.calibration,
+                p.tpot_ms, self._scale, self.calibration,
                 s.decode_step_seconds * 1e3, s.token_interval_seconds * 1e3, p.total_ms,
             )  # fmt: skip
         return DepthChoice(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from pathlib import Path
@@ -232,15 +233,16 @@ def test_expected_newcomers_take_the_depths_recent_requests_got() -> None:
 
 def test_queue_wait_follows_the_measured_drain_rate() -> None:
     # 3 running, 4 waiting, 5 slots: this request is 3 places beyond the free slots, and
-    # the queue drains at 10/s; the turn in progress (40 ms) is half over on average
-    queued = make_stats({32: 3}, waiting=4, admit_per_s=10.0, interval_ms=40.0)
+    # the queue drains at 10/s; the turn in progress (8 ms, as profiled) is half over on
+    # average
+    queued = make_stats({32: 3}, waiting=4, admit_per_s=10.0, interval_ms=8.0)
     pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: queued, max_num_seqs=5)
     c = pol.choose(DepthRequest(20, 10))
-    assert c.queue_ms == pytest.approx(20.0 + 300.0)
+    assert c.queue_ms == pytest.approx(4.0 + 300.0)
     # room for it and everyone ahead: the turn, then the prefills of those ahead (8 ms each)
-    roomy = make_stats({32: 3}, waiting=4, admit_per_s=10.0, interval_ms=40.0)
+    roomy = make_stats({32: 3}, waiting=4, admit_per_s=10.0, interval_ms=8.0)
     pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: roomy, max_num_seqs=8)
-    assert pol.choose(DepthRequest(20, 10)).queue_ms == pytest.approx(20.0 + 4 * 8.0)
+    assert pol.choose(DepthRequest(20, 10)).queue_ms == pytest.approx(4.0 + 4 * 8.0)
     # a full batch with nobody waiting: the next admission
     full = make_stats({32: 8}, admit_per_s=4.0)
     pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: full, max_num_seqs=8)
@@ -309,19 +311,25 @@ def test_measured_step_time_scales_predictions() -> None:
     assert pol.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(2 * 108, rel=1e-3)
 
 
-def test_prefill_stalls_of_the_running_batch_stretch_the_decode_prediction() -> None:
-    # the batch's rows wait 1.5x their decode step per token (newcomers' prefills between)
-    step = LOADED.batch_step_ms([32, 32, 32])  # 10 ms
+def test_prefill_stalls_of_the_running_batch_stretch_the_prediction() -> None:
+    # the batch's rows wait 1.5x their decode step per token (newcomers' prefills share
+    # their turns): the time per token, not the step, scales the profile
+    step = LOADED.batch_step_ms([32, 32, 32])  # 8 ms; with this request 10 ms
     stats = make_stats({32: 3}, interval_ms=1.5 * step)
     pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: stats)
+    ticks = itertools.count()
+    pol.clock = lambda: float(next(ticks))  # a request a second: arrivals do not fill it
     for _ in range(60):
         c = pol.choose(DepthRequest(20, 10))
-    # prefill unscaled; half the turn in progress (the 12 ms interval) before it
-    assert c.predicted_ms == pytest.approx(6 + 8 + 10 * 10 * 1.5, rel=1e-3)
-    # an interval shorter than the step (no prefills, timer noise) never speeds it up
-    quiet = make_stats({32: 3}, interval_ms=0.5 * step)
-    pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: quiet)
-    assert pol.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(2 + 108)
+    # half the turn in progress (12 ms) first, then prefill 8 and 10 steps of 10, x 1.5
+    assert c.predicted_ms == pytest.approx(6 + 1.5 * (8 + 10 * 10), rel=1e-3)
+    # without a measured interval the decode step scales it
+    plain = make_stats({32: 3}, step_ms=2 * step)
+    pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: plain)
+    pol.clock = lambda: float(next(ticks))
+    for _ in range(60):
+        c = pol.choose(DepthRequest(20, 10))
+    assert c.predicted_ms == pytest.approx(2 * 108, rel=1e-3)
 
 
 def test_slo_headers_choose_by_first_token_and_per_token_time() -> None:
