@@ -39,7 +39,7 @@ class GovernorConfig:
     tpot_ms: float | None = None
     restore_ratio: float = 0.7  # restore when one exit deeper is predicted under this x tpot
     factor: float = 0.7  # each lowering keeps ~this share of the cap's layers
-    down_s: float = 1.0  # overload must last this long (and a lowering must show) first
+    down_s: float = 0.5  # overload must last this long (and a lowering must show) first
     up_s: float = 5.0  # calm since the last overload before restoring one exit
     min_depth: int | None = None  # floor of the cap; None: the shallowest exit
     # restore only while the recent arrivals at one exit deeper are predicted to need at

@@ -120,7 +120,7 @@ class Settings(BaseSettings):
         0.7, gt=0, lt=1, description="--policy load: each lowering keeps ~this share of layers"
     )
     governor_down_s: float = Field(
-        1.0, ge=0, description="--policy load: seconds overload must last to lower the cap"
+        0.5, ge=0, description="--policy load: seconds overload must last to lower the cap"
     )
     governor_up_s: float = Field(
         5.0, ge=0, description="--policy load: seconds without overload to raise it one exit"
