@@ -3,10 +3,12 @@
 A step loop on its own thread (so the event loop stays free) runs, each iteration:
   1) inbox: new requests, aborts, depth changes
   2) schedule: decode slots for the running batch, FCFS admissions
-  3) prefill each admitted sequence (one forward at its own depth), sample its next token
-  4) one decode step for the whole running batch: rows ordered deepest first, layer i runs
-     on the rows whose depth is > i, each row leaves at its own exit, one norm + head call
-  5) sample per row, send events to each request's asyncio queue, retire finished rows
+  3) one forward for the admitted sequences' prompts and the running batch's next token
+     together: the matrix products run over all their tokens at once (each weight is read
+     once per turn), attention per group (a padded group of fresh prompts, or the decode
+     batch); rows ordered deepest first, layer i runs on the rows whose depth is > i, each
+     row leaves at its own exit, one norm + head call over every row's last token
+  4) sample per row, send events to each request's asyncio queue, retire finished rows
 
 Threads on CPU: torch runs its kernels on an OpenMP team per calling thread, and libgomp
 makes its workers sleep instead of spin between kernels as soon as the process holds more
