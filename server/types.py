@@ -83,13 +83,14 @@ class EngineStats:
     kv_blocks_used: int
     kv_bytes_per_layer: tuple[int, ...]  # bytes held in each layer
     kv_bytes_total: int
-    decode_step_seconds: float  # EWMA of recent decode step wall time
+    # EWMA of recent decode steps that ran alone (turns without a newcomer's prefill)
+    decode_step_seconds: float
     steps: int  # decode steps run since start
     preemptions: int
     depths_running: dict[int, int] = field(default_factory=dict)  # depth -> sequences
     speculation: dict[int, SpecCounters] = field(default_factory=dict)  # draft exit -> counts
-    # EWMA of the wall time between a running row's tokens: its decode step plus the
-    # prefills of newcomers run in the same loop turn (0.0 until a decode step ran)
+    # EWMA of the wall time between a running row's tokens: every turn's forward, the
+    # newcomers' prefills in it included (0.0 until a decode step ran)
     token_interval_seconds: float = 0.0
     # sequences admitted per second while others waited (decayed over ~ADMIT_TAU_S):
     # how fast the queue drains; 0.0 until a request has had to wait
