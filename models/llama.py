@@ -150,6 +150,10 @@ def _onednn() -> bool:
         return False
 
 
+# a forward over several groups of rows pads their tokens to a multiple of this: each
+# distinct row count is a GEMM primitive oneDNN creates and caches, and decode rows plus
+# prompt tokens would otherwise give thousands (the soak test's RSS grew by ~450 MiB)
+FUSED_ROWS = 16
 # the batch size oneDNN picks its blocked layout for: measured best for batch 1-16 decode
 _PACK_HINT = {torch.float32: 16, torch.bfloat16: 1}
 
@@ -327,12 +331,16 @@ class SortedModel(nn.Module):
         cfg = self.cfg
         shapes = [h.shape[:2] for h in hs]
         sizes = [n * t for n, t in shapes]
-        flat = torch.cat([h.reshape(-1, h.shape[-1]) for h in hs]) if len(hs) > 1 else hs[0]
-        flat = flat.reshape(-1, cfg.hidden_size)
+        flat = hs[0].reshape(-1, cfg.hidden_size)
+        pad = 0
+        if len(hs) > 1:  # rows padded to a multiple of FUSED_ROWS: few distinct GEMM shapes
+            pad = -sum(sizes) % FUSED_ROWS
+            rows = [h.reshape(-1, cfg.hidden_size) for h in hs]
+            flat = torch.cat([*rows, flat.new_zeros(pad, cfg.hidden_size)])
         x = rms_norm(flat, w.input_norm, cfg.rms_norm_eps)
-        qkvs = linear(x, w.wqkv, w.bqkv).split(sizes)
+        qkvs = linear(x, w.wqkv, w.bqkv).split([*sizes, pad])
         outs = []
-        for (n, t), qkv, c, sn, kv in zip(shapes, qkvs, cos, sin, kvs, strict=True):
+        for (n, t), qkv, c, sn, kv in zip(shapes, qkvs[: len(hs)], cos, sin, kvs, strict=True):
             qk, v = qkv.split([w.split[0] + w.split[1], w.split[2]], dim=-1)
             # rotary on queries and keys together: (n, T, Hq + Hkv, D)
             qk = rotate(qk.view(n, t, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim), c, sn)
@@ -340,11 +348,14 @@ class SortedModel(nn.Module):
             v = v.view(n, t, cfg.num_kv_heads, cfg.head_dim)
             a = kv.attend(i, q, k, v) if kv is not None else causal_attention(q, k, v, self.scale)
             outs.append(a.reshape(n * t, -1))
+        if pad:
+            outs.append(flat.new_zeros(pad, outs[0].shape[-1]))
         flat = flat + linear(torch.cat(outs) if len(outs) > 1 else outs[0], w.wo)
         x = rms_norm(flat, w.post_norm, cfg.rms_norm_eps)
         gate, up = linear(x, w.w_gate_up).chunk(2, dim=-1)
         flat = flat + linear(F.silu(gate) * up, w.w_down)
-        return [y.view(n, t, -1) for y, (n, t) in zip(flat.split(sizes), shapes, strict=True)]
+        ys = flat.split([*sizes, pad])[: len(hs)]
+        return [y.view(n, t, -1) for y, (n, t) in zip(ys, shapes, strict=True)]
 
     def hidden(
         self,

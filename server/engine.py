@@ -93,9 +93,10 @@ class EngineConfig:
     speculative: SpecConfig = SpecConfig()  # self-speculative decoding (off by default)
 
 
-# a batched prefill computes at most this many padded tokens per real one, and at most
-# this many tokens in one forward: past a few hundred rows the weights' reads are already
-# shared, and bigger activations only grow the allocator's high-water mark (soak test)
+# a batched prefill computes at most this many padded tokens per real one, and a forward
+# takes at most this many prompt tokens: past a few hundred rows the weights' reads are
+# already shared, and bigger activations only grow the allocator's high-water mark (soak
+# test)
 PAD_LIMIT = 1.25
 PREFILL_GROUP_TOKENS = 256
 # the queue's drain rate forgets turns older than about this many seconds of backlog
@@ -350,10 +351,8 @@ class Engine:
         t0 = time.perf_counter()
         decode = [s for s in out.decode if s.finish_reason is None]
         plain, spec = self._plan_speculation(decode) if decode else ([], {})
-        groups = [self._prefill_group(g) for g in self._prefill_groups(out.prefill)]
-        if plain:
-            groups.append(self._decode_group(plain))
-        if groups:
+        prefill = [self._prefill_group(g) for g in self._prefill_groups(out.prefill)]
+        for groups in self._pack(prefill, self._decode_group(plain) if plain else None):
             self._forward(groups)
         for (exit_, k), seqs in spec.items():
             self._speculate(seqs, exit_, k)
@@ -410,6 +409,24 @@ class Engine:
         if group:
             groups.append(group)
         return groups + [[s] for s in seqs if s.num_computed != 0]
+
+    @staticmethod
+    def _pack(prefill: list[_Group], decode: _Group | None) -> list[list[_Group]]:
+        """The groups in forwards of at most PREFILL_GROUP_TOKENS prompt tokens (padded)
+        each, the decode batch in the last: the activations stay as small as a prefill
+        group's, so does the allocator's high-water mark."""
+        forwards: list[list[_Group]] = []
+        current: list[_Group] = []
+        tokens = 0
+        for g in prefill:
+            n = g.ids.numel()
+            if current and tokens + n > PREFILL_GROUP_TOKENS:
+                forwards.append(current)
+                current, tokens = [], 0
+            current.append(g)
+            tokens += n
+        current += [decode] if decode is not None else []
+        return [*forwards, current] if current else forwards
 
     def _prefill_group(self, seqs: list[Sequence]) -> _Group:
         """Each sequence's uncomputed tokens, rows padded to the longest (more than one row

@@ -8,6 +8,7 @@ import copy
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -407,3 +408,17 @@ def test_admitted_together_prefill_in_one_padded_forward(tiny) -> None:
     for p, d, events in zip(ps, depths, results, strict=True):
         assert [e.token_id for e in events] == reference(hf, p, d, 6), f"depth {d}"
     assert engine.cache.num_used == 0
+
+
+def test_forwards_take_at_most_a_prefill_groups_worth_of_prompt_tokens() -> None:
+    from types import SimpleNamespace
+
+    from server.engine import PREFILL_GROUP_TOKENS
+
+    def group(tokens: int) -> Any:
+        return SimpleNamespace(ids=torch.zeros(1, tokens))
+
+    big, mid, small, decode = group(PREFILL_GROUP_TOKENS - 56), group(100), group(50), group(8)
+    assert Engine._pack([big, mid, small], decode) == [[big], [mid, small, decode]]
+    assert Engine._pack([], decode) == [[decode]] and Engine._pack([small], None) == [[small]]
+    assert Engine._pack([], None) == []

@@ -496,7 +496,11 @@ def test_soak_mixed_depths_frees_every_block_and_keeps_rss_flat(ckpt: Path, tmp_
             await asyncio.gather(*(guarded() for _ in range(n)))
 
     try:
-        asyncio.run(run(400, 0))  # warm-up: allocator pools, caches, lazy imports
+        # warm-up: allocator pools, caches, lazy imports. Forwards that join prompts to the
+        # decode batch mix more tensor sizes: the heap reaches its plateau (~550 MiB, as
+        # with separate forwards) after ~3000 requests instead of ~400 (10400 requests:
+        # 478, 533, 540, 549, 549, 551 MiB after 400 and every 2000 more)
+        asyncio.run(run(3000, 0))
         wait_idle(srv, 60)
         rss0 = proc.memory_info().rss
         asyncio.run(run(3000, 1))
