@@ -4,10 +4,11 @@ A step loop on its own thread (so the event loop stays free) runs, each iteratio
   1) inbox: new requests, aborts, depth changes
   2) schedule: decode slots for the running batch, FCFS admissions
   3) one forward for the admitted sequences' prompts and the running batch's next token
-     together: the matrix products run over all their tokens at once (each weight is read
-     once per turn), attention per group (a padded group of fresh prompts, or the decode
-     batch); rows ordered deepest first, layer i runs on the rows whose depth is > i, each
-     row leaves at its own exit, one norm + head call over every row's last token
+     together (more only past PREFILL_GROUP_TOKENS prompt tokens): the matrix products run
+     over all their tokens at once (each weight is read once per turn), attention per group
+     (a padded group of fresh prompts, or the decode batch); rows ordered deepest first,
+     layer i runs on the rows whose depth is > i, each row leaves at its own exit, one
+     norm + head call over every row's last token
   4) sample per row, send events to each request's asyncio queue, retire finished rows
 
 Threads on CPU: torch runs its kernels on an OpenMP team per calling thread, and libgomp
@@ -346,8 +347,8 @@ class Engine:
 
     def _forward_step(self, out: SchedulerOutput) -> None:
         """One loop turn's model work: the newcomers' prefills and one decode step of the
-        running rows in a single forward (their matrix products share each weight read),
-        then the speculating rows' draft + verify cycles."""
+        running rows in a single forward (their matrix products share each weight read;
+        `_pack`), then the speculating rows' draft + verify cycles."""
         t0 = time.perf_counter()
         decode = [s for s in out.decode if s.finish_reason is None]
         plain, spec = self._plan_speculation(decode) if decode else ([], {})
