@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import models
-from models.data import IGNORE, load_dataset, parse_range
+from models.training.data import IGNORE, load_dataset, parse_range
 
 
 def collect(model: Any, examples: list[Any], exits: list[int]) -> dict[str, Any]:

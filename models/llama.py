@@ -134,18 +134,18 @@ class KVStore(Protocol):
 
 
 @functools.cache
-def _onednn() -> bool:
-    """oneDNN can run plain fp32 and packed bf16 matrices here. Asked lazily, on the
-    thread that first computes (usually the engine's): a probe at import would give the
-    importing thread an OpenMP pool, which slows the engine's (see server/engine.py)."""
+def _onednn(dtype: torch.dtype = torch.float32) -> bool:
+    """oneDNN can run and pack `dtype` matrices here (fp32 everywhere it is built; packed
+    bf16 only on CPUs with AVX512-BW/VL/DQ or AVX-NE-CONVERT). Asked lazily, on the thread
+    that first computes (usually the engine's): a probe at import would give the importing
+    thread an OpenMP pool, which slows the engine's (see server/engine.py)."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
         x, w = torch.ones(2, 3), torch.ones(4, 3)
-        y = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-        packed = torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), 1)
-        yb = torch.ops.mkldnn._linear_pointwise(x.bfloat16(), packed, None, "none", [], "")
-        return bool(torch.equal(y, F.linear(x, w)) and torch.equal(yb.float(), y))
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype), _PACK_HINT[dtype])
+        y = torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, None, "none", [], "")
+        return bool(torch.equal(y.float(), F.linear(x, w)))
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
 
@@ -163,7 +163,9 @@ def pack(w: Tensor) -> Tensor:
     where that does not apply (other devices and dtypes, no oneDNN). A packed matrix is
     opaque: only `linear` reads it. On this project's CPUs packed weights stream 1.3-2x
     faster than plain ones at batch 1-16, bf16 most of all (docs/performance.md)."""
-    if w.is_mkldnn or w.device.type != "cpu" or w.dtype not in _PACK_HINT or not _onednn():
+    if w.is_mkldnn or w.device.type != "cpu" or w.dtype not in _PACK_HINT:
+        return w
+    if not _onednn(w.dtype):
         return w
     return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), _PACK_HINT[w.dtype])
 

@@ -48,7 +48,7 @@ def train_args(method: str, sft_dir: Path, lr: float) -> list[str]:
 
 def merge(paths: list[Path], out: Path) -> None:
     """Combine soft-eval JSON files (e.g. evaluated in parallel) into one table and plot."""
-    from models.evaluate import CheckpointResult, DepthResult, markdown_table, plot
+    from models.training.evaluate import CheckpointResult, DepthResult, markdown_table, plot
 
     results = []
     for path in paths:
@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
         if not (out / "soft.json").exists():
             sft_dir = Path(reuse.get("sft", args.runs / "sft"))
             extra = train_args(method, sft_dir, args.lr)
-            cmd = [sys.executable, "-m", "models.train", *extra, *common, "--out", str(out)]
+            train_cmd = [sys.executable, "-m", "models.training.train"]
+            cmd = [*train_cmd, *extra, *common, "--out", str(out)]
             print("$", " ".join(cmd), flush=True)
             t0 = time.time()
             subprocess.run(cmd, check=True, cwd=ROOT)
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     eval_cmd = [
         sys.executable,
         "-m",
-        "models.evaluate",
+        "models.training.evaluate",
         *specs,
         "--data",
         str(args.data),

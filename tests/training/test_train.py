@@ -17,14 +17,14 @@ import torch.nn.functional as F
 
 import models
 from models.checkpoint import EXIT_HEADS, read_tensors
-from models.data import IGNORE, collate, load_dataset
-from models.sorted_loss import FrozenTeacher, SortedLoss, default_exits
-from models.train import final_loss
-from models.train import main as train_main
+from models.training.data import IGNORE, collate, load_dataset
+from models.training.sorted_loss import FrozenTeacher, SortedLoss, default_exits
+from models.training.train import final_loss
+from models.training.train import main as train_main
 from tests.conftest import make_hf_model
-from tests.test_data import make_tokenizer, write_alpaca
+from tests.training.test_data import make_tokenizer, write_alpaca
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -115,7 +115,7 @@ def test_distillation_mixes_ce_with_kl_to_the_teachers_full_depth(
 
 
 def test_lora_teacher_is_the_untrained_model(tmp_path: Path) -> None:
-    from models.train import add_lora
+    from models.training.train import add_lora
 
     tok = make_tokenizer()
     b = collate(load_dataset(write_alpaca(tmp_path / "d.json", 2), tok).examples, 0)
@@ -368,9 +368,10 @@ def test_torchrun_two_processes_gloo(tiny_base: Path, data_file: Path, tmp_path:
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(port), "-m", "models.train", "--model", str(tiny_base), "--data",
-           str(data_file), "--out", str(out), "--exits", "2,4", "--steps", "2", "--batch-size",
-           "1", "--grad-accum", "2", "--save-every", "0", "--no-progress"]  # fmt: skip
+           "--master-port", str(port), "-m", "models.training.train", "--model", str(tiny_base),
+           "--data", str(data_file), "--out", str(out), "--exits", "2,4", "--steps", "2",
+           "--batch-size", "1", "--grad-accum", "2", "--save-every", "0",
+           "--no-progress"]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     training = json.loads((out / "soft.json").read_text())["training"]

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from models.data import IGNORE
+from models.training.data import IGNORE
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,8 @@ from models.checkpoint import (
     save_delta,
     write_soft_json,
 )
-from models.data import DataError, collate, load_dataset, parse_range, step_batches
-from models.sorted_loss import ExitHeadModule, FrozenTeacher, SortedLoss, default_exits
+from models.training.data import DataError, collate, load_dataset, parse_range, step_batches
+from models.training.sorted_loss import ExitHeadModule, FrozenTeacher, SortedLoss, default_exits
 
 log = logging.getLogger("soft-train")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -1,4 +1,5 @@
-"""models.data: record parsing, templates, response-only labels, truncation, bad records."""
+"""models.training.data: record parsing, templates, response-only labels, truncation,
+bad records."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from models.data import (
+from models.training.data import (
     IGNORE,
     DataError,
     Record,

@@ -26,10 +26,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import models
-from models.data import IGNORE, DataError, Dataset, collate, iter_eval_batches, load_dataset
-from models.data import parse_range as parse_records
 from models.generate import greedy_generate
 from models.llama import SortedModel
+from models.training.data import (
+    IGNORE,
+    DataError,
+    Dataset,
+    collate,
+    iter_eval_batches,
+    load_dataset,
+)
+from models.training.data import parse_range as parse_records
 
 log = logging.getLogger("soft-eval")
 

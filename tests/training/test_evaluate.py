@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import models
-from models.data import IGNORE, collate, load_dataset
-from models.evaluate import (
+from models.generate import greedy_generate
+from models.training.data import IGNORE, collate, load_dataset
+from models.training.evaluate import (
     CheckpointResult,
     DepthResult,
     main,
@@ -20,9 +21,8 @@ from models.evaluate import (
     response_ce,
     rouge_l,
 )
-from models.generate import greedy_generate
 from tests.conftest import make_hf_model
-from tests.test_data import make_tokenizer, write_alpaca
+from tests.training.test_data import make_tokenizer, write_alpaca
 
 
 @pytest.fixture
@@ -129,7 +129,7 @@ def test_missing_checkpoint_exits_2(tmp_path: Path, capsys) -> None:
 def test_benchmark_merge_combines_soft_eval_results(tiny_tok_dir: Path, tmp_path: Path) -> None:
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "run.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "quality" / "run.py"
     spec = importlib.util.spec_from_file_location("quality_run", path)
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
