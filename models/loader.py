@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from safetensors.torch import save_file
 from models.checkpoint import (
     DELTA,
     EXIT_HEADS,
+    EXIT_LAYERS,
     CheckpointError,
     apply_delta,
     base_config,
@@ -33,7 +35,14 @@ from models.checkpoint import (
     read_tensors,
     weight_files,
 )
-from models.llama import ExitHead, ModelConfig, SortedModel, UnsupportedModel, rope_frequencies
+from models.llama import (
+    ExitHead,
+    Layer,
+    ModelConfig,
+    SortedModel,
+    UnsupportedModel,
+    rope_frequencies,
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,15 +159,48 @@ def _state_dict(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def build(cfg: ModelConfig, hf: Any, state: dict[str, torch.Tensor], source: str) -> SortedModel:
-    """Fuse a Hugging Face LLaMA-family state dict into a SortedModel (fp32, CPU)."""
-    state = {k.removeprefix("model.") if k.startswith("model.") else k: v for k, v in state.items()}
+def fused_layer(take: Callable[[str], torch.Tensor], prefix: str, cfg: ModelConfig
+                ) -> dict[str, torch.Tensor]:  # fmt: skip
+    """One Hugging Face decoder layer's weights (names under `prefix`) as a runner
+    `Layer`'s: q|k|v and gate|up fused."""
+    p = prefix
+    out = {
+        "input_norm": take(p + "input_layernorm.weight"),
+        "post_norm": take(p + "post_attention_layernorm.weight"),
+        "wqkv": torch.cat([take(p + f"self_attn.{x}_proj.weight") for x in "qkv"], dim=0),
+        "wo": take(p + "self_attn.o_proj.weight"),
+        "w_gate_up": torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
+        "w_down": take(p + "mlp.down_proj.weight"),
+    }
+    if cfg.attention_bias:
+        out["bqkv"] = torch.cat([take(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
+    return out
 
+
+def _copy_checked(module: torch.nn.Module, params: dict[str, torch.Tensor], source: str) -> None:
+    own = dict(module.named_parameters(remove_duplicate=False))
+    for name, value in params.items():
+        if own[name].shape != value.shape:
+            raise CheckpointError(
+                f"{source}: '{name}' has shape {tuple(value.shape)}, config says "
+                f"{tuple(own[name].shape)}"
+            )
+        own[name].data.copy_(value)
+
+
+def _taker(state: dict[str, torch.Tensor], source: str) -> Callable[[str], torch.Tensor]:
     def take(name: str) -> torch.Tensor:
         if name not in state:
             raise CheckpointError(f"{source}: weight '{name}' is missing")
         return state[name].float()
 
+    return take
+
+
+def build(cfg: ModelConfig, hf: Any, state: dict[str, torch.Tensor], source: str) -> SortedModel:
+    """Fuse a Hugging Face LLaMA-family state dict into a SortedModel (fp32, CPU)."""
+    state = {k.removeprefix("model.") if k.startswith("model.") else k: v for k, v in state.items()}
+    take = _taker(state, source)
     inv_freq, scaling = rope_frequencies(hf)
     with torch.device("meta"):
         model = SortedModel(cfg, inv_freq, scaling)
@@ -170,30 +212,28 @@ def build(cfg: ModelConfig, hf: Any, state: dict[str, torch.Tensor], source: str
     if not cfg.tie_word_embeddings:
         params["lm_head"] = take("lm_head.weight")
     for i in range(cfg.num_layers):
-        p = f"layers.{i}."
-        params[p + "input_norm"] = take(p + "input_layernorm.weight")
-        params[p + "post_norm"] = take(p + "post_attention_layernorm.weight")
-        params[p + "wqkv"] = torch.cat(
-            [take(p + f"self_attn.{x}_proj.weight") for x in "qkv"], dim=0
-        )
-        if cfg.attention_bias:
-            params[p + "bqkv"] = torch.cat([take(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
-        params[p + "wo"] = take(p + "self_attn.o_proj.weight")
-        params[p + "w_gate_up"] = torch.cat(
-            [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")], dim=0
-        )
-        params[p + "w_down"] = take(p + "mlp.down_proj.weight")
-    own = dict(model.named_parameters(remove_duplicate=False))
-    for name, value in params.items():
-        if own[name].shape != value.shape:
-            raise CheckpointError(
-                f"{source}: '{name}' has shape {tuple(value.shape)}, config says "
-                f"{tuple(own[name].shape)}"
-            )
-        own[name].data.copy_(value)
+        for name, value in fused_layer(take, f"layers.{i}.", cfg).items():
+            params[f"layers.{i}.{name}"] = value
+    _copy_checked(model, params, source)
     if cfg.tie_word_embeddings:
         model.lm_head = model.embed
     return model
+
+
+def _exit_layers(path: Path, cfg: ModelConfig, exits: tuple[int, ...]) -> dict[str, Layer]:
+    """A balcony checkpoint's exit layers: `exits.{e}.<HF decoder-layer name>` per exit
+    below full depth."""
+    take = _taker(read_tensors(path), str(path))
+    layers: dict[str, Layer] = {}
+    for e in exits:
+        if e == cfg.num_layers:
+            continue  # full depth is the base itself
+        with torch.device("meta"):
+            layer = Layer(cfg)
+        layer = layer.to_empty(device="cpu")
+        _copy_checked(layer, fused_layer(take, f"exits.{e}.", cfg), str(path))
+        layers[str(e)] = layer
+    return layers
 
 
 def _exit_heads(path: Path, cfg: ModelConfig, exits: tuple[int, ...]) -> dict[int, ExitHead]:
@@ -242,11 +282,13 @@ def load(
     directory = resolve(spec)
     soft = read_soft_json(directory, None)
     delta = directory / DELTA
-    if delta.exists() and not (directory / "config.json").exists():
-        # a delta checkpoint: weights = base_model's + this delta
+    on_base = delta.exists() or (directory / EXIT_LAYERS).exists()
+    if on_base and not (directory / "config.json").exists():
+        # a delta or exit-layer checkpoint: weights = base_model's (+ this delta)
         if soft is None or not soft.base_model:
+            what = DELTA if delta.exists() else EXIT_LAYERS
             raise CheckpointError(f"{directory / 'soft.json'}: field 'base_model' is required "
-                                  f"next to {DELTA}")  # fmt: skip
+                                  f"next to {what}")  # fmt: skip
         base_dir = resolve(soft.base_model)
         weights_dir = base_dir
     else:
@@ -264,6 +306,11 @@ def load(
     model = build(cfg, hf, state, str(weights_dir))
     if soft.method == "early-exit":
         model.exit_heads = _exit_heads(directory / EXIT_HEADS, cfg, soft.exits)
+    if soft.method == "balcony":
+        if not (directory / EXIT_LAYERS).exists():
+            raise CheckpointError(f"{directory / 'soft.json'}: field 'method' is 'balcony' but "
+                                  f"{EXIT_LAYERS} is missing")  # fmt: skip
+        model.exit_layers.update(_exit_layers(directory / EXIT_LAYERS, cfg, soft.exits))
     model.soft = soft
     model.source = str(spec)
     model.tokenizer = _tokenizer(directory, weights_dir)

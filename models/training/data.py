@@ -1,14 +1,19 @@
 """Instruction data for `soft-train` and `soft-eval`: records → token ids + response labels.
 
-Two record shapes, in a JSON array or JSONL (one object per line):
+Record shapes, in a JSON array or JSONL (one object per line):
 - Alpaca: `{"instruction": str, "input": str (optional), "output": str, "system": str (opt)}`
 - chat:   `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`
+- ShareGPT: `{"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}`,
+  optionally with `"chosen": {"from": "gpt", "value": str}` (preference data: the chosen
+  answer is the assistant turn); turns after the last `gpt` turn are dropped
+- text:   `{"text": str}` (plain text, e.g. C4); a `.txt` file holds one text per line
 
-Each record becomes messages, rendered with the tokenizer's chat template (or the Alpaca
-prompt template when the tokenizer has none). Labels are -100 on everything but the
+Each chat record becomes messages, rendered with the tokenizer's chat template (or the
+Alpaca prompt template when the tokenizer has none). Labels are -100 on everything but the
 assistant turns (loss on response tokens only), aligned with `input_ids` the Hugging Face
-way (the loss shifts them). A malformed record is reported with its line (JSONL) or record
-number (JSON array) and skipped or refused (`on_bad="skip"|"error"`).
+way (the loss shifts them); a text record is labelled on every token. A malformed record
+is reported with its line (JSONL) or record number (JSON array) and skipped or refused
+(`on_bad="skip"|"error"`). Several files mix with `load_mixture("a.json@:899", "b.txt")`.
 """
 
 from __future__ import annotations
@@ -40,11 +45,12 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    """One parsed record: chat messages and where it came from (for messages)."""
+    """One parsed record: chat messages (or plain text) and where it came from."""
 
     messages: tuple[dict[str, str], ...]
     where: str  # "file:line 12" or "file:record 3"
     index: int  # 0-based position among all records of the file
+    text: str | None = None  # a plain-text record (no messages): every token is a target
 
 
 @dataclass(frozen=True)
@@ -92,10 +98,49 @@ class Batch:
 # -- reading --------------------------------------------------------------------------
 
 
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}  # fmt: skip
+
+
+def _sharegpt_messages(obj: dict[str, Any]) -> tuple[dict[str, str], ...]:
+    turns = obj["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("'conversations' must be a non-empty list")
+    if "chosen" in obj:
+        turns = [*turns, obj["chosen"]]
+    out = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or not isinstance(t.get("value"), str):
+            raise ValueError(f"conversations[{i}] must be an object with a string 'value'")
+        role = SHAREGPT_ROLES.get(t.get("from"))  # type: ignore[arg-type]
+        if role is None:
+            raise ValueError(f"conversations[{i}].from is {t.get('from')!r}; expected one of "
+                             f"{sorted(SHAREGPT_ROLES)}")  # fmt: skip
+        out.append({"role": role, "content": t["value"]})
+    while out and out[-1]["role"] != "assistant":
+        out.pop()
+    while out and out[0]["role"] == "assistant":  # a conversation the human did not start
+        out.pop(0)
+    if not out or not out[-1]["content"].strip():
+        raise ValueError("no non-empty 'gpt' turn to learn from")
+    return tuple(out)
+
+
+def _record_text(obj: Any) -> str | None:
+    """The text of a plain-text record, None for a chat record."""
+    if isinstance(obj, dict) and "text" in obj and "messages" not in obj:
+        if not isinstance(obj["text"], str) or not obj["text"].strip():
+            raise ValueError("'text' must be a non-empty string")
+        return str(obj["text"])
+    return None
+
+
 def _record_messages(obj: Any) -> tuple[dict[str, str], ...]:
     """Validate one decoded object; raise ValueError saying what is wrong."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    if "conversations" in obj:
+        return _sharegpt_messages(obj)
     if "messages" in obj:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not msgs:
@@ -131,7 +176,7 @@ def _record_messages(obj: Any) -> tuple[dict[str, str], ...]:
 
 
 def read_records(path: Path, on_bad: str = "skip") -> tuple[list[Record], list[BadRecord], int]:
-    """Parse a JSON array or JSONL file.
+    """Parse a JSON array, a JSONL file, or a `.txt` file (one text record per line).
 
     Returns:
         (records, bad records, total number of records seen including bad ones).
@@ -144,7 +189,10 @@ def read_records(path: Path, on_bad: str = "skip") -> tuple[list[Record], list[B
     text = path.read_text(encoding="utf-8")
     items: list[tuple[str, Any, str | None]] = []  # (where, object, parse error)
     stripped = text.lstrip()
-    if stripped.startswith("["):
+    if path.suffix == ".txt":
+        items = [(f"{path}:line {n}", {"text": line}, None)
+                 for n, line in enumerate(text.splitlines(), start=1) if line.strip()]  # fmt: skip
+    elif stripped.startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -164,7 +212,9 @@ def read_records(path: Path, on_bad: str = "skip") -> tuple[list[Record], list[B
         try:
             if err is not None:
                 raise ValueError(err)
-            records.append(Record(_record_messages(obj), where, index))
+            plain = _record_text(obj)
+            msgs = () if plain is not None else _record_messages(obj)
+            records.append(Record(msgs, where, index, plain))
         except ValueError as e:
             if on_bad == "error":
                 raise DataError(f"{where}: {e} (use --on-bad-record skip to skip it)") from e
@@ -228,6 +278,9 @@ def tokenize(tokenizer: Any, record: Record, max_length: int) -> Example | None:
     Each assistant turn i is labelled over the tokens that rendering messages[:i+1] adds
     to rendering messages[:i] with the generation prompt (its content + end of turn).
     """
+    if record.text is not None:
+        ids = _ids(tokenizer, record.text)[:max_length]
+        return Example(tuple(ids), tuple(ids), 0, record.index) if len(ids) > 1 else None
     msgs = record.messages
     ids = _ids(tokenizer, render(tokenizer, msgs, False))
     labels = [IGNORE] * len(ids)
@@ -235,7 +288,7 @@ def tokenize(tokenizer: Any, record: Record, max_length: int) -> Example | None:
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        start = len(_ids(tokenizer, render(tokenizer, msgs[:i], True)))
+        start = len(_ids(tokenizer, render(tokenizer, msgs[:i], True))) if i else 0
         end = len(_ids(tokenizer, render(tokenizer, msgs[: i + 1], False)))
         end = min(end, len(ids))
         labels[start:end] = ids[start:end]
@@ -277,6 +330,43 @@ def load_dataset(
         raise DataError(f"{path}: no usable records in range {lo}:{hi}")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return Dataset(examples, kept, bad, too_long, digest, total)
+
+
+def split_spec(spec: str | Path) -> tuple[Path, slice]:
+    """'PATH' or 'PATH@START:END' (a slice of that file's records) → (path, slice)."""
+    text = str(spec)
+    path, _, rng = text.rpartition("@") if "@" in text else (text, "", "")
+    return Path(path), parse_range(rng or None)
+
+
+def load_mixture(
+    specs: Sequence[str | Path],
+    tokenizer: Any,
+    max_length: int = 512,
+    on_bad: str = "skip",
+    records: slice = slice(None),
+) -> Dataset:
+    """`load_dataset` over several files ('PATH' or 'PATH@START:END' each; `records`
+    applies to files without their own range), concatenated in order. The checksum
+    covers every file and its range."""
+    parts = []
+    for spec in specs:
+        path, rng = split_spec(spec)
+        parts.append(load_dataset(path, tokenizer, max_length, on_bad,
+                                  rng if "@" in str(spec) else records))  # fmt: skip
+    if len(parts) == 1:
+        return parts[0]
+    digest = hashlib.sha256(
+        "\n".join(f"{s} {p.sha256}" for s, p in zip(specs, parts, strict=True)).encode()
+    ).hexdigest()
+    return Dataset(
+        examples=[e for p in parts for e in p.examples],
+        records=[r for p in parts for r in p.records],
+        bad=[b for p in parts for b in p.bad],
+        too_long=sum(p.too_long for p in parts),
+        sha256=digest,
+        total_records=sum(p.total_records for p in parts),
+    )
 
 
 # -- batching -------------------------------------------------------------------------

@@ -5,7 +5,9 @@
 
 Methods: `soft` (every exit of one forward pass, loss = weighted mean over exits),
 `sft` (last layer only), `early-exit` (the paper's baseline: backbone frozen, one trained
-norm + head per exit, saved as `exit_heads.safetensors`). Full fine-tuning, or peft LoRA
+norm + head per exit, saved as `exit_heads.safetensors`), `balcony` (base frozen, one new
+decoder layer per exit distilled from the full model on a teacher cache, saved as
+`exit_layers.safetensors`; full depth stays the base, bit for bit). Full fine-tuning, or peft LoRA
 (`--lora-rank`) on all attention and MLP projections with the final norm trainable too.
 Many processes: `torchrun` / `accelerate launch` (DDP or FSDP), see docs/training.md.
 """
@@ -37,12 +39,12 @@ from models.checkpoint import (
     save_delta,
     write_soft_json,
 )
-from models.training.data import DataError, collate, load_dataset, parse_range, step_batches
+from models.training.data import DataError, collate, load_mixture, parse_range, step_batches
+from models.training.resume import RESUME_DIR, load_resume, save_resume
 from models.training.sorted_loss import ExitHeadModule, FrozenTeacher, SortedLoss, default_exits
 
 log = logging.getLogger("soft-train")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-RESUME_DIR = "resume"
 
 
 @dataclass(frozen=True)
@@ -62,14 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
         default="smollm2-135m-instruct",
         help="base: a built-in name, HF dir, SoFT/delta checkpoint or .gguf",
     )
-    p.add_argument("--data", required=True, type=Path, help="Alpaca JSON/JSONL or chat JSONL")
+    p.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        help="data files (Alpaca/chat/ShareGPT JSON or JSONL, {'text'} JSONL, .txt), each\n"
+        "optionally PATH@START:END (a slice of its records); several are mixed in order",
+    )
     p.add_argument(
         "--records",
         default=None,
         help="START:END slice of the file's records to train on (e.g. :899)",
     )
     p.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
-    p.add_argument("--method", choices=("soft", "sft", "early-exit"), default="soft")
+    p.add_argument("--method", choices=("soft", "sft", "early-exit", "balcony"), default="soft")
     p.add_argument(
         "--exits",
         default=None,
@@ -92,6 +100,24 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("response", "all"),
         default="response",
         help="positions the KL covers: the response only, or every token (prompt too)",
+    )
+    p.add_argument(
+        "--teacher-k",
+        type=int,
+        default=32,
+        help="balcony: teacher log-probabilities cached per token (plus the rest's mass)",
+    )
+    p.add_argument(
+        "--exit-init",
+        choices=("last", "next"),
+        default="last",
+        help="balcony: each exit layer starts as a copy of the base's last layer, or of\n"
+        "the layer that follows the exit (layer e)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="balcony: where teacher caches live (default $SOFT_CACHE_DIR/teacher)",
     )
     p.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
     p.add_argument("--lora-alpha", type=float, default=None, help="default 2 x rank")
@@ -178,74 +204,6 @@ def lora_delta(model: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any], flo
     return full, lora, scale
 
 
-# -- resumable state ------------------------------------------------------------------
-
-
-def save_resume(out: Path, wrapper: nn.Module, opt: Any, sched: Any, step: int,
-                history: list[dict[str, float]], commands: list[str]) -> None:  # fmt: skip
-    from safetensors.torch import save_file
-
-    tmp = out / (RESUME_DIR + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    params = {n: p.detach().contiguous() for n, p in wrapper.named_parameters() if p.requires_grad}
-    save_file(params, str(tmp / "trainable.safetensors"))
-    rng = {"torch": torch.get_rng_state()}
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                "history": history, "rng": rng, "commands": commands},
-               tmp / "state.pt")  # fmt: skip
-    final = out / RESUME_DIR
-    if final.exists():
-        import shutil
-
-        shutil.rmtree(final)
-    tmp.replace(final)
-
-
-def load_resume(
-    out: Path, wrapper: nn.Module, opt: Any, sched: Any
-) -> tuple[int, list[dict[str, float]], list[str]]:
-    """Restore OUT/resume into `wrapper`, `opt` and `sched`; (step, history, commands).
-
-    The exits may change on resume (e.g. a shallower exit added to a finished run) when
-    nothing trainable belongs to one exit (soft, sft); early-exit heads must match.
-    Raises ValueError with what to change when the saved state does not fit.
-    """
-    from safetensors.torch import load_file
-
-    d = out / RESUME_DIR
-    params = load_file(str(d / "trainable.safetensors"))
-    own = dict(wrapper.named_parameters())
-    if missing := sorted(set(params) - set(own)):
-        raise ValueError(f"{d}: saved weights {missing[:3]} have no place in this run "
-                         "(early-exit heads: resume with the same --exits)")  # fmt: skip
-    with torch.no_grad():
-        for n, v in params.items():
-            own[n].copy_(v)
-    state = torch.load(d / "state.pt", weights_only=True)  # never unpickles code
-    history = [history_row(h, state, out) for h in state["history"]]
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    # --steps may differ from the saved run's: the LR of the next step follows the new schedule
-    for group, base, fn in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
-        group["lr"] = base * fn(sched.last_epoch)
-    torch.set_rng_state(state["rng"]["torch"])
-    return int(state["step"]), history, list(state.get("commands", []))
-
-
-def history_row(row: Any, state: dict[str, Any], out: Path) -> dict[str, float]:
-    """One step's per-exit CE as {exit: ce}; states written before rows were keyed by
-    exit hold plain lists, ordered as the exits in OUT/soft.json."""
-    if isinstance(row, dict):
-        return {str(k): float(v) for k, v in row.items()}
-    soft = read_soft_json(out, None)
-    exits = list(soft.exits) if soft else []
-    if len(exits) != len(row):
-        raise ValueError(f"{out / RESUME_DIR}: an old resume state whose exits are unknown "
-                         f"({len(row)} losses per step, soft.json lists {exits}); "
-                         "resume it once with its original --exits")  # fmt: skip
-    return {str(e): float(x) for e, x in zip(exits, row, strict=True)}
-
-
 # -- training -------------------------------------------------------------------------
 
 
@@ -276,10 +234,17 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainRes
         if len(weights) != len(exits) or min(weights) < 0 or sum(weights) <= 0:
             parser.error(f"--exit-weights needs {len(exits)} non-negative numbers (one per exit)")
     try:
-        data = load_dataset(args.data, tokenizer, args.max_length, args.on_bad_record,
+        data = load_mixture(args.data, tokenizer, args.max_length, args.on_bad_record,
                             parse_range(args.records))  # fmt: skip
     except (DataError, ValueError) as e:
         parser.error(str(e))
+    if args.method == "balcony":
+        from models.training.balcony import train_balcony
+
+        if exits[-1] != num_layers:
+            exits.append(num_layers)  # full depth: the base itself
+        return cast(TrainResult, train_balcony(args, parser, model, tokenizer, base_name,
+                                               exits, data))  # fmt: skip
 
     # 1) what trains (and, for self-distillation, the untrained teacher)
     peft_model = None
@@ -378,7 +343,8 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainRes
     if acc.is_main_process:
         training = {
             "method": args.method, "exits": exits, "exit_weights": weights,
-            "base_model": base_name, "data": str(args.data), "data_sha256": data.sha256,
+            "base_model": base_name, "data_sha256": data.sha256,
+            "data": args.data if len(args.data) > 1 else args.data[0],
             "records": args.records or ":", "examples": len(data.examples),
             "bad_records": len(data.bad), "command": args.command, "commands": commands,
             "steps": step, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
@@ -440,8 +406,15 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--lora-rank must be >= 0")
     if not 0.0 <= args.distill <= 1.0:
         parser.error(f"--distill must be in [0, 1], got {args.distill}")
-    if not args.data.is_file():
-        parser.error(f"--data {args.data}: no such file (try `make data`)")
+    from models.training.data import split_spec
+
+    for spec in args.data:
+        if not split_spec(spec)[0].is_file():
+            parser.error(f"--data {spec}: no such file (try `make data`)")
+    if args.method == "balcony" and (args.lora_rank or args.distill or args.save_delta):
+        parser.error(
+            "--method balcony trains exit layers only: drop --lora-rank/--distill/--save-delta"
+        )
     try:
         loader.resolve(args.model)
     except (FileNotFoundError, ValueError) as e:
