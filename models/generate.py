@@ -56,7 +56,7 @@ def greedy_generate(
     """Greedy continuation of one prompt (1-D ids) at `depth`; stops at an EOS token
     (included) or after max_new_tokens."""
     ids = input_ids.to(model.device).view(1, -1)
-    cache = DenseKVCache(model.num_layers, model.scale)
+    cache = DenseKVCache(model.num_kv_layers, model.scale)
     out: list[int] = []
     pos = torch.arange(ids.shape[1], device=model.device).view(1, -1)
     for _ in range(max_new_tokens):

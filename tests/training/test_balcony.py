@@ -24,7 +24,8 @@ from models.training.balcony import (
     read_batch,
     topk_kl,
 )
-from models.training.data import load_dataset
+from models.training.data import collate, load_dataset
+from models.training.evaluate import response_ce
 from models.training.train import main as train_main
 from tests.conftest import make_hf_model
 from tests.training.test_data import make_tokenizer, write_alpaca
@@ -204,6 +205,18 @@ def test_balcony_checkpoint_full_depth_is_the_base_and_exits_match_by_hand(
     for j, d in enumerate(depths):
         assert torch.allclose(mixed[j], m.logits(ids4[j : j + 1], d)[0], atol=1e-5), (j, d)
     assert m.weight_bytes(2) == base.weight_bytes(3)  # 2 base layers + the exit layer
+    # soft-eval's CE carries the base's residual deeper and runs each exit layer on a copy
+    ds = load_dataset(data_file, m.tokenizer, 64)
+    ce = response_ce(m, ds, [1, 2, 4], batch_size=3)
+    for d in (1, 2, 4):
+        total, n = 0.0, 0
+        for ex in ds.examples:
+            b = collate([ex], 0)
+            tgt = b.labels[0, 1:]
+            logits = m.logits(b.input_ids, d)[0, :-1]
+            total += float(F.cross_entropy(logits, tgt, ignore_index=-100, reduction="sum"))
+            n += int((tgt != -100).sum())
+        assert math.isclose(ce[d], total / n, rel_tol=1e-5), d
 
 
 def test_balcony_resume_continues(tiny_base: Path, data_file: Path, tmp_path: Path) -> None:

@@ -67,8 +67,8 @@ def test_markdown_table_rows() -> None:
         [DepthResult(2, 1.5, 4.48, 0.25, 0.5, 100.0), DepthResult(4, 1.0, 2.72, None, None, None)],
     )
     table = markdown_table([r]).splitlines()
-    assert table[2] == "| A | soft | 2 | 1.500 | 4.5 | 0.250 | 0.500 | 100.0 |"
-    assert table[3] == "| A | soft | 4 | 1.000 | 2.7 | – | – | – |"
+    assert table[2] == "| A | soft | 2 | 1.500 | 4.5 | 0.250 | 0.500 | – | 100.0 | – |"
+    assert table[3] == "| A | soft | 4 | 1.000 | 2.7 | – | – | – | – | – |"
 
 
 def test_soft_eval_writes_json_markdown_and_plot(tiny_tok_dir: Path, tmp_path: Path) -> None:
@@ -80,6 +80,7 @@ def test_soft_eval_writes_json_markdown_and_plot(tiny_tok_dir: Path, tmp_path: P
             str(tiny_tok_dir),
             "--data",
             str(data),
+            f"{data}@:3",
             "--records",
             "2:",
             "--gen-samples",
@@ -97,6 +98,15 @@ def test_soft_eval_writes_json_markdown_and_plot(tiny_tok_dir: Path, tmp_path: P
     assert [d["depth"] for d in first["depths"]] == [2, 4]
     full = first["depths"][-1]
     assert full["agreement"] == 1.0  # full depth agrees with itself
+    assert full["token_agreement"] == 1.0
+    assert 0.0 <= first["depths"][0]["token_agreement"] <= 1.0
+    assert all(d["tokens_per_s_b16"] > 0 for d in first["depths"])
+    # CE on each data set; the first is the primary (records 2: of it)
+    assert list(full["ce_by_data"]) == [str(data), f"{data}@:3"]
+    assert full["ce_by_data"][str(data)] == full["ce"]
+    m0 = models.load(tiny_tok_dir)
+    want_ce = response_ce(m0, load_dataset(data, m0.tokenizer, records=slice(0, 3)), [4], 8)
+    assert math.isclose(full["ce_by_data"][f"{data}@:3"], want_ce[4], rel_tol=1e-3)
     assert all(d["tokens_per_s"] > 0 for d in first["depths"])
     assert payload["results"][1]["label"] == str(tiny_tok_dir)
     assert out.with_suffix(".md").read_text().count("\n") == 2 + 4
