@@ -165,15 +165,18 @@ def build_cache(
             for j, s in enumerate(batch):
                 ids[j, : lengths[s]] = torch.tensor(examples[s].input_ids)
                 mask[j, : lengths[s]] = 1
-            out = causal_lm(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            dev = causal_lm.device
+            out = causal_lm(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                            output_hidden_states=True)  # fmt: skip
             logp = F.log_softmax(out.logits.float(), dim=-1)  # (B, T, V)
-            top_v, top_i = logp.topk(k, dim=-1)
+            top_v, top_i = (x.cpu() for x in logp.topk(k, dim=-1))
             rest = log1mexp(torch.logsumexp(top_v, dim=-1))
+            states = {e: out.hidden_states[e].float().cpu() for e in exits}
             for j, s in enumerate(batch):
                 lo, hi, m = int(offsets[s]), int(offsets[s + 1]), int(lengths[s])
                 tokens[lo:hi] = ids[j, :m].numpy()
                 for e in exits:
-                    h = out.hidden_states[e][j, :m].float()
+                    h = states[e][j, :m]
                     assert torch.isfinite(h.half()).all(), f"exit {e}: residual overflows fp16"
                     hidden[e][lo:hi] = h.half().numpy()
                 top_ids[lo:hi] = top_i[j, :m].numpy()
@@ -303,7 +306,8 @@ class CachedBatch:
     normaliser: float  # tokens of the whole optimizer step (the loss is a per-token mean)
 
 
-def read_batch(cache: TeacherCache, seqs: Sequence[int], normaliser: float) -> CachedBatch:
+def read_batch(cache: TeacherCache, seqs: Sequence[int], normaliser: float,
+               device: torch.device | str = "cpu") -> CachedBatch:  # fmt: skip
     lens = [cache.sequence(s).stop - cache.sequence(s).start for s in seqs]
     b, t = len(seqs), max(lens)
     mask = torch.zeros(b, t, dtype=torch.long)
@@ -319,13 +323,13 @@ def read_batch(cache: TeacherCache, seqs: Sequence[int], normaliser: float) -> C
     causal = torch.ones(t, t, dtype=torch.bool).tril()
     attn = causal[None, None] & mask.bool()[:, None, None, :]
     return CachedBatch(
-        hidden=hidden,
-        positions=torch.arange(t).expand(b, t),
-        mask=mask,
-        attn_mask=attn,
-        top_ids=torch.from_numpy(np.asarray(cache.top_ids[idx])).long(),
-        top_logp=torch.from_numpy(np.asarray(cache.top_logp[idx])),
-        rest_logp=torch.from_numpy(np.asarray(cache.rest_logp[idx])),
+        hidden={e: h.to(device) for e, h in hidden.items()},
+        positions=torch.arange(t).expand(b, t).to(device),
+        mask=mask.to(device),
+        attn_mask=attn.to(device),
+        top_ids=torch.from_numpy(np.asarray(cache.top_ids[idx])).long().to(device),
+        top_logp=torch.from_numpy(np.asarray(cache.top_logp[idx])).to(device),
+        rest_logp=torch.from_numpy(np.asarray(cache.rest_logp[idx])).to(device),
         normaliser=normaliser,
     )
 
@@ -379,7 +383,8 @@ def train_balcony(args: Any, parser: Any, causal_lm: Any, tokenizer: Any, base_n
     trained = [e for e in exits if e < num_layers]
     if not trained:
         parser.error("--method balcony needs at least one exit below full depth")
-    causal_lm.requires_grad_(False).eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    causal_lm.requires_grad_(False).eval().to(device)
     root = Path(args.cache_dir) if args.cache_dir else cache_dir() / "teacher"
     t_cache = time.time()
     cache = build_cache(causal_lm, data.examples, trained, args.teacher_k, root,
@@ -410,7 +415,7 @@ def train_balcony(args: Any, parser: Any, causal_lm: Any, tokenizer: Any, base_n
         n_tok = sum(len(e.input_ids) for mb in micro for e in mb)
         sums = dict.fromkeys(trained, 0.0)
         for mb in micro:
-            batch = read_batch(cache, [position[id(e)] for e in mb], float(n_tok))
+            batch = read_batch(cache, [position[id(e)] for e in mb], float(n_tok), device)
             loss, per_exit = layers(batch)
             loss.backward()
             for e, v in per_exit.items():
@@ -444,7 +449,8 @@ def train_balcony(args: Any, parser: Any, causal_lm: Any, tokenizer: Any, base_n
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    save_file(exit_layer_tensors(layers, torch.bfloat16), str(out / EXIT_LAYERS))
+    save_file({k: v.cpu() for k, v in exit_layer_tensors(layers, torch.bfloat16).items()},
+              str(out / EXIT_LAYERS))  # fmt: skip
     tokenizer.save_pretrained(str(out))
     write_soft_json(out, SoftConfig(method="balcony", exits=tuple(exits), base_model=base_name,
                                     training=training))  # fmt: skip

@@ -57,6 +57,7 @@ class Record:
 class BadRecord:
     where: str
     reason: str
+    index: int = -1  # 0-based position among all records of the file
 
     def __str__(self) -> str:
         return f"{self.where}: {self.reason}"
@@ -218,7 +219,7 @@ def read_records(path: Path, on_bad: str = "skip") -> tuple[list[Record], list[B
         except ValueError as e:
             if on_bad == "error":
                 raise DataError(f"{where}: {e} (use --on-bad-record skip to skip it)") from e
-            bad.append(BadRecord(where, str(e)))
+            bad.append(BadRecord(where, str(e), index))
     return records, bad, len(items)
 
 
@@ -311,9 +312,10 @@ def load_dataset(
     if not path.is_file():
         raise DataError(f"{path}: no such data file (try `make data`)")
     parsed, bad, total = read_records(path, on_bad)
+    lo, hi, _ = records.indices(total)
+    bad = [b for b in bad if lo <= b.index < hi]  # only the selected records count
     for b in bad:
         log.warning("skipping bad record %s", b)
-    lo, hi, _ = records.indices(total)
     parsed = [r for r in parsed if lo <= r.index < hi]
     examples, kept = [], []
     too_long = 0

@@ -16,8 +16,10 @@ from models.training.data import (
     Record,
     collate,
     load_dataset,
+    load_mixture,
     parse_range,
     read_records,
+    split_spec,
     step_batches,
     tokenize,
 )
@@ -196,3 +198,49 @@ def test_step_batches_are_deterministic_and_split_across_ranks(tmp_path: Path) -
     seen = [e.index for s in range(3) for mb in step_batches(ds.examples, s, 2, 1, seed=1)
             for e in mb]  # fmt: skip
     assert sorted(seen) == [0, 1, 2, 3, 4, 5]
+
+
+def test_sharegpt_text_and_txt_records_with_their_lines(tmp_path: Path) -> None:
+    tok = make_tokenizer()
+    conv = tmp_path / "c.jsonl"
+    rows = [
+        {"conversations": [{"from": "gpt", "value": "hello"}, {"from": "human", "value": "hi"},
+                           {"from": "gpt", "value": "ok"}, {"from": "human", "value": "bye"}]},
+        {"conversations": [{"from": "robot", "value": "x"}]},
+        {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt",
+                                                                       "value": "a"}},
+        {"conversations": [{"from": "human", "value": "only a question"}]},
+        {"text": "plain text here"},
+        {"text": ""},
+    ]  # fmt: skip
+    conv.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    recs, bad, total = read_records(conv)
+    assert total == 6
+    # a leading gpt turn and trailing human turns are dropped; the chosen answer is a turn
+    assert [m["role"] for m in recs[0].messages] == ["user", "assistant"]
+    assert recs[1].messages[-1] == {"role": "assistant", "content": "a"}
+    assert recs[2].text == "plain text here" and recs[2].messages == ()
+    assert [b.where for b in bad] == [f"{conv}:line {n}" for n in (2, 4, 6)]
+    assert "'robot'" in bad[0].reason and "gpt" in bad[1].reason and "'text'" in bad[2].reason
+    ex = tokenize(tok, recs[2], 64)
+    assert ex is not None and ex.labels == ex.input_ids  # every token of text is a target
+    assert text_of(tok, list(ex.input_ids)) == "plain text here"
+    txt = tmp_path / "w.txt"
+    txt.write_text("first paragraph\n\nsecond one\n")
+    recs, bad, total = read_records(txt)
+    assert [(r.where, r.text) for r in recs] == [(f"{txt}:line 1", "first paragraph"),
+                                                 (f"{txt}:line 3", "second one")]  # fmt: skip
+
+
+def test_mixture_concatenates_files_with_their_own_ranges(tmp_path: Path) -> None:
+    tok = make_tokenizer()
+    a = write_alpaca(tmp_path / "a.json", 6)
+    txt = tmp_path / "w.txt"
+    txt.write_text("one\ntwo\nthree\n")
+    mix = load_mixture([f"{a}@2:4", txt], tok, 64)
+    single = load_dataset(a, tok, 64, records=slice(2, 4))
+    assert [e.input_ids for e in mix.examples[:2]] == [e.input_ids for e in single.examples]
+    assert len(mix.examples) == 5 and mix.total_records == 9
+    assert mix.sha256 != single.sha256
+    assert split_spec("x/y.json@:899") == (Path("x/y.json"), slice(None, 899))
+    assert split_spec("x/y.json") == (Path("x/y.json"), slice(None))
