@@ -38,8 +38,8 @@ from torch import nn
 import models
 from models.llama import linear, pack
 from models.loader import resolve
-from server.engine import Engine, EngineConfig, on_own_thread
-from server.types import GenerationRequest, SamplingParams
+from server.engine.core import Engine, EngineConfig, on_own_thread
+from server.engine.types import GenerationRequest, SamplingParams
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -113,7 +113,7 @@ def engine_batch(engine: Engine, prompts: list[list[int]], depths: list[int], n:
 @torch.inference_mode()
 def step_cost(engine: Engine, depths: list[int], steps: int = 6) -> float:
     """Seconds per decode step of a batch with these depths (rows at context ~64)."""
-    from server.scheduler import Sequence
+    from server.engine.scheduler import Sequence
 
     seqs = []
     for j, d in enumerate(sorted(depths, reverse=True)):

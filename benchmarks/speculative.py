@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import models
-from server.engine import Engine, EngineConfig, on_own_thread
-from server.speculative import SpecConfig, expected_tokens
-from server.types import GenerationRequest, SamplingParams
+from server.engine.core import Engine, EngineConfig, on_own_thread
+from server.engine.speculative import SpecConfig, expected_tokens
+from server.engine.types import GenerationRequest, SamplingParams
 
 INSTRUCTIONS = [
     "Give three tips for staying healthy.",

@@ -111,7 +111,7 @@ def spread(exits: Sequence[int], k: int = 5) -> list[int]:
 
 
 def measure(engine: Any, depths: list[int], args: argparse.Namespace) -> Measurements:
-    from server.types import GenerationRequest, SamplingParams
+    from server.engine.types import GenerationRequest, SamplingParams
 
     lens = [n for n in args.prompt_lens if n + 2 <= engine.max_model_len] or [4]
     batches = [b for b in args.batch_sizes if b <= engine.config.max_num_seqs] or [1]
@@ -195,7 +195,7 @@ def in_depth(table: dict[int, float]) -> dict[int, float]:
 
 
 def fit(m: Measurements, exits: Sequence[int]) -> Any:
-    from server.policy import LatencyProfile
+    from server.policy.policies import LatencyProfile
 
     base, per_token, step, per_row = {}, {}, {}, {}
     for d in m.prefill:
@@ -283,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )  # fmt: skip
     if args.out is not None and not os.access(args.out.parent.resolve(), os.W_OK):
         return fail(f"--out {args.out}: the directory does not exist or is not writable")
-    from server.engine import Engine, EngineConfig, on_own_thread
+    from server.engine.core import Engine, EngineConfig, on_own_thread
 
     def build() -> tuple[models.SortedModel, Engine]:
         # torch work on a thread that ends: the engine's step thread is then the only one

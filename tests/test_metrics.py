@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.engine.types import EngineStats
 from server.metrics import Metrics, RequestRecord
-from server.types import EngineStats
 
 NAMES = [
     "soft_request_latency_seconds", "soft_time_to_first_token_seconds",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from models.checkpoint import read_soft_json
-from server.policy import LatencyProfile, read_profile_file
+from server.policy.policies import LatencyProfile, read_profile_file
 from server.profile import Measurements, fit, in_depth, line_fit, main, spread
 
 QUICK = ["--prompt-lens", "8,32", "--batch-sizes", "1,4", "--repeats", "1", "--tokens", "5"]

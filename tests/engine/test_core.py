@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 import models
-from server.engine import Engine, EngineConfig, on_own_thread
-from server.kv_cache import KVCacheConfig, KVCacheManager
-from server.sampling import draw
-from server.types import GenerationRequest, QueueFull, SamplingParams, TokenEvent
+from server.engine.core import Engine, EngineConfig, on_own_thread
+from server.engine.kv_cache import KVCacheConfig, KVCacheManager
+from server.engine.sampling import draw
+from server.engine.types import GenerationRequest, QueueFull, SamplingParams, TokenEvent
 from tests.conftest import make_hf_model, save_checkpoint
 
 L = 4
@@ -132,7 +132,7 @@ def test_preemption_under_tiny_cache_still_exact(tiny) -> None:
     path, hf = tiny
     # 24 blocks of 16 tokens: a few sequences at once, the rest queue or get preempted
     model = models.load(path, device="cpu")
-    from server.kv_cache import KVCacheConfig
+    from server.engine.kv_cache import KVCacheConfig
 
     block = KVCacheConfig(L, model.cfg.num_kv_heads, model.cfg.head_dim, 1).block_bytes
     engine = make_engine(path, kv_cache_memory=24 * block)
@@ -157,7 +157,7 @@ def test_preemption_under_tiny_cache_still_exact(tiny) -> None:
 def test_kv_bytes_are_proportional_to_depth(tiny) -> None:
     path, _ = tiny
     engine = Engine(models.load(path, device="cpu"), EngineConfig(kv_cache_memory=1 << 22))
-    from server.scheduler import Sequence
+    from server.engine.scheduler import Sequence
 
     full = Sequence(request("a", [5] * 40, 4), [5] * 40, 4)
     half = Sequence(request("b", [5] * 40, 2), [5] * 40, 2)
@@ -292,7 +292,7 @@ def test_queue_drain_rate_is_measured_only_while_requests_wait(tiny) -> None:
     assert rate == pytest.approx(engine._admitted / engine._backlog_s)
     assert 5.0 <= engine._admitted <= 6.0  # six admissions, decayed by under a second
     # the arithmetic: decayed sums of admissions and seconds, time constant ADMIT_TAU_S
-    from server.engine import ADMIT_TAU_S
+    from server.engine.core import ADMIT_TAU_S
 
     engine._admitted = engine._backlog_s = 0.0
     engine._count_admissions(3, 1.0)
@@ -302,7 +302,7 @@ def test_queue_drain_rate_is_measured_only_while_requests_wait(tiny) -> None:
 
 
 def test_snapshot_lists_the_tokens_each_row_has_left(tiny) -> None:
-    from server.scheduler import Sequence
+    from server.engine.scheduler import Sequence
 
     path, _ = tiny
     engine = Engine(models.load(path, device="cpu"), EngineConfig(kv_cache_memory=1 << 22))
@@ -413,7 +413,7 @@ def test_admitted_together_prefill_in_one_padded_forward(tiny) -> None:
 def test_forwards_take_at_most_a_prefill_groups_worth_of_prompt_tokens() -> None:
     from types import SimpleNamespace
 
-    from server.engine import PREFILL_GROUP_TOKENS
+    from server.engine.core import PREFILL_GROUP_TOKENS
 
     def group(tokens: int) -> Any:
         return SimpleNamespace(ids=torch.zeros(1, tokens))

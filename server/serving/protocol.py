@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
-from server.types import SamplingParams
+from server.engine.types import SamplingParams
 
 MAX_LOGPROBS = 20
 MAX_STOP = 16

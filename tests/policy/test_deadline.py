@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 import models
-from server.deadline import DeadlineController
-from server.engine import Engine, EngineConfig
-from server.policy import LatencyProfile
-from server.types import GenerationRequest, SamplingParams, TokenEvent
+from server.engine.core import Engine, EngineConfig
+from server.engine.types import GenerationRequest, SamplingParams, TokenEvent
+from server.policy.deadline import DeadlineController
+from server.policy.policies import LatencyProfile
 
 EXITS = (8, 16, 24, 32)
 STEPS = LatencyProfile.from_json(

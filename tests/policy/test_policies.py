@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import models
-from server.policy import (
+from server.policy.policies import (
     SCALE_TAU_S,
     BudgetPolicy,
     DepthRequest,
@@ -116,7 +116,7 @@ def test_pin_must_be_an_exit() -> None:
 
 
 def test_measure_profile_through_the_engine(tiny_dir: Path) -> None:
-    from server.engine import Engine, EngineConfig
+    from server.engine.core import Engine, EngineConfig
 
     model = models.load(tiny_dir)
     engine = Engine(model, EngineConfig(kv_cache_memory=1 << 22))
@@ -149,7 +149,7 @@ LOADED = LatencyProfile.from_json(
 
 def make_stats(depths: dict[int, int], waiting: int = 0, step_ms: float | None = None,
                interval_ms: float = 0.0, admit_per_s: float = 0.0) -> Any:  # fmt: skip
-    from server.types import EngineStats
+    from server.engine.types import EngineStats
 
     rows = [d for d, n in depths.items() for _ in range(n)]
     step = LOADED.batch_step_ms(rows) if step_ms is None else step_ms
@@ -258,7 +258,7 @@ def test_queue_wait_follows_the_measured_drain_rate() -> None:
 
 
 def test_requests_expected_to_arrive_fill_the_batch_it_decodes_in() -> None:
-    from server.policy import ARRIVAL_TAU_S
+    from server.policy.policies import ARRIVAL_TAU_S
 
     idle = make_stats({})
     pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: idle, max_num_seqs=4)
@@ -276,7 +276,7 @@ def test_requests_expected_to_arrive_fill_the_batch_it_decodes_in() -> None:
 
 
 def test_calibration_learns_from_service_time_not_the_queue() -> None:
-    from server.policy import CALIBRATION_RATE as R
+    from server.policy.policies import CALIBRATION_RATE as R
 
     queued = make_stats({32: 3}, waiting=4, admit_per_s=10.0)
     pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: queued, max_num_seqs=5)
@@ -359,7 +359,7 @@ def test_strict_mode_refuses_what_no_exit_meets() -> None:
 
 
 def test_load_policy_caps_requests_without_a_budget_and_bounds_budgets() -> None:
-    from server.governor import Governor, GovernorConfig
+    from server.policy.governor import Governor, GovernorConfig
 
     stats = make_stats({32: 2}, waiting=9)
     clock = iter(float(t) for t in range(100))
@@ -393,7 +393,7 @@ def test_load_policy_utilization_of_the_recent_arrivals_at_a_depth() -> None:
 
 
 def test_observed_latency_calibrates_the_prediction() -> None:
-    from server.policy import CALIBRATION_RATE as R
+    from server.policy.policies import CALIBRATION_RATE as R
 
     stats = make_stats({32: 3})
     pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: stats)

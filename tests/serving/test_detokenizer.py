@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from server.detokenizer import Detokenizer, Track
-from server.types import GenerationRequest, SamplingParams, TokenEvent
+from server.engine.types import GenerationRequest, SamplingParams, TokenEvent
+from server.serving.detokenizer import Detokenizer, Track
 from tests.fakes import make_tokenizer
 
 

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from models.llama import SortedModel, linear, pack, rms_norm
-from server.sampling import distribution, draw
-from server.types import SamplingParams
+from server.engine.sampling import distribution, draw
+from server.engine.types import SamplingParams
 
 
 @dataclass(frozen=True)

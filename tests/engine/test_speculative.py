@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import models
-from server.engine import Engine, EngineConfig
-from server.speculative import SpecConfig, Speculator, accept, expected_tokens
-from server.types import GenerationRequest, SamplingParams, TokenEvent
+from server.engine.core import Engine, EngineConfig
+from server.engine.speculative import SpecConfig, Speculator, accept, expected_tokens
+from server.engine.types import GenerationRequest, SamplingParams, TokenEvent
 from tests.conftest import make_hf_model, save_checkpoint
 
 SOFT = {"format": "soft-checkpoint/1", "method": "soft", "exits": [1, 2, 3, 4]}
@@ -168,7 +168,7 @@ def test_cost_model_picks_cheap_exits_when_they_agree(tiny: Path) -> None:
 def test_large_decode_batches_decode_plainly(tiny: Path) -> None:
     model = models.load(tiny, device="cpu")
     engine = Engine(model, EngineConfig(speculative=SpecConfig(mode="auto", exit=2, k=3)))
-    from server.scheduler import Sequence
+    from server.engine.scheduler import Sequence
 
     seqs = [Sequence(greedy(f"b{i}", [5, 6], 4, 8), [5, 6], 4) for i in range(5)]
     plain, groups = engine._plan_speculation(seqs)

@@ -5,17 +5,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 
-from server.detokenizer import Track
-from server.policy import DepthChoice
-from server.protocol import (
-    CompletionChoice,
-    CompletionLogprobs,
-    CompletionRequest,
-    CompletionResponse,
-    new_id,
-    now,
-)
-from server.serving_base import (
+from server.engine.types import TokenEvent, TokenLogprob
+from server.policy.policies import DepthChoice
+from server.serving.detokenizer import Track
+from server.serving.generation import (
     Hints,
     Served,
     ServingBase,
@@ -23,7 +16,14 @@ from server.serving_base import (
     engine_error,
     sse,
 )
-from server.types import TokenEvent, TokenLogprob
+from server.serving.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    new_id,
+    now,
+)
 
 
 class CompletionServing(ServingBase):

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.types import GenerationRequest, TokenEvent, TokenLogprob
+from server.engine.types import GenerationRequest, TokenEvent, TokenLogprob
 
 
 class Detokenizer:

@@ -14,8 +14,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from server.policy import LatencyProfile
-from server.types import GenerationRequest, TokenEvent
+from server.engine.types import GenerationRequest, TokenEvent
+from server.policy.policies import LatencyProfile
 
 
 class DeadlineController:

@@ -36,11 +36,11 @@ from typing import TypeVar
 import torch
 
 from models.llama import SortedModel
-from server.kv_cache import KVCacheConfig, KVCacheManager, PagedAttention
-from server.sampling import make_generator, prompt_logprobs, sample_rows, token_logprob
-from server.scheduler import Scheduler, SchedulerOutput, Sequence
-from server.speculative import SpecConfig, Speculator, accept, draft_token
-from server.types import (
+from server.engine.kv_cache import KVCacheConfig, KVCacheManager, PagedAttention
+from server.engine.sampling import make_generator, prompt_logprobs, sample_rows, token_logprob
+from server.engine.scheduler import Scheduler, SchedulerOutput, Sequence
+from server.engine.speculative import SpecConfig, Speculator, accept, draft_token
+from server.engine.types import (
     EngineStats,
     GenerationRequest,
     QueueFull,

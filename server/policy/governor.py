@@ -24,10 +24,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from server.types import EngineStats
+from server.engine.types import EngineStats
 
 if TYPE_CHECKING:
-    from server.policy import LatencyProfile
+    from server.policy.policies import LatencyProfile
 
 
 @dataclass(frozen=True)

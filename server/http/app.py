@@ -22,11 +22,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.governor import GovernorConfig
 from server.metrics import CONTENT_TYPE, Metrics
-from server.policy import LatencyProfile, make_policy, measure_profile, read_profile_file
-from server.protocol import ChatCompletionRequest, CompletionRequest, ErrorInfo, ErrorResponse
-from server.serving import APIError, Hints, OpenAIServing, Served
+from server.policy.governor import GovernorConfig
+from server.policy.policies import LatencyProfile, make_policy, measure_profile, read_profile_file
+from server.serving.generation import APIError, Hints, Served
+from server.serving.openai import OpenAIServing
+from server.serving.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorInfo,
+    ErrorResponse,
+)
 from server.settings import Settings
 
 log = logging.getLogger("soft_serve")
@@ -43,8 +49,8 @@ def load_serving(settings: Settings) -> OpenAIServing:
     """Load the model, its latency profile, the policy, the engine: everything a request
     needs. Runs once, in a worker thread, during the lifespan."""
     import models
-    from server.engine import Engine, EngineConfig, on_own_thread
-    from server.speculative import SpecConfig
+    from server.engine.core import Engine, EngineConfig, on_own_thread
+    from server.engine.speculative import SpecConfig
 
     t0 = time.monotonic()
 

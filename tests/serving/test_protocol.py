@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.types import SamplingParams
+from server.engine.types import SamplingParams
+from server.serving.protocol import ChatCompletionRequest, CompletionRequest
 
 
 def test_completion_to_sampling_params() -> None:

@@ -24,10 +24,10 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from server.deadline import DeadlineController
-from server.detokenizer import Detokenizer, Track
+from server.engine.types import GenerationRequest, QueueFull, SamplingParams, TokenEvent
 from server.metrics import Metrics, RequestRecord
-from server.policy import (
+from server.policy.deadline import DeadlineController
+from server.policy.policies import (
     DepthChoice,
     DepthRequest,
     Policy,
@@ -35,7 +35,8 @@ from server.policy import (
     parse_budget,
     parse_budget_mode,
 )
-from server.protocol import (
+from server.serving.detokenizer import Detokenizer, Track
+from server.serving.protocol import (
     ErrorInfo,
     ErrorResponse,
     ModelCard,
@@ -44,7 +45,6 @@ from server.protocol import (
     Usage,
     now,
 )
-from server.types import GenerationRequest, QueueFull, SamplingParams, TokenEvent
 
 log = logging.getLogger(__name__)
 LONG_INPUT_CHARS = 16_384  # longer prompts are tokenized off the event loop

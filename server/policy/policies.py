@@ -39,8 +39,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from server.governor import Governor, GovernorConfig
-from server.types import EngineStats, GenerationRequest, SamplingParams
+from server.engine.types import EngineStats, GenerationRequest, SamplingParams
+from server.policy.governor import Governor, GovernorConfig
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 import models
-from server.api import create_app
+from server.http.app import create_app
 from server.metrics import Metrics
-from server.policy import LatencyProfile, make_policy
-from server.serving import OpenAIServing
+from server.policy.policies import LatencyProfile, make_policy
+from server.serving.openai import OpenAIServing
 from server.settings import Settings
 from tests.fakes import PROFILE, FakeEngine, make_served_checkpoint
 
@@ -476,7 +476,7 @@ def test_engine_error_mid_stream_is_an_sse_error_event(tiny_model: Any) -> None:
     c, fake = make_client(tiny_model)
 
     async def broken(request: Any) -> Any:
-        from server.types import TokenEvent
+        from server.engine.types import TokenEvent
 
         yield TokenEvent(request.request_id, 40, depth=request.depth)
         yield TokenEvent(request.request_id, None, finish_reason="error", error="boom")
@@ -493,7 +493,7 @@ def test_engine_error_mid_stream_is_an_sse_error_event(tiny_model: Any) -> None:
 
 def test_depth_lowered_mid_request_is_reported(tiny_model: Any) -> None:
     """The engine may move a request to a shallower exit; body, header, metrics follow."""
-    from server.types import TokenEvent
+    from server.engine.types import TokenEvent
 
     c, fake = make_client(tiny_model)
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.kv_cache import KVCacheManager
-from server.types import GenerationRequest, QueueFull
+from server.engine.kv_cache import KVCacheManager
+from server.engine.types import GenerationRequest, QueueFull
 
 
 @dataclass(eq=False)

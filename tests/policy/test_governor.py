@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from server.governor import Governor, GovernorConfig
-from server.policy import LatencyProfile
-from server.types import EngineStats
+from server.engine.types import EngineStats
+from server.policy.governor import Governor, GovernorConfig
+from server.policy.policies import LatencyProfile
 
 EXITS = (8, 16, 24, 32)
 # a step costs 4 ms per 8 layers, whatever the batch: one exit deeper doubles from depth 8

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 
-from server.detokenizer import Track
-from server.policy import DepthChoice
-from server.protocol import (
+from server.engine.types import TokenEvent, TokenLogprob
+from server.policy.policies import DepthChoice
+from server.serving.detokenizer import Track
+from server.serving.generation import Hints, Served, ServingBase, bad_request, engine_error, sse
+from server.serving.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -20,8 +22,6 @@ from server.protocol import (
     new_id,
     now,
 )
-from server.serving_base import Hints, Served, ServingBase, bad_request, engine_error, sse
-from server.types import TokenEvent, TokenLogprob
 
 
 class ChatServing(ServingBase):

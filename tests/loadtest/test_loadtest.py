@@ -569,9 +569,9 @@ def test_run_stops_by_itself_when_the_server_hangs(tmp_path: Path) -> None:
 
 
 def test_cli_run_against_the_real_soft_serve(tmp_path: Path) -> None:
-    """The real server app (server.api.create_app, real engine) on a tiny random model."""
+    """The real server app (server.http.app.create_app, real engine) on a tiny random model."""
     pytest.importorskip("torch")
-    from server.api import create_app
+    from server.http.app import create_app
     from server.settings import Settings
     from tests.fakes import PROFILE, make_served_checkpoint
 
