@@ -123,10 +123,10 @@ def step_cost(engine: Engine, depths: list[int], steps: int = 6) -> float:
         s.num_computed = 63
         seqs.append(s)
     try:
-        engine._decode(seqs)
+        engine.decode_step(seqs)
         t = time.perf_counter()
         for _ in range(steps):
-            engine._decode(seqs)
+            engine.decode_step(seqs)
         return (time.perf_counter() - t) / steps
     finally:
         for s in seqs:

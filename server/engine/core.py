@@ -1,15 +1,13 @@
 """The engine: token ids in, token events out. It knows nothing of HTTP or text.
 
 A step loop on its own thread (so the event loop stays free) runs, each iteration:
-  1) inbox: new requests, aborts, depth changes
-  2) schedule: decode slots for the running batch, FCFS admissions
+  1) inbox: typed messages (Add, Abort, LowerDepth) from the event loop
+  2) schedule: decode slots for the running batch, FCFS admissions (scheduler.py)
   3) one forward for the admitted sequences' prompts and the running batch's next token
-     together (more only past PREFILL_GROUP_TOKENS prompt tokens): the matrix products run
-     over all their tokens at once (each weight is read once per turn), attention per group
-     (a padded group of fresh prompts, or the decode batch); rows ordered deepest first,
-     layer i runs on the rows whose depth is > i, each row leaves at its own exit, one
-     norm + head call over every row's last token
+     together (more only past PREFILL_GROUP_TOKENS prompt tokens; runner.py), then the
+     speculating rows' draft + verify cycles (speculative.py)
   4) sample per row, send events to each request's asyncio queue, retire finished rows
+  5) publish an EngineStats snapshot (stats.py)
 
 Threads on CPU: torch runs its kernels on an OpenMP team per calling thread, and libgomp
 makes its workers sleep instead of spin between kernels as soon as the process holds more
@@ -25,7 +23,6 @@ import asyncio
 import atexit
 import contextlib
 import logging
-import math
 import threading
 import time
 import weakref
@@ -36,18 +33,13 @@ from typing import TypeVar
 import torch
 
 from models.llama import SortedModel
-from server.engine.kv_cache import KVCacheConfig, KVCacheManager, PagedAttention
-from server.engine.sampling import make_generator, prompt_logprobs, sample_rows, token_logprob
+from server.engine.kv_cache import KVCacheConfig, KVCacheManager
+from server.engine.runner import GroupOutput, Runner, pack, prefill_groups
+from server.engine.sampling import make_generator, sample_rows, token_logprob
 from server.engine.scheduler import Scheduler, SchedulerOutput, Sequence
-from server.engine.speculative import SpecConfig, Speculator, accept, draft_token
-from server.engine.types import (
-    EngineStats,
-    GenerationRequest,
-    QueueFull,
-    SpecCounters,
-    TokenEvent,
-    TokenLogprob,
-)
+from server.engine.speculative import SpecConfig, Speculator
+from server.engine.stats import TurnMeter
+from server.engine.types import EngineStats, GenerationRequest, QueueFull, TokenEvent, TokenLogprob
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -94,27 +86,24 @@ class EngineConfig:
     speculative: SpecConfig = SpecConfig()  # self-speculative decoding (off by default)
 
 
-# a batched prefill computes at most this many padded tokens per real one, and a forward
-# takes at most this many prompt tokens: past a few hundred rows the weights' reads are
-# already shared, and bigger activations only grow the allocator's high-water mark (soak
-# test)
-PAD_LIMIT = 1.25
-PREFILL_GROUP_TOKENS = 256
-# the queue's drain rate forgets turns older than about this many seconds of backlog
-ADMIT_TAU_S = 4.0
+# -- the inbox: what the event loop asks of the step loop ------------------------------------
+@dataclass(frozen=True)
+class Add:
+    seq: Sequence  # checked and bounded in submit()
 
 
 @dataclass(frozen=True)
-class _Group:
-    """Rows that share one forward's attention call: a prefill group or the decode batch."""
+class Abort:
+    request_id: str
 
-    seqs: list[Sequence]  # deepest first
-    ids: torch.Tensor  # (B, T) token ids, padded
-    positions: torch.Tensor  # (B, T)
-    depths: list[int]
-    kv: PagedAttention
-    lengths: list[int]  # real tokens per row (the last one's logits are sampled)
-    prefill: bool
+
+@dataclass(frozen=True)
+class LowerDepth:
+    request_id: str
+    depth: int
+
+
+Message = Add | Abort | LowerDepth
 
 
 class _Sink:
@@ -144,36 +133,24 @@ class Engine:
         self.max_model_len = min(config.max_model_len or 1 << 30, cfg.max_position_embeddings)
         self.cache = KVCacheManager(
             KVCacheConfig.for_memory(
-                config.kv_cache_memory,
-                cfg.num_layers,
-                cfg.num_kv_heads,
-                cfg.head_dim,
-                config.block_size,
-                model.dtype,
-                model.device,
+                config.kv_cache_memory, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                config.block_size, model.dtype, model.device,
             )
-        )
-        self.scheduler = Scheduler(
-            self.cache, config.max_num_seqs, config.max_queue, config.max_prefill_tokens
-        )
+        )  # fmt: skip
+        self.scheduler = Scheduler(self.cache, config.max_num_seqs, config.max_prefill_tokens)
+        self.runner = Runner(model, self.cache)
         self.speculator = Speculator(model, config.speculative)
+        self.meter = TurnMeter()
         self.eos = set(cfg.eos_token_ids)
         if model.tokenizer is not None and model.tokenizer.eos_token_id is not None:
             self.eos.add(model.tokenizer.eos_token_id)
         self._lock = threading.Lock()
-        self._inbox: list[tuple[str, object]] = []
+        self._inbox: list[Message] = []
         self._wake = threading.Event()
         self._stop = False
         self._accepting = True
         self._thread: threading.Thread | None = None
-        self._step_ewma = 0.0
-        self._interval_ewma = 0.0
-        self._admitted = 0.0  # decayed admissions / seconds of turns that began with a queue
-        self._backlog_s = 0.0
-        self._steps = 0
-        self._idled = True  # no decode step since the loop last ran out of work (or ever)
-        self._last_batch = 0
-        self._stats = self._snapshot()
+        self._stats = self.snapshot()
 
     # -- public, event-loop side ------------------------------------------------------------
     def start(self) -> None:
@@ -241,10 +218,10 @@ class Engine:
         with self._lock:
             if not self._accepting:
                 raise QueueFull(retry_after_s=5.0)
-            pending = sum(1 for kind, _ in self._inbox if kind == "add")
+            pending = sum(1 for m in self._inbox if isinstance(m, Add))
             if len(self.scheduler.waiting) + pending >= self.config.max_queue:
-                raise QueueFull(retry_after_s=max(1.0, self._step_ewma * 16))
-            self._inbox.append(("add", seq))
+                raise QueueFull(retry_after_s=max(1.0, self.meter.step_ewma * 16))
+            self._inbox.append(Add(seq))
         self._wake.set()
         return self._stream(request.request_id, sink)
 
@@ -262,17 +239,27 @@ class Engine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
-            self._inbox.append(("abort", request_id))
-        self._wake.set()
+        """Cancel a request wherever it is; its blocks are freed on the next turn."""
+        self._post(Abort(request_id))
 
     def lower_depth(self, request_id: str, depth: int) -> None:
+        """Move a request to a shallower exit (never deeper); later tokens carry it."""
+        self._post(LowerDepth(request_id, depth))
+
+    def _post(self, message: Message) -> None:
         with self._lock:
-            self._inbox.append(("depth", (request_id, depth)))
+            self._inbox.append(message)
         self._wake.set()
 
     def stats(self) -> EngineStats:
+        """The snapshot the step loop published after its last turn."""
         return self._stats
+
+    def snapshot(self) -> EngineStats:
+        """A snapshot taken now (the step loop publishes one after each turn)."""
+        return self.meter.snapshot(
+            self.scheduler, self.cache, self.speculator.stats, len(self._inbox)
+        )
 
     async def shutdown(self, drain_timeout: float = 30.0) -> None:
         """Stop accepting, let in-flight requests finish (up to the timeout), then stop."""
@@ -288,16 +275,20 @@ class Engine:
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             self._finish(seq, "abort")
 
+    @torch.inference_mode()
+    def decode_step(self, seqs: list[Sequence]) -> None:
+        """One decode step of `seqs` alone, outside the step loop (benchmarks time it):
+        each gets its next token; their blocks must be allocated already."""
+        self._emit(self.runner.forward([self.runner.decode_group(seqs)]))
+
     # -- the step loop (engine thread) ------------------------------------------------------
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stop:
             self._drain_inbox()
             if not self.scheduler.has_work:
-                # the step and interval averages restart with the next busy spell: a batch
-                # of other times must not describe the next one
-                self._idled = True
-                self._stats = self._snapshot()
+                self.meter.idle()
+                self._stats = self.snapshot()
                 self._wake.wait(0.1)
                 self._wake.clear()
                 continue
@@ -307,26 +298,25 @@ class Engine:
                 log.exception("engine step failed")
                 for seq in [*self.scheduler.running]:
                     self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
-            self._stats = self._snapshot()
+            self._stats = self.snapshot()
 
     def _drain_inbox(self) -> None:
         with self._lock:
             inbox, self._inbox = self._inbox, []
-        for kind, arg in inbox:
-            if kind == "add":
-                assert isinstance(arg, Sequence)
-                self.scheduler.waiting.append(arg)  # bound was checked in submit()
-            elif kind == "abort":
-                seq = self.scheduler.remove(str(arg))
+        for message in inbox:
+            if isinstance(message, Add):
+                self.scheduler.waiting.append(message.seq)  # bound was checked in submit()
+            elif isinstance(message, Abort):
+                seq = self.scheduler.remove(message.request_id)
                 if seq is not None:
                     self._send(seq, [TokenEvent(seq.id, None, finish_reason="abort",
                                                 depth=seq.depth)])  # fmt: skip
-            elif kind == "depth":
-                assert isinstance(arg, tuple)
-                self.scheduler.lower_depth(str(arg[0]), int(arg[1]))
+            else:
+                self.scheduler.lower_depth(message.request_id, message.depth)
 
     @torch.inference_mode()
     def step(self) -> None:
+        """One turn: schedule, then the model work (see the module docstring)."""
         backlog = bool(self.scheduler.waiting)
         t_turn = time.perf_counter()
         out = self.scheduler.schedule()
@@ -334,213 +324,31 @@ class Engine:
             self._forward_step(out)
         finally:
             if backlog:
-                self._count_admissions(len(out.prefill), time.perf_counter() - t_turn)
-
-    def _count_admissions(self, admitted: int, seconds: float) -> None:
-        """A loop turn that began with requests waiting: `admitted` left the queue in
-        `seconds`. The decayed ratio is the queue's drain rate (EngineStats.admit_per_second):
-        under overload every turn counts; turns with nobody waiting say nothing about it.
-        (Counting only turns that leave someone behind would select the slow ones.)"""
-        keep = math.exp(-seconds / ADMIT_TAU_S)
-        self._admitted = self._admitted * keep + admitted
-        self._backlog_s = self._backlog_s * keep + seconds
+                self.meter.count_admissions(len(out.prefill), time.perf_counter() - t_turn)
 
     def _forward_step(self, out: SchedulerOutput) -> None:
         """One loop turn's model work: the newcomers' prefills and one decode step of the
         running rows in a single forward (their matrix products share each weight read;
-        `_pack`), then the speculating rows' draft + verify cycles."""
+        runner.pack), then the speculating rows' draft + verify cycles."""
         t0 = time.perf_counter()
         decode = [s for s in out.decode if s.finish_reason is None]
-        plain, spec = self._plan_speculation(decode) if decode else ([], {})
-        prefill = [self._prefill_group(g) for g in self._prefill_groups(out.prefill)]
-        for groups in self._pack(prefill, self._decode_group(plain) if plain else None):
-            self._forward(groups)
+        plain, spec = (
+            self.speculator.plan(decode, self.cache, self.max_model_len) if decode else ([], {})
+        )
+        prefill = [self.runner.prefill_group(g) for g in prefill_groups(out.prefill)]
+        for groups in pack(prefill, self.runner.decode_group(plain) if plain else None):
+            self._emit(self.runner.forward(groups))
         for (exit_, k), seqs in spec.items():
             self._speculate(seqs, exit_, k)
-        if not decode:
-            return
-        dt = time.perf_counter() - t0  # what the running rows waited for this token
-        if not out.prefill or self._idled:  # the decode step alone (no newcomer's prefill)
-            self._step_ewma = dt if self._idled else 0.9 * self._step_ewma + 0.1 * dt
-        self._interval_ewma = dt if self._idled else 0.95 * self._interval_ewma + 0.05 * dt
-        self._steps += 1
-        self._idled = False
-        self._last_batch = len(decode)
-
-    def _plan_speculation(
-        self, seqs: list[Sequence]
-    ) -> tuple[list[Sequence], dict[tuple[int, int], list[Sequence]]]:
-        """Split the decode batch: rows that draft+verify this step, grouped by (exit, k),
-        and rows that decode plainly."""
-        plain: list[Sequence] = []
-        groups: dict[tuple[int, int], list[Sequence]] = {}
-        cfg = self.speculator.cfg
-        if cfg.mode != "auto" or len(seqs) > cfg.max_batch:
-            return seqs, groups
-        for seq in seqs:
-            choice = self.speculator.choose(seq.depth)
-            left = min(
-                seq.request.params.max_tokens - seq.num_generated,
-                self.max_model_len - len(seq.tokens),
-            )
-            if choice is None or left < 2:
-                plain.append(seq)
-                continue
-            exit_, k = choice[0], min(choice[1], left)
-            if not self.cache.allocate(seq, seq.depth, len(seq.tokens) + k - 1):
-                plain.append(seq)  # no room for the drafts' KV: one token at a time
-                continue
-            groups.setdefault((exit_, k), []).append(seq)
-        return plain, groups
-
-    def _prefill_groups(self, seqs: list[Sequence]) -> list[list[Sequence]]:
-        """The admitted sequences in prefill groups: fresh ones together in padded groups
-        of similar length (attention runs once per group), the rest one by one."""
-        fresh = sorted((s for s in seqs if s.num_computed == 0), key=lambda s: len(s.tokens))
-        groups: list[list[Sequence]] = []
-        group: list[Sequence] = []
-        for seq in fresh:
-            n = len(seq.tokens)  # the longest so far: the group's padded length if it joins
-            real = sum(len(g.tokens) for g in group) + n
-            padded = n * (len(group) + 1)
-            if group and (padded > PAD_LIMIT * real or padded > PREFILL_GROUP_TOKENS):
-                groups.append(group)
-                group = []
-            group.append(seq)
-        if group:
-            groups.append(group)
-        return groups + [[s] for s in seqs if s.num_computed != 0]
-
-    @staticmethod
-    def _pack(prefill: list[_Group], decode: _Group | None) -> list[list[_Group]]:
-        """The groups in forwards of at most PREFILL_GROUP_TOKENS prompt tokens (padded)
-        each, the decode batch in the last: the activations stay as small as a prefill
-        group's, so does the allocator's high-water mark."""
-        forwards: list[list[_Group]] = []
-        current: list[_Group] = []
-        tokens = 0
-        for g in prefill:
-            n = g.ids.numel()
-            if current and tokens + n > PREFILL_GROUP_TOKENS:
-                forwards.append(current)
-                current, tokens = [], 0
-            current.append(g)
-            tokens += n
-        current += [decode] if decode is not None else []
-        return [*forwards, current] if current else forwards
-
-    def _prefill_group(self, seqs: list[Sequence]) -> _Group:
-        """Each sequence's uncomputed tokens, rows padded to the longest (more than one row
-        only when all start at 0)."""
-        model = self.model
-        seqs = sorted(seqs, key=lambda s: -s.depth)  # deepest first: active rows are a prefix
-        starts = [s.num_computed for s in seqs]  # 0 unless a prefix stayed cached
-        lengths = [len(s.tokens) - st for s, st in zip(seqs, starts, strict=True)]
-        t, batched = max(lengths), len(seqs) > 1
-        if batched:  # padded lengths in whole blocks: few distinct shapes, so kernel caches
-            bs = self.cache.cfg.block_size  # and the allocator stay bounded
-            t = -(-t // bs) * bs
-        ids = torch.tensor(
-            [s.tokens[st:] + [0] * (t - n) for s, st, n in zip(seqs, starts, lengths, strict=True)],
-            device=model.device,
-        )
-        positions = torch.tensor(starts, device=model.device)[:, None] + torch.arange(
-            t, device=model.device
-        )
-        depths = [s.depth for s in seqs]
-        kv = self.cache.step_view(seqs, depths, starts, t, lengths if batched else None)
-        return _Group(seqs, ids, positions, depths, kv, lengths, prefill=True)
-
-    def _decode_group(self, seqs: list[Sequence]) -> _Group:
-        """Each sequence's last token."""
-        model = self.model
-        seqs = sorted(seqs, key=lambda s: -s.depth)  # deepest first: active rows are a prefix
-        depths = [s.depth for s in seqs]
-        starts = [len(s.tokens) - 1 for s in seqs]
-        ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=model.device)  # (B, 1)
-        positions = torch.tensor(starts, device=model.device)[:, None]
-        kv = self.cache.step_view(seqs, depths, starts, 1)
-        return _Group(seqs, ids, positions, depths, kv, [1] * len(seqs), prefill=False)
-
-    def _forward(self, groups: list[_Group]) -> None:
-        """One forward over every group, one head call over each row's last token, then
-        each row's next token: prefill groups first (and their prompt logprobs), then the
-        decode rows."""
-        model = self.model
-        hs = model.hidden_groups(
-            [(model.embed_ids(g.ids), g.positions, g.depths, g.kv) for g in groups]
-        )
-        last = [h[torch.arange(len(g.seqs)), torch.tensor(g.lengths) - 1] for g, h in
-                zip(groups, hs, strict=True)]  # fmt: skip
-        depths = [d for g in groups for d in g.depths]
-        logits = model.head(torch.cat(last)[:, None], depths)[:, 0]  # (rows, V)
-        row = 0
-        for g, h in zip(groups, hs, strict=True):
-            mine = logits[row : row + len(g.seqs)]
-            row += len(g.seqs)
-            if not g.prefill:
-                for s in g.seqs:
-                    s.num_computed = len(s.tokens)
-                self._emit(g.seqs, mine)
-                continue
-            for r, seq in enumerate(g.seqs):
-                first = seq.num_generated == 0 and seq.preemptions == 0
-                plp = None
-                if first and seq.request.params.prompt_logprobs is not None:
-                    full = model.head(h[r : r + 1, : g.lengths[r]], [seq.depth])[0]  # (T, V)
-                    plp = prompt_logprobs(full, seq.tokens, seq.request.params.prompt_logprobs)
-                seq.num_computed = len(seq.tokens)
-                queue_s = None
-                if first and seq.first_scheduled is not None:
-                    arrival = seq.request.arrival or seq.first_scheduled
-                    queue_s = max(0.0, seq.first_scheduled - arrival)
-                self._emit([seq], mine[r : r + 1], prompt=plp, queue_s=queue_s)
-
-    def _decode(self, seqs: list[Sequence]) -> None:
-        """One decode step of `seqs` alone (benchmarks time it)."""
-        self._forward([self._decode_group(seqs)])
+        if decode:  # what the running rows waited for this token
+            self.meter.decode_turn(time.perf_counter() - t0, len(decode), bool(out.prefill))
 
     def _speculate(self, seqs: list[Sequence], exit_: int, k: int) -> None:
-        """One draft + verify cycle for rows deeper than `exit_` (see server/speculative.py)."""
-        model, dev = self.model, self.model.device
-        seqs = sorted(seqs, key=lambda s: -s.depth)
-        b, starts = len(seqs), [len(s.tokens) - 1 for s in seqs]
-        params = [s.request.params for s in seqs]
-        inputs = [s.tokens[-1] for s in seqs]
-        drafts: list[list[int]] = [[] for _ in seqs]
-        qs: list[list[torch.Tensor | None]] = [[] for _ in seqs]
-        kept = []  # exit-e residual of each input: k x (B, 1, H)
-        # 1) draft k tokens at exit e; layers [0, e) write their KV for positions p..p+k-1
-        for j in range(k):
-            ids = torch.tensor([[t] for t in inputs], device=dev)
-            positions = torch.tensor(starts, device=dev)[:, None] + j
-            kv = self.cache.step_view(seqs, [exit_] * b, [p + j for p in starts], 1)
-            h = model.hidden(ids, positions, [exit_] * b, kv)
-            kept.append(h)
-            logits = self.speculator.draft_logits(h, exit_)  # (B, V_draft)
-            for r, seq in enumerate(seqs):
-                tok, q = draft_token(logits[r], params[r], seq.generator, model.cfg.vocab_size)
-                drafts[r].append(tok)
-                qs[r].append(q)
-                inputs[r] = tok
-        # 2) verify: layers [e, d) over the kept residuals, reusing layers [0, e)'s KV
-        depths = [s.depth for s in seqs]
-        positions = torch.tensor(starts, device=dev)[:, None] + torch.arange(k, device=dev)
-        kv = self.cache.step_view(seqs, depths, starts, k)
-        h = model.hidden(None, positions, depths, kv, start_layer=exit_, h=torch.cat(kept, 1))
-        target = model.head(h, depths)  # (B, k, V)
-        # 3) accept, emit, 4) roll back to what was kept
-        for r, seq in enumerate(seqs):
-            p = params[r]
-            tokens = accept(drafts[r], qs[r], target[r], p, seq.generator)
-            accepted = len(tokens) if tokens == drafts[r] else len(tokens) - 1
-            self.speculator.observe(exit_, k, accepted, len(tokens))
-            lps = torch.log_softmax(target[r].float(), -1) if p.logprobs is not None else None
+        """One draft + verify cycle (speculative.py), then each row's tokens appended and
+        its KV rolled back to what was kept."""
+        for seq, tokens in self.speculator.cycle(seqs, exit_, k, self.cache):
             events = []
-            for i, tok in enumerate(tokens):
-                lp = None
-                if lps is not None and p.logprobs is not None:
-                    lp = token_logprob(lps[i], tok, p.logprobs)
+            for tok, lp in tokens:
                 events.append(self._append(seq, tok, lp))
                 if seq.finish_reason is not None:
                     break
@@ -549,7 +357,25 @@ class Engine:
                 self.cache.shrink(seq, len(seq.tokens))
             self._send(seq, events)
 
-    def _emit(
+    def _emit(self, outputs: list[GroupOutput]) -> None:
+        """Each row's next token from a forward: prefill groups first (with their prompt
+        logprobs and queue time on a first prefill), then the decode rows."""
+        for out in outputs:
+            g = out.group
+            if not g.prefill:
+                for s in g.seqs:
+                    s.num_computed = len(s.tokens)
+                self._sample(g.seqs, out.logits)
+                continue
+            for r, seq in enumerate(g.seqs):
+                queue_s = None
+                if seq.before_first_token and seq.first_scheduled is not None:
+                    arrival = seq.request.arrival or seq.first_scheduled
+                    queue_s = max(0.0, seq.first_scheduled - arrival)
+                seq.num_computed = len(seq.tokens)
+                self._sample([seq], out.logits[r : r + 1], out.prompt_logprobs[r], queue_s)
+
+    def _sample(
         self,
         seqs: list[Sequence],
         logits: torch.Tensor,
@@ -601,36 +427,3 @@ class Engine:
     def _send(self, seq: Sequence, events: list[TokenEvent]) -> None:
         if isinstance(seq.sink, _Sink):
             seq.sink.send(events)
-
-    def _snapshot(self) -> EngineStats:
-        running = self.scheduler.running
-        depths: dict[int, int] = {}
-        for s in running:
-            depths[s.depth] = depths.get(s.depth, 0) + 1
-        per_layer = self.cache.bytes_per_layer()
-        spec = self.speculator.stats
-        return EngineStats(
-            running=len(running),
-            waiting=len(self.scheduler.waiting) + len(self._inbox),
-            batch_size=self._last_batch,
-            kv_blocks_total=self.cache.cfg.num_blocks,
-            kv_blocks_used=self.cache.num_used,
-            kv_bytes_per_layer=per_layer,
-            kv_bytes_total=sum(per_layer),
-            decode_step_seconds=self._step_ewma,
-            token_interval_seconds=self._interval_ewma,
-            admit_per_second=self._admitted / self._backlog_s if self._backlog_s > 0 else 0.0,
-            steps=self._steps,
-            preemptions=self.scheduler.num_preemptions,
-            depths_running=depths,
-            rows_left=tuple(
-                (s.depth, max(s.request.params.max_tokens - s.num_generated, 0))
-                for s in (*running, *self.scheduler.waiting)
-            ),
-            speculation={
-                e: SpecCounters(
-                    n, spec.accepted.get(e, 0), spec.cycles.get(e, 0), spec.emitted.get(e, 0)
-                )
-                for e, n in spec.drafted.items()
-            },  # fmt: skip
-        )

@@ -4,7 +4,8 @@ One pool of blocks serves every layer: a block is `block_size` token slots of ke
 values for one layer. A sequence at depth d holds, for each layer in [0, d), a block table
 with ceil(tokens / block_size) blocks — so its bytes are d/L of a full-depth sequence, and
 the same memory admits more shallow sequences. Lowering a sequence's depth frees the
-dropped layers' blocks at once; depth never goes up.
+dropped layers' blocks at once; depth never goes up. Attention over these blocks is
+server/engine/attention.py.
 
 `allocate` answers False when there is no room (the scheduler then queues or preempts);
 it never evicts anything by itself and never touches another sequence's blocks.
@@ -12,12 +13,10 @@ it never evicts anything by itself and never touches another sequence's blocks.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -148,93 +147,3 @@ class KVCacheManager:
     def seq_bytes(self, seq: Hashable) -> int:
         tables = self._tables.get(seq) or []
         return sum(len(t) for t in tables) * self.cfg.block_bytes
-
-    # -- a step's view -----------------------------------------------------------------------
-    def step_view(
-        self,
-        seqs: Sequence[Hashable],
-        depths: Sequence[int],
-        starts: Sequence[int],
-        num_new: int,
-        lengths: Sequence[int] | None = None,
-    ) -> PagedAttention:
-        """Attention through the cache for one forward over rows `seqs` (deepest first), each
-        writing `num_new` tokens at positions [start, start + num_new) — or only its first
-        `lengths[r]` of them, the rest being padding (a batched prefill: starts all 0)."""
-        return PagedAttention(self, seqs, depths, starts, num_new, lengths)
-
-
-class PagedAttention:
-    """The runner's `KVStore` for one step: writes this step's keys/values into the rows'
-    blocks and attends over each row's cached tokens, at the layers the row runs."""
-
-    def __init__(
-        self,
-        cache: KVCacheManager,
-        seqs: Sequence[Hashable],
-        depths: Sequence[int],
-        starts: Sequence[int],
-        num_new: int,
-        lengths: Sequence[int] | None = None,
-    ) -> None:
-        bs = cache.cfg.block_size
-        device = cache.k.device
-        self.cache = cache
-        self.num_new = num_new
-        self.fresh = num_new > 1 and all(s == 0 for s in starts)  # plain prefill: no gather
-        assert lengths is None or self.fresh, "padded rows only in a prefill from position 0"
-        ends = [s + n for s, n in zip(starts, lengths or [num_new] * len(starts), strict=True)]
-        n_blocks = max(cache.blocks_for(e) for e in ends)
-        max_depth = depths[0]
-        # (L', B, MB) block ids per layer and row; rows that stop before a layer are padded
-        rows: list[list[list[int]]] = []
-        for i in range(max_depth):
-            layer_rows = []
-            for seq, d in zip(seqs, depths, strict=True):
-                t = cache.tables(seq)[i] if i < d else []
-                layer_rows.append(t[:n_blocks] + [0] * (n_blocks - len(t[:n_blocks])))
-            rows.append(layer_rows)
-        self.table = torch.tensor(rows, dtype=torch.long, device=device)
-        pos = torch.tensor(starts, device=device)[:, None] + torch.arange(num_new, device=device)
-        # (padding may run past every row's blocks: clamped here, sent to the trash below)
-        blocks = (pos // bs).clamp_max(n_blocks - 1)
-        self.write_blocks = self.table.gather(2, blocks[None].expand(max_depth, -1, -1))
-        if lengths is not None:  # padding tokens write to the trash block
-            real = torch.tensor(lengths, device=device)[:, None]
-            pad = torch.arange(num_new, device=device)[None] >= real  # (B, T)
-            self.write_blocks = self.write_blocks.masked_fill(pad[None], cache.trash)
-        self.write_offsets = pos % bs  # (B, T)
-        if not self.fresh:
-            span = torch.arange(n_blocks * bs, device=device)  # (S,)
-            # key s is visible to the new token at position p when s <= p
-            self.visible = span[None, None, :] <= pos[:, :, None]  # (B, T, S)
-
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        n, t, hq, d = q.shape
-        hkv = k.shape[2]
-        blocks = self.write_blocks[layer, :n]  # (n, T)
-        offsets = self.write_offsets[:n]
-        self.cache.k[blocks, offsets] = k
-        self.cache.v[blocks, offsets] = v
-        scale = d**-0.5
-        if self.fresh:  # new sequences: attend within this step's tokens only
-            rep = hq // hkv
-            kk = k.repeat_interleave(rep, dim=2) if rep > 1 else k
-            vv = v.repeat_interleave(rep, dim=2) if rep > 1 else v
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), is_causal=True
-            )
-            return out.transpose(1, 2)
-        table = self.table[layer, :n]  # (n, MB)
-        flat = table.reshape(-1)
-        keys = self.cache.k.index_select(0, flat).view(n, -1, hkv, d)  # (n, S, Hkv, D)
-        vals = self.cache.v.index_select(0, flat).view(n, -1, hkv, d)
-        # grouped-query attention without repeating keys: a kv head's queries (rep heads x
-        # T tokens) are rows of one fused attention call: (n, Hkv, rep*T, D)
-        rep = hq // hkv
-        qg = q.view(n, t, hkv, rep, d).permute(0, 2, 3, 1, 4).reshape(n, hkv, rep * t, d)
-        mask = self.visible[:n, None, None].expand(n, 1, rep, t, -1).reshape(n, 1, rep * t, -1)
-        out = F.scaled_dot_product_attention(
-            qg, keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=mask, scale=scale
-        )  # (n, Hkv, rep*T, D)
-        return out.view(n, hkv, rep, t, d).permute(0, 3, 1, 2, 4).reshape(n, t, hq, d)

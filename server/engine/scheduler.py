@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from server.engine.kv_cache import KVCacheManager
-from server.engine.types import GenerationRequest, QueueFull
+from server.engine.types import GenerationRequest
 
 
 @dataclass(eq=False)
@@ -39,15 +39,15 @@ class Sequence:
         return self.request.request_id
 
     @property
-    def num_prompt(self) -> int:
-        return len(self.request.prompt_ids)
+    def before_first_token(self) -> bool:
+        """Not yet prefilled (a preempted sequence's prefill is a recompute)."""
+        return self.num_generated == 0 and self.preemptions == 0
 
 
 @dataclass(frozen=True)
 class SchedulerOutput:
     prefill: list[Sequence]  # run all their uncomputed tokens, then sample
     decode: list[Sequence]  # run their last token, then sample
-    preempted: list[Sequence]  # lost their blocks this step; back in the queue
 
 
 class Scheduler:
@@ -55,22 +55,14 @@ class Scheduler:
         self,
         cache: KVCacheManager,
         max_num_seqs: int = 32,
-        max_queue: int = 256,
         max_prefill_tokens: int = 2048,
     ) -> None:
         self.cache = cache
         self.max_num_seqs = max_num_seqs
-        self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
-
-    def add(self, seq: Sequence) -> None:
-        """Queue a new sequence. Raises QueueFull at the queue's bound."""
-        if len(self.waiting) >= self.max_queue:
-            raise QueueFull(retry_after_s=1.0)
-        self.waiting.append(seq)
 
     def remove(self, request_id: str) -> Sequence | None:
         """Take a sequence out wherever it is (cancel/finish) and free its blocks."""
@@ -104,7 +96,8 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def schedule(self) -> SchedulerOutput:
-        preempted: list[Sequence] = []
+        """The next step's work: a decode slot for every running sequence (preempting the
+        newest when blocks run out), then FCFS admissions within the prefill budget."""
         # 1) a slot for the next token of every running sequence, oldest first
         decode: list[Sequence] = []
         for seq in list(self.running):
@@ -113,7 +106,6 @@ class Scheduler:
             while not self.cache.allocate(seq, seq.depth, len(seq.tokens)):
                 victim = self.running[-1]
                 self._preempt(victim)
-                preempted.append(victim)
                 if victim is seq:
                     break
             if seq in self.running:
@@ -134,7 +126,7 @@ class Scheduler:
                 seq.first_scheduled = time.monotonic()
             prefill.append(seq)
             budget -= n
-        return SchedulerOutput(prefill=prefill, decode=decode, preempted=preempted)
+        return SchedulerOutput(prefill=prefill, decode=decode)
 
     @property
     def has_work(self) -> bool:

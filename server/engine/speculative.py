@@ -18,7 +18,9 @@ Cost model (decode is memory-bound, so a step costs the weight bytes it reads): 
 cost c_d = bytes(e)/bytes(d), verify cost c_v = (bytes(d) - bytes(e) + head)/bytes(d) and a
 per-token acceptance rate a, a cycle emits E = (1 - a^k) / (1 - a) tokens for k*c_d + c_v
 full steps; the speed-up is E / (k*c_d + c_v). `Speculator.choose` maximises it over exits
-and k using acceptance rates measured online.
+and k using acceptance rates measured online; `Speculator.plan` splits a decode batch into
+the rows that speculate this turn and the rest, `Speculator.cycle` runs steps 1)-3); the
+engine appends the tokens and rolls back (step 4).
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ import torch
 from torch import Tensor
 
 from models.llama import SortedModel, linear, pack, rms_norm
-from server.engine.sampling import distribution, draw
-from server.engine.types import SamplingParams
+from server.engine.attention import PagedAttention
+from server.engine.kv_cache import KVCacheManager
+from server.engine.sampling import distribution, draw, token_logprob
+from server.engine.scheduler import Sequence
+from server.engine.types import SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,92 @@ class Speculator:
         if choice is None or (best < self.cfg.min_speedup and self.cfg.exit is None):
             return None
         return choice
+
+    def plan(
+        self, seqs: list[Sequence], cache: KVCacheManager, max_model_len: int
+    ) -> tuple[list[Sequence], dict[tuple[int, int], list[Sequence]]]:
+        """Split a decode batch.
+
+        Returns:
+            the rows that decode plainly, and the rows that draft + verify this step grouped
+            by (exit, k); the latter hold KV blocks for their k drafts already.
+        """
+        plain: list[Sequence] = []
+        groups: dict[tuple[int, int], list[Sequence]] = {}
+        if self.cfg.mode != "auto" or len(seqs) > self.cfg.max_batch:
+            return seqs, groups
+        for seq in seqs:
+            choice = self.choose(seq.depth)
+            left = min(seq.request.params.max_tokens - seq.num_generated,
+                       max_model_len - len(seq.tokens))  # fmt: skip
+            if choice is None or left < 2:
+                plain.append(seq)
+                continue
+            exit_, k = choice[0], min(choice[1], left)
+            if not cache.allocate(seq, seq.depth, len(seq.tokens) + k - 1):
+                plain.append(seq)  # no room for the drafts' KV: one token at a time
+                continue
+            groups.setdefault((exit_, k), []).append(seq)
+        return plain, groups
+
+    def cycle(
+        self, seqs: list[Sequence], exit_: int, k: int, cache: KVCacheManager
+    ) -> list[tuple[Sequence, list[tuple[int, TokenLogprob | None]]]]:
+        """One draft + verify cycle for rows deeper than `exit_` (steps 1-3 above).
+
+        Returns:
+            each row (deepest first) with the tokens to emit and their logprobs (None unless
+            asked for); the caller appends them and rolls the row back (step 4).
+        """
+        model, dev = self.model, self.model.device
+        seqs = sorted(seqs, key=lambda s: -s.depth)
+        starts = [len(s.tokens) - 1 for s in seqs]
+        drafts, qs, kept = self._draft(seqs, exit_, k, cache)
+        # 2) verify: layers [e, d) over the kept residuals, reusing layers [0, e)'s KV
+        depths = [s.depth for s in seqs]
+        positions = torch.tensor(starts, device=dev)[:, None] + torch.arange(k, device=dev)
+        kv = PagedAttention(cache, seqs, depths, starts, k)
+        h = model.hidden(None, positions, depths, kv, start_layer=exit_, h=torch.cat(kept, 1))
+        target = model.head(h, depths)  # (B, k, V)
+        # 3) accept
+        out = []
+        for r, seq in enumerate(seqs):
+            p = seq.request.params
+            tokens = accept(drafts[r], qs[r], target[r], p, seq.generator)
+            accepted = len(tokens) if tokens == drafts[r] else len(tokens) - 1
+            self.observe(exit_, k, accepted, len(tokens))
+            lps = torch.log_softmax(target[r].float(), -1) if p.logprobs is not None else None
+            out.append((seq, [(tok, None if lps is None or p.logprobs is None else
+                               token_logprob(lps[i], tok, p.logprobs))
+                              for i, tok in enumerate(tokens)]))  # fmt: skip
+        return out
+
+    def _draft(
+        self, seqs: list[Sequence], exit_: int, k: int, cache: KVCacheManager
+    ) -> tuple[list[list[int]], list[list[Tensor | None]], list[Tensor]]:
+        """1) k draft tokens per row at exit e; layers [0, e) write their KV for positions
+        p..p+k-1. Returns the drafts, their distributions (None when greedy) and the exit-e
+        residual of each input: k x (B, 1, H)."""
+        model, dev, b = self.model, self.model.device, len(seqs)
+        starts = [len(s.tokens) - 1 for s in seqs]
+        inputs = [s.tokens[-1] for s in seqs]
+        drafts: list[list[int]] = [[] for _ in seqs]
+        qs: list[list[Tensor | None]] = [[] for _ in seqs]
+        kept = []
+        for j in range(k):
+            ids = torch.tensor([[t] for t in inputs], device=dev)
+            positions = torch.tensor(starts, device=dev)[:, None] + j
+            kv = PagedAttention(cache, seqs, [exit_] * b, [p + j for p in starts], 1)
+            h = model.hidden(ids, positions, [exit_] * b, kv)
+            kept.append(h)
+            logits = self.draft_logits(h, exit_)  # (B, V_draft)
+            for r, seq in enumerate(seqs):
+                p = seq.request.params
+                tok, q = draft_token(logits[r], p, seq.generator, model.cfg.vocab_size)
+                drafts[r].append(tok)
+                qs[r].append(q)
+                inputs[r] = tok
+        return drafts, qs, kept
 
 
 def draft_token(

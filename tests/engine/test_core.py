@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import models
+from server.engine.attention import PagedAttention
 from server.engine.core import Engine, EngineConfig, on_own_thread
 from server.engine.kv_cache import KVCacheConfig, KVCacheManager
 from server.engine.sampling import draw
@@ -102,8 +103,8 @@ def test_newcomer_prefill_shares_the_decode_forward_and_stays_exact(tiny) -> Non
     path, hf = tiny
     engine = make_engine(path, kv_cache_memory=1 << 22)
     kinds: list[tuple[bool, ...]] = []
-    forward = engine._forward
-    engine._forward = lambda groups: (
+    forward = engine.runner.forward
+    engine.runner.forward = lambda groups: (
         kinds.append(tuple(g.prefill for g in groups)),
         forward(groups),
     )[1]  # type: ignore[method-assign]
@@ -286,19 +287,21 @@ def test_queue_drain_rate_is_measured_only_while_requests_wait(tiny) -> None:
     asyncio.run(main())  # six arrive together, two fit the batch: four wait for a slot
     time.sleep(0.15)
     engine.stop()
-    assert engine._idled  # out of work: the step/interval averages restart with the next spell
+    assert engine.meter.idled  # out of work: the step/interval averages restart with the next spell
     rate = engine.stats().admit_per_second
-    assert rate > 0 and engine._backlog_s > 0
-    assert rate == pytest.approx(engine._admitted / engine._backlog_s)
-    assert 5.0 <= engine._admitted <= 6.0  # six admissions, decayed by under a second
+    assert rate > 0 and engine.meter.backlog_s > 0
+    assert rate == pytest.approx(engine.meter.admitted / engine.meter.backlog_s)
+    assert 5.0 <= engine.meter.admitted <= 6.0  # six admissions, decayed by under a second
     # the arithmetic: decayed sums of admissions and seconds, time constant ADMIT_TAU_S
-    from server.engine.core import ADMIT_TAU_S
+    from server.engine.stats import ADMIT_TAU_S
 
-    engine._admitted = engine._backlog_s = 0.0
-    engine._count_admissions(3, 1.0)
-    engine._count_admissions(0, ADMIT_TAU_S)
+    engine.meter.admitted = engine.meter.backlog_s = 0.0
+    engine.meter.count_admissions(3, 1.0)
+    engine.meter.count_admissions(0, ADMIT_TAU_S)
     keep = math.exp(-1.0)
-    assert engine._admitted / engine._backlog_s == pytest.approx(3 * keep / (keep + ADMIT_TAU_S))
+    assert engine.meter.admitted / engine.meter.backlog_s == pytest.approx(
+        3 * keep / (keep + ADMIT_TAU_S)
+    )
 
 
 def test_snapshot_lists_the_tokens_each_row_has_left(tiny) -> None:
@@ -310,7 +313,7 @@ def test_snapshot_lists_the_tokens_each_row_has_left(tiny) -> None:
     wait = Sequence(request("w", [5], 2, n=6), [5], 2)
     engine.scheduler.running.append(run)
     engine.scheduler.waiting.append(wait)
-    stats = engine._snapshot()
+    stats = engine.snapshot()
     assert stats.rows_left == ((4, 7), (2, 6))  # running first, then the queue in order
     assert stats.depths_running == {4: 1} and stats.waiting == 1
 
@@ -370,7 +373,7 @@ def test_draw_follows_the_distribution_and_never_picks_zero_mass() -> None:
 def test_padded_prefill_writes_padding_only_to_the_trash_block() -> None:
     cache = KVCacheManager(KVCacheConfig(2, 1, 4, num_blocks=8, block_size=4))
     assert cache.allocate("a", 2, 6) and cache.allocate("b", 2, 2)  # a: 2 blocks a layer, b: 1
-    kv = cache.step_view(["a", "b"], [2, 2], [0, 0], 6, lengths=[6, 2])
+    kv = PagedAttention(cache, ["a", "b"], [2, 2], [0, 0], 6, lengths=[6, 2])
     k = torch.stack([torch.full((6, 1, 4), 1.0), torch.full((6, 1, 4), 2.0)])
     kv.attend(0, torch.zeros(2, 6, 1, 4), k, k.clone())
     b0 = cache.tables("b")[0][0]
@@ -386,8 +389,8 @@ def test_admitted_together_prefill_in_one_padded_forward(tiny) -> None:
     path, hf = tiny
     engine = Engine(models.load(path, device="cpu"), EngineConfig(kv_cache_memory=1 << 22))
     groups: list[int] = []
-    prefill = engine._prefill_group
-    engine._prefill_group = lambda seqs: (groups.append(len(seqs)), prefill(seqs))[1]  # type: ignore[method-assign]
+    prefill = engine.runner.prefill_group
+    engine.runner.prefill_group = lambda seqs: (groups.append(len(seqs)), prefill(seqs))[1]  # type: ignore[method-assign]
     g = torch.Generator().manual_seed(9)
     ps = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (12, 10, 11, 9)]
     depths = [2, 4, 1, 3]
@@ -413,12 +416,12 @@ def test_admitted_together_prefill_in_one_padded_forward(tiny) -> None:
 def test_forwards_take_at_most_a_prefill_groups_worth_of_prompt_tokens() -> None:
     from types import SimpleNamespace
 
-    from server.engine.core import PREFILL_GROUP_TOKENS
+    from server.engine.runner import PREFILL_GROUP_TOKENS, pack
 
     def group(tokens: int) -> Any:
         return SimpleNamespace(ids=torch.zeros(1, tokens))
 
     big, mid, small, decode = group(PREFILL_GROUP_TOKENS - 56), group(100), group(50), group(8)
-    assert Engine._pack([big, mid, small], decode) == [[big], [mid, small, decode]]
-    assert Engine._pack([], decode) == [[decode]] and Engine._pack([small], None) == [[small]]
-    assert Engine._pack([], None) == []
+    assert pack([big, mid, small], decode) == [[big], [mid, small, decode]]
+    assert pack([], decode) == [[decode]] and pack([small], None) == [[small]]
+    assert pack([], None) == []

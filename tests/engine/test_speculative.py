@@ -171,9 +171,9 @@ def test_large_decode_batches_decode_plainly(tiny: Path) -> None:
     from server.engine.scheduler import Sequence
 
     seqs = [Sequence(greedy(f"b{i}", [5, 6], 4, 8), [5, 6], 4) for i in range(5)]
-    plain, groups = engine._plan_speculation(seqs)
+    plain, groups = engine.speculator.plan(seqs, engine.cache, engine.max_model_len)
     assert plain == seqs and not groups  # 5 rows > max_batch 4
-    plain, groups = engine._plan_speculation(seqs[:4])
+    plain, groups = engine.speculator.plan(seqs[:4], engine.cache, engine.max_model_len)
     assert not plain and [len(g) for g in groups.values()] == [4]
 
 
@@ -187,7 +187,7 @@ def test_speculation_is_visible_in_metrics(tiny: Path) -> None:
     engine = Engine(model, EngineConfig(kv_cache_memory=1 << 22, speculative=cfg))
     engine.start()
     run(engine, [greedy("m", [5, 6, 7], 4, 12)])
-    engine._stats = engine._snapshot()
+    engine._stats = engine.snapshot()
     counters = engine.stats().speculation[2]
     assert counters.cycles > 0 and counters.cycles < counters.drafted <= 3 * counters.cycles
     metrics = Metrics(model.exits)
