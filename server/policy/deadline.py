@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from server.engine.types import GenerationRequest, TokenEvent
-from server.policy.policies import LatencyProfile
+from server.policy.latency import LatencyProfile
 
 
 class DeadlineController:

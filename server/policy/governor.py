@@ -1,5 +1,5 @@
 """The load governor of `--policy load`: a depth cap for requests without a budget (and,
-while it is lowered, the deepest exit a budget may pick: server/policy.py).
+while it is lowered, the deepest exit a budget may pick: server/policy/policies.py).
 
 Overload (the queue at `queue_high`, a running row's time per output token — its decode
 step plus the prefills that share its loop turn — slower than `tpot_ms`, or — when the
@@ -22,12 +22,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from server.engine.types import EngineStats
-
-if TYPE_CHECKING:
-    from server.policy.policies import LatencyProfile
+from server.policy.latency import LatencyProfile
 
 
 @dataclass(frozen=True)

@@ -5,100 +5,82 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 
-from server.engine.types import TokenEvent, TokenLogprob
-from server.policy.policies import DepthChoice
+from server.engine.types import TokenLogprob
 from server.serving.detokenizer import Track
-from server.serving.generation import (
-    Hints,
-    Served,
-    ServingBase,
-    bad_request,
-    engine_error,
-    sse,
-)
+from server.serving.errors import bad_request
+from server.serving.generation import Generation, Served, ServingContext
+from server.serving.headers import Hints
 from server.serving.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    Usage,
     new_id,
     now,
 )
+from server.serving.stream import stream
 
 
-class CompletionServing(ServingBase):
+class CompletionServing:
     """POST /v1/completions."""
 
-    def _tokenize_prompts(self, req: CompletionRequest) -> list[list[int]]:
-        out: list[list[int]] = []
-        for p in req.prompts():
-            if isinstance(p, str):
-                out.append(list(self.tokenizer(p)["input_ids"]) if p else [])
-            else:
-                if any(t >= self.vocab_size for t in p):
-                    raise bad_request(
-                        f"prompt token ids must be below the vocabulary size {self.vocab_size}",
-                        "prompt",
-                    )
-                out.append(list(p))
-        return out
+    def __init__(self, ctx: ServingContext) -> None:
+        self.ctx = ctx
 
-    async def completions(self, req: CompletionRequest, hints: Hints) -> Served:
-        if req.n > self.max_n:
-            raise bad_request(f"n must be at most {self.max_n}", "n")
+    async def create(self, req: CompletionRequest, hints: Hints) -> Served:
+        ctx = self.ctx
+        if req.n > ctx.max_n:
+            raise bad_request(f"n must be at most {ctx.max_n}", "n")
         if req.max_tokens == 0 and not req.echo:
             raise bad_request("max_tokens must be at least 1 (0 only with echo)", "max_tokens")
-        prompts = await self._off_loop(self._tokenize_prompts, req, len(str(req.prompt)))
-        if len(prompts) * req.n > self.max_n * 8:
+        prompts = await ctx.off_loop(self._tokenize_prompts, req, len(str(req.prompt)))
+        if len(prompts) * req.n > ctx.max_n * 8:
             raise bad_request(
-                f"at most {self.max_n * 8} sequences (prompts x n) per request", "prompt"
+                f"at most {ctx.max_n * 8} sequences (prompts x n) per request", "prompt"
             )
         max_tokens = max(req.max_tokens, 1)  # echo-only: generate one token, show none
         for ids in prompts:
-            self._check_length(len(ids), max_tokens, "prompt")
-        choice = self._choose(req.model, hints, max(map(len, prompts)), max_tokens)
+            ctx.check_length(len(ids), max_tokens, "prompt")
+        choice = ctx.choose(req.model, hints, max(map(len, prompts)), max_tokens)
         rid = new_id("cmpl")
-        tracks, streams = self._submit(
-            prompts,
-            req.to_sampling_params(max_tokens),
-            req.n,
-            choice,
-            hints,
-            req.stop_strings(),
-            rid,
-        )
+        params = req.to_sampling_params(max_tokens)
+        gen = ctx.start(prompts, params, req.n, choice, hints, req.stop_strings(), rid)
         if req.stream:
-            return Served(
-                choice,
-                stream=self._stream_completion(req, rid, prompts, tracks, streams, choice, hints),
-                close=lambda: self._close(tracks, choice, hints),
-            )
-        try:
-            async for _ in self._events(tracks, streams):
-                pass
-        finally:
-            self._record(tracks, choice, hints)
-        self._raise_engine_error(tracks)
-        choices = [self._completion_choice(req, prompts, t, final=True) for t in tracks]
-        choice = self._served_at(choice, tracks)
+            return Served(choice, stream=self._stream(req, rid, prompts, gen), close=gen.finish)
+        await gen.run()
         return Served(
-            choice,
+            gen.served_choice(),
             body=CompletionResponse(
                 id=rid,
                 created=now(),
-                model=req.model or self.model_name,
-                choices=choices,
-                usage=self._usage(prompts, tracks, req.max_tokens > 0),
-                soft=self._soft_info(choice),
+                model=req.model or ctx.model_name,
+                choices=[self._choice(req, prompts, t) for t in gen.tracks],
+                usage=gen.usage(prompts, req.max_tokens > 0),
+                soft=gen.soft_info(),
             ),
         )
 
+    def _tokenize_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        out: list[list[int]] = []
+        vocab = self.ctx.vocab_size
+        for p in req.prompts():
+            if isinstance(p, str):
+                out.append(list(self.ctx.tokenizer(p)["input_ids"]) if p else [])
+            elif any(t >= vocab for t in p):
+                raise bad_request(
+                    f"prompt token ids must be below the vocabulary size {vocab}", "prompt"
+                )
+            else:
+                out.append(list(p))
+        return out
+
     def _echo_text(self, req: CompletionRequest, prompts: list[list[int]], i: int) -> str:
         p = req.prompts()[i]
-        return p if isinstance(p, str) else str(self.tokenizer.decode(prompts[i]))
+        return p if isinstance(p, str) else str(self.ctx.tokenizer.decode(prompts[i]))
 
-    def _completion_choice(
-        self, req: CompletionRequest, prompts: list[list[int]], t: Track, final: bool
+    def _choice(
+        self, req: CompletionRequest, prompts: list[list[int]], t: Track
     ) -> CompletionChoice:
         show_tokens = req.max_tokens > 0
         text = t.text if show_tokens else ""
@@ -111,15 +93,12 @@ class CompletionServing(ServingBase):
             if show_tokens:
                 self._add_logprobs(lp, t.logprobs, len(prefix))
         return CompletionChoice(
-            index=t.index,
-            text=prefix + text,
-            logprobs=lp,
-            finish_reason=t.finish_reason if final else None,
+            index=t.index, text=prefix + text, logprobs=lp, finish_reason=t.finish_reason
         )
 
     def _top(self, entry: TokenLogprob) -> dict[str, float]:
-        top = {self._token_str(tid): lp for tid, lp in entry.top}
-        top.setdefault(self._token_str(entry.token_id), entry.logprob)
+        top = {self.ctx.token_str(tid): lp for tid, lp in entry.top}
+        top.setdefault(self.ctx.token_str(entry.token_id), entry.logprob)
         return top
 
     def _add_prompt_logprobs(
@@ -130,7 +109,7 @@ class CompletionServing(ServingBase):
     ) -> None:
         offset = 0
         for k, tid in enumerate(ids):
-            s = self._token_str(tid)
+            s = self.ctx.token_str(tid)
             e = entries[k] if entries is not None and k < len(entries) else None
             lp.tokens.append(s)
             lp.token_logprobs.append(None if e is None else e.logprob)
@@ -140,72 +119,61 @@ class CompletionServing(ServingBase):
 
     def _add_logprobs(
         self, lp: CompletionLogprobs, entries: Sequence[TokenLogprob], offset: int
-    ) -> None:
+    ) -> int:
+        """Append `entries` at text offset `offset`; returns the offset after them."""
         for e in entries:
-            s = self._token_str(e.token_id)
+            s = self.ctx.token_str(e.token_id)
             lp.tokens.append(s)
             lp.token_logprobs.append(e.logprob)
             lp.top_logprobs.append(self._top(e))
             lp.text_offset.append(offset)
             offset += len(s)
+        return offset
 
-    async def _stream_completion(
-        self,
-        req: CompletionRequest,
-        rid: str,
-        prompts: list[list[int]],
-        tracks: list[Track],
-        streams: dict[str, AsyncIterator[TokenEvent]],
-        choice: DepthChoice,
-        hints: Hints,
+    def _stream(
+        self, req: CompletionRequest, rid: str, prompts: list[list[int]], gen: Generation
     ) -> AsyncIterator[str]:
-        created, model = now(), req.model or self.model_name
-        offsets = {t.index: 0 for t in tracks}  # text_offset of the next streamed token
-        sent_lp = {t.index: 0 for t in tracks}
+        created, model = now(), req.model or self.ctx.model_name
+        offsets = {t.index: 0 for t in gen.tracks}  # text_offset of the next streamed token
+        sent_lp = {t.index: 0 for t in gen.tracks}
         prompt_lp_sent: set[int] = set()
+        shown = req.max_tokens > 0
 
-        def chunk(c: CompletionChoice) -> str:
-            return sse(CompletionResponse(id=rid, created=created, model=model, choices=[c]))
+        def response(
+            choices: list[CompletionChoice], usage: Usage | None = None
+        ) -> CompletionResponse:
+            return CompletionResponse(id=rid, created=created, model=model, choices=choices,
+                                      usage=usage)  # fmt: skip
 
-        try:
-            if req.echo:
-                for t in tracks:
-                    text = self._echo_text(req, prompts, t.prompt_index)
-                    offsets[t.index] = len(text)
-                    # prompt logprobs arrive with the first event; echo the text right away
-                    yield chunk(CompletionChoice(index=t.index, text=text))
-            async for t in self._events(tracks, streams):
-                piece = t.releasable() if req.max_tokens > 0 else ""
-                lp = None
-                if req.logprobs is not None:
-                    lp = CompletionLogprobs()
-                    if req.echo and t.index not in prompt_lp_sent:
-                        prompt_lp_sent.add(t.index)
-                        self._add_prompt_logprobs(lp, prompts[t.prompt_index], t.prompt_logprobs)
+        def opening() -> list[CompletionResponse]:
+            if not req.echo:
+                return []
+            out = []
+            for t in gen.tracks:  # prompt logprobs arrive with the first event: text now
+                text = self._echo_text(req, prompts, t.prompt_index)
+                offsets[t.index] = len(text)
+                out.append(response([CompletionChoice(index=t.index, text=text)]))
+            return out
+
+        def chunk(t: Track) -> CompletionResponse | None:
+            piece = t.releasable() if shown else ""
+            lp = None
+            if req.logprobs is not None:
+                lp = CompletionLogprobs()
+                if req.echo and t.index not in prompt_lp_sent:
+                    prompt_lp_sent.add(t.index)
+                    self._add_prompt_logprobs(lp, prompts[t.prompt_index], t.prompt_logprobs)
+                if shown:
                     new = t.logprobs[sent_lp[t.index] :]
-                    if req.max_tokens > 0:
-                        self._add_logprobs(lp, new, offsets[t.index])
-                        offsets[t.index] += sum(len(self._token_str(e.token_id)) for e in new)
-                    sent_lp[t.index] = len(t.logprobs)
-                if t.finish_reason == "error":
-                    yield sse(engine_error(t).body())
-                    continue
-                if piece or lp is not None or t.done:
-                    yield chunk(
-                        CompletionChoice(
-                            index=t.index, text=piece, logprobs=lp, finish_reason=t.finish_reason
-                        )
-                    )
-            if req.include_usage():
-                yield sse(
-                    CompletionResponse(
-                        id=rid,
-                        created=created,
-                        model=model,
-                        choices=[],
-                        usage=self._usage(prompts, tracks, req.max_tokens > 0),
-                    )
-                )
-            yield "data: [DONE]\n\n"
-        finally:
-            self._record(tracks, choice, hints)
+                    offsets[t.index] = self._add_logprobs(lp, new, offsets[t.index])
+                sent_lp[t.index] = len(t.logprobs)
+            if not (piece or lp is not None or t.done):
+                return None
+            c = CompletionChoice(index=t.index, text=piece, logprobs=lp,
+                                 finish_reason=t.finish_reason)  # fmt: skip
+            return response([c])
+
+        def usage() -> CompletionResponse:
+            return response([], gen.usage(prompts, shown))
+
+        return stream(gen, opening, chunk, usage if req.include_usage() else None)

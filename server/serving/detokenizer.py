@@ -61,7 +61,6 @@ class Track:
     last_token_at: float | None = None
     itl: list[float] = field(default_factory=list)
     queue_s: float | None = None
-    recorded: bool = False
 
     @property
     def done(self) -> bool:

@@ -1,22 +1,18 @@
-"""The serving layer's shared part: OpenAI requests in, engine requests out, token events
-back to text, logprobs, SSE chunks and metrics. The router (server/api.py) does HTTP only;
-the engine does token ids only; this layer owns the tokenizer. The endpoints are in
-serving_completion.py and serving_chat.py, put together in serving.py (the vLLM layout).
+"""What every endpoint shares: the serving context (one model, one engine, the policy, the
+metrics) and a `Generation`, one request's sequences in the engine.
 
-Each handler validates, picks the depth (policy), submits every sequence (`n` per
-prompt), and returns a `Served`: a response body or an async iterator of SSE lines, plus
-the depth choice for the `x-soft-*` headers. Client mistakes raise `APIError` (mapped to
-OpenAI-shaped errors once, in the app); a disconnect cancels the consumer and aborts every
-unfinished sequence, freeing its KV blocks.
+A handler validates, asks the context for the depth (`choose`), starts a Generation
+(`start`: every sequence, `n` per prompt, all or nothing), and returns a `Served`: a
+response body or SSE lines (server/serving/stream.py), plus the depth choice for the
+`x-soft-*` headers. When a Generation ends, however it ends, `finish` aborts what still
+runs (freeing its KV blocks), records the metrics and tells the policy what the request
+took (the policy's calibration).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import math
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
@@ -27,68 +23,15 @@ from pydantic import BaseModel
 from server.engine.types import GenerationRequest, QueueFull, SamplingParams, TokenEvent
 from server.metrics import Metrics, RequestRecord
 from server.policy.deadline import DeadlineController
-from server.policy.policies import (
-    DepthChoice,
-    DepthRequest,
-    Policy,
-    PolicyError,
-    parse_budget,
-    parse_budget_mode,
-)
+from server.policy.policies import DepthChoice, Policy, PolicyError
 from server.serving.detokenizer import Detokenizer, Track
-from server.serving.protocol import (
-    ErrorInfo,
-    ErrorResponse,
-    ModelCard,
-    ModelList,
-    SoftInfo,
-    Usage,
-    now,
-)
+from server.serving.errors import APIError, bad_request, engine_error
+from server.serving.headers import Hints, depth_request
+from server.serving.protocol import SoftInfo, Usage, now
 
-log = logging.getLogger(__name__)
 LONG_INPUT_CHARS = 16_384  # longer prompts are tokenized off the event loop
 R = TypeVar("R")
 T = TypeVar("T")
-_DEPTH = re.compile(r"[0-9]{1,6}")  # ASCII digits only: int() of "²" or of 5000 digits fails
-
-
-class APIError(Exception):
-    """An error the client sees, OpenAI-shaped: status, message, type, param, code."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type = status, message, type
-        self.param, self.code, self.headers = param, code, headers or {}
-
-    def body(self) -> ErrorResponse:
-        return ErrorResponse(
-            error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
-        )
-
-
-def bad_request(message: str, param: str | None = None) -> APIError:
-    return APIError(400, message, param=param, code="invalid_value" if param else None)
-
-
-@dataclass(frozen=True)
-class Hints:
-    """What the HTTP layer read from the request besides the body."""
-
-    arrival: float  # time.monotonic() at receipt
-    budget: str | None = None  # x-latency-budget
-    depth: str | None = None  # x-soft-depth
-    budget_mode: str | None = None  # x-latency-budget-mode: strict | best-effort
-    slo_ttft: str | None = None  # x-slo-ttft-ms
-    slo_tpot: str | None = None  # x-slo-tpot-ms
 
 
 @dataclass
@@ -109,24 +52,13 @@ class Served:
         }
 
 
-def engine_error(t: Track) -> APIError:
-    """A sequence the engine failed (not the client's doing): 500, or an SSE error event."""
-    message = f"generation failed: {t.error or 'engine error'}"
-    return APIError(500, message, "server_error", code="engine_error")
-
-
-def sse(data: BaseModel | dict[str, Any]) -> str:
-    payload = data.model_dump_json() if isinstance(data, BaseModel) else json.dumps(data)
-    return f"data: {payload}\n\n"
-
-
-class ServingBase:
-    """What both endpoints share: one model, one engine, the policy, the metrics."""
+class ServingContext:
+    """One model, one engine, the policy and the metrics, shared by every endpoint."""
 
     def __init__(
         self,
         model: Any,  # SortedModel
-        engine: Any,  # server.engine.Engine (or a test double with the same interface)
+        engine: Any,  # server.engine.core.Engine (or a test double with the same interface)
         policy: Policy,
         metrics: Metrics,
         model_name: str,
@@ -141,75 +73,18 @@ class ServingBase:
         self.created = now()
         self.deadlines = DeadlineController(engine, policy.exits, policy.profile)
 
-    # -- /v1/models -------------------------------------------------------------------------
-    def models(self) -> ModelList:
-        cards = [
-            ModelCard(
-                id=self.model_name,
-                created=self.created,
-                root=self.model.source,
-                max_model_len=self.max_model_len,
-                depth=self.policy.default_depth,
-            )
-        ]
-        for d in self.model.exits:
-            cards.append(
-                ModelCard(
-                    id=f"{self.model_name}@{d}",
-                    created=self.created,
-                    parent=self.model_name,
-                    max_model_len=self.max_model_len,
-                    depth=d,
-                )
-            )
-        return ModelList(data=cards)
-
-    # -- shared steps -----------------------------------------------------------------------
-    def _pinned_depth(self, model: str | None, hints: Hints) -> int | None:
-        pin: int | None = None
-        if model is not None and model != self.model_name:
-            name, sep, depth = model.rpartition("@")
-            if not sep or name != self.model_name:
-                raise APIError(
-                    404,
-                    f"the model {model!r} does not exist; this server serves "
-                    f"{self.model_name!r} (see GET /v1/models)",
-                    param="model",
-                    code="model_not_found",
-                )
-            if not _DEPTH.fullmatch(depth):
-                raise bad_request(f"{model!r}: the depth after '@' must be a whole number", "model")
-            pin = int(depth)
-        if hints.depth is not None:
-            value = hints.depth.strip()
-            if not _DEPTH.fullmatch(value):
-                raise bad_request(
-                    f"x-soft-depth {hints.depth!r} must be a whole number", "x-soft-depth"
-                )
-            if pin is not None and pin != int(value):
-                raise bad_request(
-                    f"model pins depth {pin} but x-soft-depth says {value}", "x-soft-depth"
-                )
-            pin = int(value)
-        return pin
-
-    def _choose(
+    def choose(
         self, model: str | None, hints: Hints, prompt_len: int, max_tokens: int
     ) -> DepthChoice:
-        pin = self._pinned_depth(model, hints)
+        """The depth for a request (pin, budget, SLOs from its headers; the policy)."""
+        request = depth_request(model, self.model_name, hints, prompt_len, max_tokens)
         try:
-            budget = parse_budget(hints.budget) if hints.budget is not None else None
-            ttft = None if hints.slo_ttft is None else parse_budget(hints.slo_ttft, "x-slo-ttft-ms")
-            tpot = None if hints.slo_tpot is None else parse_budget(hints.slo_tpot, "x-slo-tpot-ms")
-            strict = parse_budget_mode(hints.budget_mode)
-            return self.policy.choose(
-                DepthRequest(prompt_len, max_tokens, budget, pin, ttft, tpot, strict)
-            )
+            return self.policy.choose(request)
         except PolicyError as e:
             param = "x-soft-depth" if e.param == "model" and hints.depth is not None else e.param
             raise bad_request(str(e), param) from e
 
-    def _check_length(self, prompt_len: int, max_tokens: int, param: str) -> None:
+    def check_length(self, prompt_len: int, max_tokens: int, param: str) -> None:
         if prompt_len == 0:
             raise bad_request("the prompt is empty", param)
         if prompt_len + max_tokens > self.max_model_len:
@@ -220,7 +95,16 @@ class ServingBase:
                 "max_tokens" if prompt_len < self.max_model_len else param,
             )
 
-    def _submit(
+    async def off_loop(self, fn: Callable[[R], T], req: R, size: int) -> T:
+        """Tokenize long inputs on a worker thread so the event loop keeps streaming."""
+        if size < LONG_INPUT_CHARS:
+            return fn(req)
+        return await asyncio.to_thread(fn, req)
+
+    def token_str(self, token_id: int) -> str:
+        return str(self.tokenizer.decode([token_id]))
+
+    def start(
         self,
         prompts: list[list[int]],
         params: SamplingParams,
@@ -229,9 +113,12 @@ class ServingBase:
         hints: Hints,
         stops: tuple[str, ...],
         base_id: str,
-    ) -> tuple[list[Track], dict[str, AsyncIterator[TokenEvent]]]:
-        """One engine request per (prompt, choice), all or nothing. Returns the tracks and
-        each request's event stream."""
+    ) -> Generation:
+        """One engine request per (prompt, choice), all or nothing.
+
+        Raises:
+            APIError: 400 for a request the engine can never run, 429 when its queue is full.
+        """
         deadline = None
         if choice.target_ms is not None:
             deadline = hints.arrival + choice.target_ms / 1000.0
@@ -250,6 +137,9 @@ class ServingBase:
                 self.engine.check(t.request)
         except ValueError as e:
             raise bad_request(str(e), "max_tokens") from e
+        return Generation(self, tracks, self._submit(tracks), choice, hints)
+
+    def _submit(self, tracks: list[Track]) -> dict[str, AsyncIterator[TokenEvent]]:
         streams: list[AsyncIterator[TokenEvent]] = []
         try:
             for t in tracks:
@@ -268,15 +158,29 @@ class ServingBase:
             for t in tracks[: len(streams)]:
                 self.engine.abort(t.request.request_id)
             raise bad_request(str(e)) from e
-        return tracks, dict(zip((t.request.request_id for t in tracks), streams, strict=True))
+        return dict(zip((t.request.request_id for t in tracks), streams, strict=True))
 
-    async def _events(
-        self, tracks: list[Track], streams: dict[str, AsyncIterator[TokenEvent]]
-    ) -> AsyncIterator[Track]:
+
+class Generation:
+    """One request's sequences in the engine: their tracks, merged events, and the end."""
+
+    def __init__(
+        self,
+        ctx: ServingContext,
+        tracks: list[Track],
+        streams: dict[str, AsyncIterator[TokenEvent]],
+        choice: DepthChoice,
+        hints: Hints,
+    ) -> None:
+        self.ctx, self.tracks, self.streams = ctx, tracks, streams
+        self.choice, self.hints = choice, hints
+        self._finished = False
+
+    async def events(self) -> AsyncIterator[Track]:
         """Merge every sequence's events; yields the track each event advanced. On exit
         (done, error, or the consumer cancelled by a disconnect) every unfinished sequence
         is aborted in the engine."""
-        by_id = {t.request.request_id: t for t in tracks}
+        by_id = {t.request.request_id: t for t in self.tracks}
         queue: asyncio.Queue[tuple[str, TokenEvent | None]] = asyncio.Queue()
 
         async def pump(rid: str, it: AsyncIterator[TokenEvent]) -> None:
@@ -286,8 +190,8 @@ class ServingBase:
             finally:
                 await queue.put((rid, None))
 
-        tasks = [asyncio.create_task(pump(rid, it)) for rid, it in streams.items()]
-        open_ = set(streams)
+        tasks = [asyncio.create_task(pump(rid, it)) for rid, it in self.streams.items()]
+        open_ = set(self.streams)
         try:
             while open_:
                 rid, ev = await queue.get()
@@ -301,43 +205,59 @@ class ServingBase:
                     continue  # after a stop string: the abort's own event
                 track.on_event(ev, time.monotonic())
                 if track.done and ev.finish_reason is None:
-                    self.engine.abort(rid)  # a stop string ended it: free its blocks now
+                    self.ctx.engine.abort(rid)  # a stop string ended it: free its blocks now
                 yield track
         finally:
-            self._abort_unfinished(tracks)
+            self._abort_unfinished()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _abort_unfinished(self, tracks: list[Track]) -> None:
+    async def run(self) -> None:
+        """Every event, for a response sent whole; raises APIError (500) when the engine
+        failed a sequence."""
+        try:
+            async for _ in self.events():
+                pass
+        finally:
+            self.finish()
+        for t in self.tracks:
+            if t.finish_reason == "error":
+                raise engine_error(t.error)
+
+    def finish(self) -> None:
+        """The end, however it came (idempotent): abort what still runs, record the
+        metrics, and let the policy learn from a request that ran as it chose."""
+        self._abort_unfinished()
+        if self._finished:
+            return
+        self._finished = True
+        end = time.monotonic()
+        self._record(end)
+        self._teach_policy(end)
+
+    def _abort_unfinished(self) -> None:
         """Cancel in the engine (freeing KV blocks) every sequence that has not finished."""
-        for t in tracks:
+        for t in self.tracks:
             if t.finish_reason is None:
                 t.finish_reason = "abort"
-                self.engine.abort(t.request.request_id)
+                self.ctx.engine.abort(t.request.request_id)
 
-    def _close(self, tracks: list[Track], choice: DepthChoice, hints: Hints) -> None:
-        self._abort_unfinished(tracks)
-        self._record(tracks, choice, hints)
+    def _slowest(self, end: float) -> float:
+        return max(((t.last_token_at or end) for t in self.tracks), default=end)
 
-    def _record(self, tracks: list[Track], choice: DepthChoice, hints: Hints) -> None:
-        """Metrics for the request's sequences; once, whichever path ends it first."""
-        if all(t.recorded for t in tracks):
-            return
-        end = time.monotonic()
-        for t in tracks:
-            if t.recorded:
-                continue
-            t.recorded = True
-            latency = (t.last_token_at or end) - hints.arrival
-            self.metrics.observe(
+    def _record(self, end: float) -> None:
+        """Metrics for each sequence, and the budget's outcome for the request."""
+        choice, arrival, metrics = self.choice, self.hints.arrival, self.ctx.metrics
+        for t in self.tracks:
+            metrics.observe(
                 RequestRecord(
                     depth=t.depth or choice.depth,
                     finish_reason=t.finish_reason or "abort",
                     prompt_tokens=len(t.request.prompt_ids),
                     generated_tokens=len(t.token_ids),
-                    latency=latency,
-                    ttft=None if t.first_token_at is None else t.first_token_at - hints.arrival,
+                    latency=(t.last_token_at or end) - arrival,
+                    ttft=None if t.first_token_at is None else t.first_token_at - arrival,
                     inter_token=tuple(t.itl),
                     queue=t.queue_s,
                 )
@@ -345,49 +265,34 @@ class ServingBase:
         if choice.target_ms is not None:  # a budget or SLOs: met | missed | infeasible
             outcome = "infeasible"
             if choice.feasible:
-                slowest = max(((t.last_token_at or end) for t in tracks), default=end)
-                met = (slowest - hints.arrival) * 1000 <= choice.target_ms
+                met = (self._slowest(end) - arrival) * 1000 <= choice.target_ms
                 outcome = "met" if met else "missed"
-            depth = min((t.depth for t in tracks if t.depth), default=choice.depth)
-            self.metrics.observe_budget(min(depth, choice.depth), outcome)
-        if all(t.finish_reason == "length" and t.depth == choice.depth for t in tracks):
-            slowest = max(((t.last_token_at or end) for t in tracks), default=end)
-            waited = [t.queue_s for t in tracks if t.queue_s is not None]
-            queue_ms = max(waited) * 1000.0 if waited else None
-            self.policy.observe(choice, (slowest - hints.arrival) * 1000.0, queue_ms)
+            metrics.observe_budget(self.served_choice().depth, outcome)
 
-    @staticmethod
-    def _served_at(choice: DepthChoice, tracks: list[Track]) -> DepthChoice:
+    def _teach_policy(self, end: float) -> None:
+        """Requests that ran all their max_tokens at the chosen depth calibrate it."""
+        choice = self.choice
+        if all(t.finish_reason == "length" and t.depth == choice.depth for t in self.tracks):
+            waited = [t.queue_s for t in self.tracks if t.queue_s is not None]
+            queue_ms = max(waited) * 1000.0 if waited else None
+            actual_ms = (self._slowest(end) - self.hints.arrival) * 1000.0
+            self.ctx.policy.observe(choice, actual_ms, queue_ms)
+
+    def served_choice(self) -> DepthChoice:
         """The choice as served: the depth the engine finished at (it may lower a depth
         mid-request, never raise it), the policy's prediction unchanged."""
-        depth = min((t.depth for t in tracks if t.depth), default=choice.depth)
-        return replace(choice, depth=min(depth, choice.depth))
+        depth = min((t.depth for t in self.tracks if t.depth), default=self.choice.depth)
+        return replace(self.choice, depth=min(depth, self.choice.depth))
 
-    @staticmethod
-    def _soft_info(choice: DepthChoice) -> SoftInfo:
+    def soft_info(self) -> SoftInfo:
+        choice = self.served_choice()
         return SoftInfo(
             depth=choice.depth,
             budget_ms=choice.budget_ms,
             predicted_ms=round(choice.predicted_ms, 3),
         )
 
-    @staticmethod
-    def _usage(prompts: list[list[int]], tracks: list[Track], shown: bool = True) -> Usage:
+    def usage(self, prompts: list[list[int]], shown: bool = True) -> Usage:
         p = sum(len(ids) for ids in prompts)
-        c = sum(len(t.token_ids) for t in tracks) if shown else 0  # echo-only hides its token
+        c = sum(len(t.token_ids) for t in self.tracks) if shown else 0  # echo-only hides it
         return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
-
-    async def _off_loop(self, fn: Callable[[R], T], req: R, size: int) -> T:
-        """Tokenize long inputs on a worker thread so the event loop keeps streaming."""
-        if size < LONG_INPUT_CHARS:
-            return fn(req)
-        return await asyncio.to_thread(fn, req)
-
-    def _token_str(self, token_id: int) -> str:
-        return str(self.tokenizer.decode([token_id]))
-
-    @staticmethod
-    def _raise_engine_error(tracks: list[Track]) -> None:
-        for t in tracks:
-            if t.finish_reason == "error":
-                raise engine_error(t)

@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 import models
 from server.http.app import create_app
 from server.metrics import Metrics
-from server.policy.policies import LatencyProfile, make_policy
+from server.policy.latency import LatencyProfile
+from server.policy.policies import make_policy
 from server.serving.openai import OpenAIServing
 from server.settings import Settings
 from tests.fakes import PROFILE, FakeEngine, make_served_checkpoint

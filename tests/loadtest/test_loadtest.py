@@ -24,7 +24,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loadtest.__main__ import LOCAL_ONLY_ENV, build_parser, load_test, main
 from loadtest.client import ClientConfig, OpenAIClient, RequestRecord, check_target
-from loadtest.report import load_records, summarize, write_report
+from loadtest.output import write_report
+from loadtest.report import load_records, summarize
 from loadtest.runner import RunConfig, run
 from loadtest.schedule import (
     BudgetClass,

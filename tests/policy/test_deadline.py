@@ -15,7 +15,7 @@ import models
 from server.engine.core import Engine, EngineConfig
 from server.engine.types import GenerationRequest, SamplingParams, TokenEvent
 from server.policy.deadline import DeadlineController
-from server.policy.policies import LatencyProfile
+from server.policy.latency import LatencyProfile
 
 EXITS = (8, 16, 24, 32)
 STEPS = LatencyProfile.from_json(

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from server.engine.types import EngineStats
 from server.policy.governor import Governor, GovernorConfig
-from server.policy.policies import LatencyProfile
+from server.policy.latency import LatencyProfile
 
 EXITS = (8, 16, 24, 32)
 # a step costs 4 ms per 8 layers, whatever the batch: one exit deeper doubles from depth 8
