@@ -12,7 +12,7 @@ Side by side in one run on the default model (or --model):
 Writes JSON (--out) and prints a markdown table. Trials alternate between systems so that
 noise from a shared machine hits both alike; each figure is the best of --trials.
 
-Only one thread at a time holds torch's OpenMP team (server/engine.py says why): each
+Only one thread at a time holds torch's OpenMP team (server/engine/core.py says why): each
 system is measured with the other's threads gone — an engine is started for its own
 measurement and stopped after, transformers runs on a thread that ends.
 """

@@ -134,13 +134,47 @@ class Plan:
     quiet: bool = True
 
 
+def probe(depth: int, n_prompt: int, max_tokens: int) -> Any:
+    """A greedy request of `n_prompt` synthetic ids that runs all its `max_tokens`."""
+    from server.engine.types import GenerationRequest, SamplingParams
+
+    ids = tuple(3 + (7 * i + n_prompt) % 97 for i in range(n_prompt))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return GenerationRequest(f"profile-{uuid.uuid4().hex}", ids, params, depth)
+
+
+async def ttft(engine: Any, depth: int, n: int) -> float:
+    """Milliseconds to the first token of an `n`-token prompt alone at `depth`."""
+    t0 = time.perf_counter()
+    async for _ in engine.submit(probe(depth, n, 1)):
+        pass
+    return (time.perf_counter() - t0) * 1000.0
+
+
+async def step(engine: Any, rows: Sequence[int], tokens: int) -> float:
+    """The median decode step (ms) of a batch of requests at depths `rows`: the gaps
+    between the first row's tokens once every prefill is behind it."""
+    gaps: list[float] = []
+
+    async def one(depth: int, record: bool) -> None:
+        last = None
+        k = 0
+        async for _ in engine.submit(probe(depth, 8, tokens)):
+            now = time.perf_counter()
+            k += 1
+            if record and last is not None and k > 3:  # every prefill is behind us
+                gaps.append((now - last) * 1000.0)
+            last = now
+
+    await asyncio.gather(*(one(d, i == 0) for i, d in enumerate(rows)))
+    return median(gaps)
+
+
 def measure(engine: Any, plan: Plan) -> Measurements:
     """Time the started engine itself (its step loop, paged cache and threads: what
     requests will meet): time to first token per depth and prompt length, decode steps per
     depth and batch size, and mixed-depth batches; medians over the rounds. Call from a
     thread without a running event loop."""
-    from server.engine.types import GenerationRequest, SamplingParams
-
     depths = plan.depths
     lens = [n for n in plan.prompt_lens if n + 2 <= engine.max_model_len] or [4]
     batches = [b for b in plan.batch_sizes if b <= engine.config.max_num_seqs] or [1]
@@ -149,37 +183,10 @@ def measure(engine: Any, plan: Plan) -> Measurements:
     progress = Progress(points * plan.max_rounds if plan.seconds == math.inf else points,
                         plan.quiet)  # fmt: skip
 
-    def request(depth: int, n_prompt: int, max_tokens: int) -> GenerationRequest:
-        ids = tuple(3 + (7 * i + n_prompt) % 97 for i in range(n_prompt))
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        return GenerationRequest(f"profile-{uuid.uuid4().hex}", ids, params, depth)
-
-    async def ttft(depth: int, n: int) -> float:
-        t0 = time.perf_counter()
-        async for _ in engine.submit(request(depth, n, 1)):
-            pass
-        return (time.perf_counter() - t0) * 1000.0
-
-    async def step(rows: Sequence[int]) -> float:
-        gaps: list[float] = []
-
-        async def one(depth: int, record: bool) -> None:
-            last = None
-            k = 0
-            async for _ in engine.submit(request(depth, 8, plan.tokens)):
-                now = time.perf_counter()
-                k += 1
-                if record and last is not None and k > 3:  # every prefill is behind us
-                    gaps.append((now - last) * 1000.0)
-                last = now
-
-        await asyncio.gather(*(one(d, i == 0) for i, d in enumerate(rows)))
-        return median(gaps)
-
     async def run() -> Measurements:
         for d in depths:  # warm-up: allocation, kernel selection
-            await ttft(d, lens[0])
-            await step([d, d])
+            await ttft(engine, d, lens[0])
+            await step(engine, [d, d], plan.tokens)
         prefill: dict[int, dict[int, list[float]]] = {d: {n: [] for n in lens} for d in depths}
         steps: dict[int, dict[int, list[float]]] = {d: {b: [] for b in batches} for d in depths}
         mixed: dict[tuple[int, ...], list[float]] = {rows: [] for rows in mixes}
@@ -190,13 +197,13 @@ def measure(engine: Any, plan: Plan) -> Measurements:
             rounds += 1
             for d in depths:
                 for n in lens:
-                    prefill[d][n].append(await ttft(d, n))
+                    prefill[d][n].append(await ttft(engine, d, n))
                     progress.tick(f"prefill d={d} n={n}")
                 for b in batches:
-                    steps[d][b].append(await step([d] * b))
+                    steps[d][b].append(await step(engine, [d] * b, plan.tokens))
                     progress.tick(f"step d={d} B={b}")
             for rows in mixes:
-                mixed[rows].append(await step(rows))
+                mixed[rows].append(await step(engine, rows, plan.tokens))
                 progress.tick(f"mixed B={len(rows)}")
         return Measurements(
             {d: {n: median(v) for n, v in t.items()} for d, t in prefill.items()},
@@ -326,12 +333,23 @@ def fail(message: str) -> int:
     return 2
 
 
+def write_profile(data: dict[str, Any], out: Path | None, directory: Path, layers: int) -> Path:
+    """The profile into `out`, or into the checkpoint's soft.json; returns where."""
+    from models.checkpoint import read_soft_json, write_soft_json
+
+    if out is not None:
+        out.write_text(json.dumps(data, indent=2) + "\n")
+        return out
+    soft = read_soft_json(directory, layers)
+    assert soft is not None, "main checked that soft.json exists"
+    return write_soft_json(directory, soft.with_profile(data))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.tokens < 5 or args.repeats < 1:
         return fail("--tokens must be at least 5 and --repeats at least 1")
     import models
-    from models.checkpoint import read_soft_json, write_soft_json
     from models.loader import resolve
 
     try:
@@ -350,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def build() -> tuple[models.SortedModel, Engine]:
         # torch work on a thread that ends: the engine's step thread is then the only one
-        # with an OpenMP team, as in the server (server/engine.py says why)
+        # with an OpenMP team, as in the server (server/engine/core.py says why)
         model = models.load(args.model, device=args.device, dtype=args.dtype)
         return model, Engine(model, EngineConfig(max_num_seqs=max(args.batch_sizes + [32])))
 
@@ -380,13 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "device": str(model.device),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }  # fmt: skip
-    if args.out is not None:
-        args.out.write_text(json.dumps(data, indent=2) + "\n")
-        where = args.out
-    else:
-        soft = read_soft_json(directory, model.num_layers)
-        assert soft is not None, "checked above"
-        where = write_soft_json(directory, soft.with_profile(data))
+    where = write_profile(data, args.out, directory, model.num_layers)
     png = args.png or where.with_name(where.stem.replace("soft", "latency_profile") + ".png")
     drawn = plot(m, profile, png)
     print(table)

@@ -12,6 +12,8 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import fields
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -36,75 +38,24 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree
 def load_serving(settings: Settings) -> OpenAIServing:
     """Load the model, its latency profile, the policy, the engine: everything a request
     needs. Runs once, in a worker thread, during the lifespan."""
-    import models
-    from server.engine.core import Engine, EngineConfig, on_own_thread
-    from server.engine.speculative import SpecConfig
-    from server.profile import startup_profile
+    from server.engine.core import on_own_thread
 
     t0 = time.monotonic()
-
-    def build() -> tuple[models.SortedModel, Engine]:
-        model = models.load(settings.model, device=settings.device, dtype=settings.dtype)
-        if model.tokenizer is None:
-            raise ValueError(f"{settings.model}: no tokenizer files; the server needs a tokenizer")
-        engine = Engine(
-            model,
-            EngineConfig(
-                block_size=settings.block_size,
-                kv_cache_memory=int(settings.kv_cache_memory),
-                max_num_seqs=settings.max_num_seqs,
-                max_queue=settings.max_queue,
-                max_model_len=settings.max_model_len,
-                speculative=SpecConfig(
-                    mode=settings.speculative,
-                    exit=settings.speculative_exit,
-                    k=settings.speculative_k,
-                    draft_vocab=settings.speculative_vocab,
-                ),
-            ),
-        )
-        return model, engine
-
     # torch work on a thread that ends, so the engine's step thread is the only one with
     # an OpenMP team (server/engine/core.py says why)
-    model, engine = on_own_thread(build)
+    model, engine = on_own_thread(lambda: build_engine(settings))
     exits = tuple(model.exits)
     default = settings.default_depth or exits[-1]
     if default not in exits:
         raise ValueError(f"--default-depth {default} is not an exit of the model {list(exits)}")
-    raw = model.soft.latency_profile
-    if settings.latency_profile:  # soft-profile --out, for a checkpoint one cannot write to
-        profile = read_profile_file(settings.latency_profile, exits)
-    elif raw:
-        profile = LatencyProfile.from_json(raw, exits)
-    else:
-        engine.start()  # measured through the engine itself, before any request
-        profile = startup_profile(engine, exits, seconds=settings.profile_seconds)
+    profile = load_profile(settings, model, engine, exits)
+    governor = GovernorConfig(
+        **{f.name: getattr(settings, f"governor_{f.name}") for f in fields(GovernorConfig)}
+    )
+    policy = make_policy(settings.policy, exits, default, profile, stats=engine.stats,
+                         max_num_seqs=settings.max_num_seqs, governor=governor)  # fmt: skip
     serving = OpenAIServing(
-        model,
-        engine,
-        make_policy(
-            settings.policy,
-            exits,
-            default,
-            profile,
-            stats=engine.stats,
-            max_num_seqs=settings.max_num_seqs,
-            governor=GovernorConfig(
-                queue_high=settings.governor_queue_high,
-                queue_low=settings.governor_queue_low,
-                tpot_ms=settings.governor_tpot_ms,
-                restore_ratio=settings.governor_restore_ratio,
-                factor=settings.governor_factor,
-                down_s=settings.governor_down_s,
-                up_s=settings.governor_up_s,
-                min_depth=settings.governor_min_depth,
-                max_utilization=settings.governor_max_utilization,
-            ),
-        ),
-        Metrics(exits),
-        settings.model_name(),
-        max_n=settings.max_n,
+        model, engine, policy, Metrics(exits), settings.model_name(), max_n=settings.max_n
     )
     log.info(
         "loaded %s (L=%d, exits=%s, method=%s, profile from %s) in %.1fs",
@@ -116,6 +67,47 @@ def load_serving(settings: Settings) -> OpenAIServing:
         time.monotonic() - t0,
     )
     return serving
+
+
+def build_engine(settings: Settings) -> tuple[Any, Any]:
+    """The model and its engine (on the caller's thread: see load_serving)."""
+    import models
+    from server.engine.core import Engine, EngineConfig
+    from server.engine.speculative import SpecConfig
+
+    model = models.load(settings.model, device=settings.device, dtype=settings.dtype)
+    if model.tokenizer is None:
+        raise ValueError(f"{settings.model}: no tokenizer files; the server needs a tokenizer")
+    speculative = SpecConfig(
+        mode=settings.speculative,
+        exit=settings.speculative_exit,
+        k=settings.speculative_k,
+        draft_vocab=settings.speculative_vocab,
+    )
+    config = EngineConfig(
+        block_size=settings.block_size,
+        kv_cache_memory=int(settings.kv_cache_memory),
+        max_num_seqs=settings.max_num_seqs,
+        max_queue=settings.max_queue,
+        max_model_len=settings.max_model_len,
+        speculative=speculative,
+    )
+    return model, Engine(model, config)
+
+
+def load_profile(
+    settings: Settings, model: Any, engine: Any, exits: tuple[int, ...]
+) -> LatencyProfile:
+    """--latency-profile FILE, else soft.json's, else measured through the engine itself
+    before any request (which starts it)."""
+    from server.profile import startup_profile
+
+    if settings.latency_profile:  # soft-profile --out, for a checkpoint one cannot write to
+        return read_profile_file(settings.latency_profile, exits)
+    if model.soft.latency_profile:
+        return LatencyProfile.from_json(model.soft.latency_profile, exits)
+    engine.start()
+    return startup_profile(engine, exits, seconds=settings.profile_seconds)
 
 
 def create_app(

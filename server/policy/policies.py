@@ -135,9 +135,13 @@ class FixedPolicy:
         profile: LatencyProfile,
         stats: Callable[[], EngineStats] | None = None,
     ) -> None:
-        self.config, self.profile = config, profile
+        self.config, self.profile, self.stats = config, profile, stats
         self.exits, self.default_depth = config.exits, config.default_depth
         self.predictor = Predictor(profile, stats, config.max_num_seqs)
+        self._start()
+
+    def _start(self) -> None:
+        """What a policy builds beyond the shared parts (load: its governor)."""
 
     def check_pin(self, depth: int) -> int:
         if depth not in self.exits:
@@ -241,19 +245,12 @@ class LoadPolicy(BudgetPolicy):
 
     name = "load"
 
-    def __init__(
-        self,
-        config: PolicyConfig,
-        profile: LatencyProfile,
-        stats: Callable[[], EngineStats] | None = None,
-    ) -> None:
-        super().__init__(config, profile, stats)
-        self.stats = stats
+    def _start(self) -> None:
         self.governor = Governor(
             self.exits,
             self.default_depth,
-            profile,
-            config.governor or GovernorConfig(),
+            self.profile,
+            self.config.governor or GovernorConfig(),
             utilization=self.predictor.utilization,
         )
 

@@ -104,6 +104,17 @@ def test_models_lists_each_exit(client: tuple[TestClient, FakeEngine]) -> None:
     c, _ = client
     ids = [m["id"] for m in c.get("/v1/models").json()["data"]]
     assert ids == ["tiny", "tiny@2", "tiny@4"]
+    card = c.get("/v1/models/tiny@2").json()
+    assert (card["id"], card["parent"], card["depth"], card["object"]) == (
+        "tiny@2",
+        "tiny",
+        2,
+        "model",
+    )
+    assert c.get("/v1/models/tiny").json()["depth"] == 4
+    missing = c.get("/v1/models/other")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "model_not_found"
     v = c.get("/version").json()
     assert v["model"] == "tiny" and v["exits"] == [2, 4] and v["num_layers"] == 4
 

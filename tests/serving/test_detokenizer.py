@@ -1,4 +1,4 @@
-"""server/detokenizer.py: incremental detokenization and stop strings, on a byte-level BPE
+"""server/serving/detokenizer.py: incremental detokenization and stop strings, on a byte-level BPE
 tokenizer that splits multi-byte characters across tokens."""
 
 from __future__ import annotations
