@@ -8,17 +8,14 @@ import copy
 import math
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
 import models
-from server.engine.attention import PagedAttention
 from server.engine.core import Engine, EngineConfig, on_own_thread
-from server.engine.kv_cache import KVCacheConfig, KVCacheManager
-from server.engine.sampling import draw
+from server.engine.kv_cache import KVCacheConfig
 from server.engine.types import GenerationRequest, QueueFull, SamplingParams, TokenEvent
 from tests.conftest import make_hf_model, save_checkpoint
 
@@ -133,7 +130,6 @@ def test_preemption_under_tiny_cache_still_exact(tiny) -> None:
     path, hf = tiny
     # 24 blocks of 16 tokens: a few sequences at once, the rest queue or get preempted
     model = models.load(path, device="cpu")
-    from server.engine.kv_cache import KVCacheConfig
 
     block = KVCacheConfig(L, model.cfg.num_kv_heads, model.cfg.head_dim, 1).block_bytes
     engine = make_engine(path, kv_cache_memory=24 * block)
@@ -353,38 +349,6 @@ def test_engine_restarts_after_stop_and_on_own_thread_hands_back(tiny) -> None:
         on_own_thread(lambda: 1 // 0)
 
 
-def test_draw_follows_the_distribution_and_never_picks_zero_mass() -> None:
-    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
-    g = torch.Generator().manual_seed(0)
-    counts = torch.zeros(6)
-    for _ in range(4000):
-        counts[draw(probs, g)] += 1
-    assert counts[[0, 2, 5]].sum() == 0
-    # 4000 draws: each frequency within ~4.5 standard deviations of its probability
-    assert torch.allclose(counts / 4000, probs, atol=0.035), counts / 4000
-    again = torch.Generator().manual_seed(0)
-    first = [draw(probs, again) for _ in range(20)]
-    g2 = torch.Generator().manual_seed(0)
-    assert [draw(probs, g2) for _ in range(20)] == first
-    # a one-hot distribution, also in half precision
-    assert draw(torch.tensor([0, 0, 1, 0], dtype=torch.bfloat16), g) == 2
-
-
-def test_padded_prefill_writes_padding_only_to_the_trash_block() -> None:
-    cache = KVCacheManager(KVCacheConfig(2, 1, 4, num_blocks=8, block_size=4))
-    assert cache.allocate("a", 2, 6) and cache.allocate("b", 2, 2)  # a: 2 blocks a layer, b: 1
-    kv = PagedAttention(cache, ["a", "b"], [2, 2], [0, 0], 6, lengths=[6, 2])
-    k = torch.stack([torch.full((6, 1, 4), 1.0), torch.full((6, 1, 4), 2.0)])
-    kv.attend(0, torch.zeros(2, 6, 1, 4), k, k.clone())
-    b0 = cache.tables("b")[0][0]
-    assert cache.k[b0, :2].eq(2).all() and cache.k[b0, 2:].eq(0).all()  # its 2 tokens only
-    assert all(cache.k[blk].eq(1).all() for blk in cache.tables("a")[0][:1])
-    held = {blk for seq in ("a", "b") for table in cache.tables(seq) for blk in table}
-    assert all(cache.k[blk].eq(0).all() for blk in range(8) if blk not in held)
-    assert cache.k[cache.trash].eq(2).any()  # b's padding went there
-    assert cache.num_used == len(held) == 2 * 2 + 2
-
-
 def test_admitted_together_prefill_in_one_padded_forward(tiny) -> None:
     path, hf = tiny
     engine = Engine(models.load(path, device="cpu"), EngineConfig(kv_cache_memory=1 << 22))
@@ -411,17 +375,3 @@ def test_admitted_together_prefill_in_one_padded_forward(tiny) -> None:
     for p, d, events in zip(ps, depths, results, strict=True):
         assert [e.token_id for e in events] == reference(hf, p, d, 6), f"depth {d}"
     assert engine.cache.num_used == 0
-
-
-def test_forwards_take_at_most_a_prefill_groups_worth_of_prompt_tokens() -> None:
-    from types import SimpleNamespace
-
-    from server.engine.runner import PREFILL_GROUP_TOKENS, pack
-
-    def group(tokens: int) -> Any:
-        return SimpleNamespace(ids=torch.zeros(1, tokens))
-
-    big, mid, small, decode = group(PREFILL_GROUP_TOKENS - 56), group(100), group(50), group(8)
-    assert pack([big, mid, small], decode) == [[big], [mid, small, decode]]
-    assert pack([], decode) == [[decode]] and pack([small], None) == [[small]]
-    assert pack([], None) == []
