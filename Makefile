@@ -47,6 +47,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy models server loadtest benchmarks
+	$(VENV)/bin/lint-imports  # the import direction (contracts in pyproject.toml)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

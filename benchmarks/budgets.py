@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     from models.checkpoint import read_soft_json
     from models.loader import resolve
-    from server.policy import read_profile_file
+    from server.policy.latency import read_profile_file
 
     # 1) profile
     prof_path = out / "profile.json"

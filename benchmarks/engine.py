@@ -12,7 +12,7 @@ Side by side in one run on the default model (or --model):
 Writes JSON (--out) and prints a markdown table. Trials alternate between systems so that
 noise from a shared machine hits both alike; each figure is the best of --trials.
 
-Only one thread at a time holds torch's OpenMP team (server/engine.py says why): each
+Only one thread at a time holds torch's OpenMP team (server/engine/core.py says why): each
 system is measured with the other's threads gone — an engine is started for its own
 measurement and stopped after, transformers runs on a thread that ends.
 """
@@ -38,8 +38,8 @@ from torch import nn
 import models
 from models.llama import linear, pack
 from models.loader import resolve
-from server.engine import Engine, EngineConfig, on_own_thread
-from server.types import GenerationRequest, SamplingParams
+from server.engine.core import Engine, EngineConfig, on_own_thread
+from server.engine.types import GenerationRequest, SamplingParams
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -113,7 +113,7 @@ def engine_batch(engine: Engine, prompts: list[list[int]], depths: list[int], n:
 @torch.inference_mode()
 def step_cost(engine: Engine, depths: list[int], steps: int = 6) -> float:
     """Seconds per decode step of a batch with these depths (rows at context ~64)."""
-    from server.scheduler import Sequence
+    from server.engine.scheduler import Sequence
 
     seqs = []
     for j, d in enumerate(sorted(depths, reverse=True)):
@@ -123,10 +123,10 @@ def step_cost(engine: Engine, depths: list[int], steps: int = 6) -> float:
         s.num_computed = 63
         seqs.append(s)
     try:
-        engine._decode(seqs)
+        engine.decode_step(seqs)
         t = time.perf_counter()
         for _ in range(steps):
-            engine._decode(seqs)
+            engine.decode_step(seqs)
         return (time.perf_counter() - t) / steps
     finally:
         for s in seqs:

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from models.llama import ModelConfig, SortedModel
-from server.engine import Engine, EngineConfig
-from server.types import GenerationRequest, SamplingParams
+from server.engine.core import Engine, EngineConfig
+from server.engine.types import GenerationRequest, SamplingParams
 
 SHAPES = {  # LLaMA-2-7B and a tiny one for dry runs
     "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import models
-from server.engine import Engine, EngineConfig, on_own_thread
-from server.speculative import SpecConfig, expected_tokens
-from server.types import GenerationRequest, SamplingParams
+from server.engine.core import Engine, EngineConfig, on_own_thread
+from server.engine.speculative import SpecConfig, expected_tokens
+from server.engine.types import GenerationRequest, SamplingParams
 
 INSTRUCTIONS = [
     "Give three tips for staying healthy.",
@@ -54,7 +54,7 @@ def chat_prompts(model: models.SortedModel, n: int) -> list[list[int]]:
 
 def run(engine: Engine, prompts: list[list[int]], n: int) -> tuple[list[list[int]], float]:
     """Greedy generations of all prompts submitted together; returns tokens and tok/s. The
-    engine runs only for this measurement: one OpenMP team at a time (server/engine.py)."""
+    engine runs only for this measurement: one OpenMP team at a time (server/engine/core.py)."""
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
     depth = engine.model.num_layers
 

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from loadtest.client import ClientConfig, OpenAIClient, check_target
-from loadtest.report import summarize, write_report
+from loadtest.output import write_report
+from loadtest.report import summarize
 from loadtest.runner import RunConfig, RunResult, run
 from loadtest.schedule import (
     SCHEDULES,

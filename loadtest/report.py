@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -182,37 +182,6 @@ def summarize(
 
 
 # -- files -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ReportFiles:
-    json: Path
-    markdown: Path
-    plots: tuple[Path, ...]
-
-
-def write_report(
-    out_dir: Path,
-    records: Sequence[RequestRecord],
-    summary: Summary,
-    config: dict[str, Any],
-    offered: Callable[[float], float] | None = None,
-) -> ReportFiles:
-    """Write report.json, summary.md and the PNG plots into `out_dir` (created)."""
-    from loadtest.plots import write_plots
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "report.json"
-    body = {
-        "config": config,
-        "summary": asdict(summary),
-        "records": [r.to_json() for r in records],
-    }
-    json_path.write_text(json.dumps(body, indent=1, default=str) + "\n")
-    md_path = out_dir / "summary.md"
-    md_path.write_text(markdown(summary, config))
-    plots = write_plots(out_dir, records, summary, offered)
-    return ReportFiles(json_path, md_path, plots)
-
-
 def load_records(path: Path) -> list[RequestRecord]:
     """The per-request records of a report.json (to re-plot or compare runs)."""
     data = json.loads(path.read_text())

@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv)
     import uvicorn
 
-    from server.api import create_app
+    from server.http.app import create_app
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -8,7 +8,9 @@ line in depth when 3 or more depths are profiled), the other exits interpolated 
   step(d, B rows)    = decode_ms_per_step[d] + decode_ms_per_row[d] * (B - 1)
   step(mixed batch)  = decode_ms_per_step[deepest] + sum of the other rows' per_row
 Prefill is timed to the first token of a request alone; a step is the median gap between
-consecutive tokens of B requests decoding together after every prefill is done.
+consecutive tokens of B requests decoding together after every prefill is done. The
+server's start-up measurement (`startup_profile`, when soft.json has no profile) is the
+same measurement on a smaller plan.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import math
 import os
 import sys
 import time
@@ -24,6 +28,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from server.policy.latency import LatencyProfile, least_squares
+
+log = logging.getLogger(__name__)
 
 EXAMPLES = """\
 examples:
@@ -44,6 +52,7 @@ class Measurements:
     prefill: dict[int, dict[int, float]]
     step: dict[int, dict[int, float]]
     mixed: list[tuple[tuple[int, ...], float]]
+    rounds: int = 1
 
 
 def ints(text: str) -> list[int]:
@@ -110,77 +119,130 @@ def spread(exits: Sequence[int], k: int = 5) -> list[int]:
     return sorted({exits[round(i * (len(exits) - 1) / (k - 1))] for i in range(k)})
 
 
-def measure(engine: Any, depths: list[int], args: argparse.Namespace) -> Measurements:
-    from server.types import GenerationRequest, SamplingParams
+@dataclass(frozen=True)
+class Plan:
+    """What to measure: every point is measured once per round, and rounds repeat at
+    least `min_rounds` and at most `max_rounds` times, stopping once `seconds` are spent."""
 
-    lens = [n for n in args.prompt_lens if n + 2 <= engine.max_model_len] or [4]
-    batches = [b for b in args.batch_sizes if b <= engine.config.max_num_seqs] or [1]
+    depths: list[int]
+    prompt_lens: list[int]
+    batch_sizes: list[int]
+    tokens: int = 12  # per decode probe (the gaps after its 3rd token are the steps)
+    min_rounds: int = 3
+    max_rounds: int = 3
+    seconds: float = math.inf
+    quiet: bool = True
+
+
+def probe(depth: int, n_prompt: int, max_tokens: int) -> Any:
+    """A greedy request of `n_prompt` synthetic ids that runs all its `max_tokens`."""
+    from server.engine.types import GenerationRequest, SamplingParams
+
+    ids = tuple(3 + (7 * i + n_prompt) % 97 for i in range(n_prompt))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return GenerationRequest(f"profile-{uuid.uuid4().hex}", ids, params, depth)
+
+
+async def ttft(engine: Any, depth: int, n: int) -> float:
+    """Milliseconds to the first token of an `n`-token prompt alone at `depth`."""
+    t0 = time.perf_counter()
+    async for _ in engine.submit(probe(depth, n, 1)):
+        pass
+    return (time.perf_counter() - t0) * 1000.0
+
+
+async def step(engine: Any, rows: Sequence[int], tokens: int) -> float:
+    """The median decode step (ms) of a batch of requests at depths `rows`: the gaps
+    between the first row's tokens once every prefill is behind it."""
+    gaps: list[float] = []
+
+    async def one(depth: int, record: bool) -> None:
+        last = None
+        k = 0
+        async for _ in engine.submit(probe(depth, 8, tokens)):
+            now = time.perf_counter()
+            k += 1
+            if record and last is not None and k > 3:  # every prefill is behind us
+                gaps.append((now - last) * 1000.0)
+            last = now
+
+    await asyncio.gather(*(one(d, i == 0) for i, d in enumerate(rows)))
+    return median(gaps)
+
+
+def measure(engine: Any, plan: Plan) -> Measurements:
+    """Time the started engine itself (its step loop, paged cache and threads: what
+    requests will meet): time to first token per depth and prompt length, decode steps per
+    depth and batch size, and mixed-depth batches; medians over the rounds. Call from a
+    thread without a running event loop."""
+    depths = plan.depths
+    lens = [n for n in plan.prompt_lens if n + 2 <= engine.max_model_len] or [4]
+    batches = [b for b in plan.batch_sizes if b <= engine.config.max_num_seqs] or [1]
     mixes = [tuple(depths[i % len(depths)] for i in range(b)) for b in batches if b > 1]
-    progress = Progress(len(depths) * (len(lens) + len(batches)) + len(mixes), args.quiet)
-
-    def request(depth: int, n_prompt: int, max_tokens: int) -> GenerationRequest:
-        ids = tuple(3 + (7 * i + n_prompt) % 97 for i in range(n_prompt))
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        return GenerationRequest(f"profile-{uuid.uuid4().hex}", ids, params, depth)
-
-    async def ttft(depth: int, n: int) -> float:
-        t0 = time.perf_counter()
-        async for _ in engine.submit(request(depth, n, 1)):
-            pass
-        return (time.perf_counter() - t0) * 1000.0
-
-    async def step(rows: Sequence[int]) -> float:
-        gaps: list[float] = []
-
-        async def one(depth: int, record: bool) -> None:
-            last = None
-            k = 0
-            async for _ in engine.submit(request(depth, 8, args.tokens)):
-                now = time.perf_counter()
-                k += 1
-                if record and last is not None and k > 3:  # every prefill is behind us
-                    gaps.append((now - last) * 1000.0)
-                last = now
-
-        await asyncio.gather(*(one(d, i == 0) for i, d in enumerate(rows)))
-        return median(gaps)
+    points = len(depths) * (len(lens) + len(batches)) + len(mixes)
+    progress = Progress(points * plan.max_rounds if plan.seconds == math.inf else points,
+                        plan.quiet)  # fmt: skip
 
     async def run() -> Measurements:
         for d in depths:  # warm-up: allocation, kernel selection
-            await ttft(d, lens[0])
-            await step([d, d])
-        prefill: dict[int, dict[int, float]] = {d: {} for d in depths}
-        steps: dict[int, dict[int, float]] = {d: {} for d in depths}
-        for d in depths:
-            for n in lens:
-                prefill[d][n] = median([await ttft(d, n) for _ in range(args.repeats)])
-                progress.tick(f"prefill d={d} n={n}")
-            for b in batches:
-                steps[d][b] = median([await step([d] * b) for _ in range(args.repeats)])
-                progress.tick(f"step d={d} B={b}")
-        mixed = []
-        for rows in mixes:
-            mixed.append((rows, median([await step(rows) for _ in range(args.repeats)])))
-            progress.tick(f"mixed B={len(rows)}")
-        return Measurements(prefill, steps, mixed)
+            await ttft(engine, d, lens[0])
+            await step(engine, [d, d], plan.tokens)
+        prefill: dict[int, dict[int, list[float]]] = {d: {n: [] for n in lens} for d in depths}
+        steps: dict[int, dict[int, list[float]]] = {d: {b: [] for b in batches} for d in depths}
+        mixed: dict[tuple[int, ...], list[float]] = {rows: [] for rows in mixes}
+        deadline, rounds = time.perf_counter() + plan.seconds, 0
+        while rounds < plan.min_rounds or (
+            time.perf_counter() < deadline and rounds < plan.max_rounds
+        ):
+            rounds += 1
+            for d in depths:
+                for n in lens:
+                    prefill[d][n].append(await ttft(engine, d, n))
+                    progress.tick(f"prefill d={d} n={n}")
+                for b in batches:
+                    steps[d][b].append(await step(engine, [d] * b, plan.tokens))
+                    progress.tick(f"step d={d} B={b}")
+            for rows in mixes:
+                mixed[rows].append(await step(engine, rows, plan.tokens))
+                progress.tick(f"mixed B={len(rows)}")
+        return Measurements(
+            {d: {n: median(v) for n, v in t.items()} for d, t in prefill.items()},
+            {d: {b: median(v) for b, v in t.items()} for d, t in steps.items()},
+            [(rows, median(v)) for rows, v in mixed.items()],
+            rounds,
+        )
 
     return asyncio.run(run())
 
 
+def startup_profile(
+    engine: Any, exits: Sequence[int], seconds: float = 3.0, prompt_len: int = 64
+) -> LatencyProfile:
+    """The server's start-up profile when the checkpoint has none: `measure` at the
+    shallowest, middle and deepest exit, alone at batch 1, a long and a short prompt, for
+    about `seconds` (2 to 50 rounds); the other exits are interpolated."""
+    depths = sorted({exits[0], exits[len(exits) // 2], exits[-1]})
+    long_len = max(4, min(prompt_len, engine.max_model_len - 10))
+    plan = Plan(depths, [long_len // 4, long_len], [1], min_rounds=2, max_rounds=50,
+                seconds=seconds)  # fmt: skip
+    m = measure(engine, plan)
+    profile = fit(m, exits, source="measured")
+    log.info("measured latency profile in %d rounds: %s", m.rounds, profile.to_json())
+    return profile
+
+
 def median(xs: Sequence[float]) -> float:
+    """The middle value (requests will meet the same neighbours as the median probe)."""
     s = sorted(xs)
     return s[len(s) // 2] if s else 0.0
 
 
 def line_fit(points: dict[int, float]) -> tuple[float, float]:
-    """Least-squares (intercept, slope) >= 0 through x -> y."""
-    xs = sorted(points)
-    if len(xs) == 1:
-        return max(points[xs[0]], 0.0), 0.0
-    mx, my = sum(xs) / len(xs), sum(points.values()) / len(xs)
-    slope = sum((x - mx) * (points[x] - my) for x in xs) / sum((x - mx) ** 2 for x in xs)
-    slope = max(slope, 0.0)
-    return max(my - slope * mx, 0.0), slope
+    """Least-squares (intercept, slope) >= 0 through x -> y (one point: a flat line)."""
+    if len(points) == 1:
+        return max(*points.values(), 0.0), 0.0
+    icpt, slope = least_squares(points)
+    return max(icpt, 0.0), slope
 
 
 def in_depth(table: dict[int, float]) -> dict[int, float]:
@@ -194,19 +256,21 @@ def in_depth(table: dict[int, float]) -> dict[int, float]:
     return {d: icpt + slope * d for d in table}
 
 
-def fit(m: Measurements, exits: Sequence[int]) -> Any:
-    from server.policy import LatencyProfile
-
+def fit(m: Measurements, exits: Sequence[int], source: str = "soft-profile") -> LatencyProfile:
+    """The cost model (see the module docstring) through the measurements."""
     base, per_token, step, per_row = {}, {}, {}, {}
     for d in m.prefill:
         base[d], per_token[d] = line_fit(m.prefill[d])
         c, r = line_fit({b - 1: ms for b, ms in m.step[d].items()})  # B - 1: one row at 0
         step[d], per_row[d] = c, r
     base, per_token, step, per_row = (in_depth(t) for t in (base, per_token, step, per_row))
-    return LatencyProfile.from_points(exits, base, per_token, step, "soft-profile", per_row)
+    rows = any(len(t) > 1 for t in m.step.values())  # else the profile is batch-free
+    return LatencyProfile.from_points(
+        exits, base, per_token, step, source, per_row if rows else None
+    )
 
 
-def report(m: Measurements, profile: Any) -> tuple[str, float]:
+def report(m: Measurements, profile: LatencyProfile) -> tuple[str, float]:
     """The table (measured vs fitted) and the fit's median relative error."""
     errors: list[float] = []
     rows = ["| depth | prefill base ms | ms/prompt token | step ms (B=1) | ms/extra row | "
@@ -230,8 +294,13 @@ def report(m: Measurements, profile: Any) -> tuple[str, float]:
     return "\n".join(rows), median(errors)
 
 
-def plot(m: Measurements, profile: Any, path: Path) -> None:
-    import matplotlib
+def plot(m: Measurements, profile: LatencyProfile, path: Path) -> bool:
+    """The measured points and the fitted lines as a PNG; False (nothing written) without
+    matplotlib, which only the `train` extra installs."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -256,6 +325,7 @@ def plot(m: Measurements, profile: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 def fail(message: str) -> int:
@@ -263,12 +333,23 @@ def fail(message: str) -> int:
     return 2
 
 
+def write_profile(data: dict[str, Any], out: Path | None, directory: Path, layers: int) -> Path:
+    """The profile into `out`, or into the checkpoint's soft.json; returns where."""
+    from models.checkpoint import read_soft_json, write_soft_json
+
+    if out is not None:
+        out.write_text(json.dumps(data, indent=2) + "\n")
+        return out
+    soft = read_soft_json(directory, layers)
+    assert soft is not None, "main checked that soft.json exists"
+    return write_soft_json(directory, soft.with_profile(data))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.tokens < 5 or args.repeats < 1:
         return fail("--tokens must be at least 5 and --repeats at least 1")
     import models
-    from models.checkpoint import read_soft_json, write_soft_json
     from models.loader import resolve
 
     try:
@@ -283,11 +364,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )  # fmt: skip
     if args.out is not None and not os.access(args.out.parent.resolve(), os.W_OK):
         return fail(f"--out {args.out}: the directory does not exist or is not writable")
-    from server.engine import Engine, EngineConfig, on_own_thread
+    from server.engine.core import Engine, EngineConfig, on_own_thread
 
     def build() -> tuple[models.SortedModel, Engine]:
         # torch work on a thread that ends: the engine's step thread is then the only one
-        # with an OpenMP team, as in the server (server/engine.py says why)
+        # with an OpenMP team, as in the server (server/engine/core.py says why)
         model = models.load(args.model, device=args.device, dtype=args.dtype)
         return model, Engine(model, EngineConfig(max_num_seqs=max(args.batch_sizes + [32])))
 
@@ -300,14 +381,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     depths = args.depths or spread(exits)
     if not set(depths) <= set(exits):
         return fail(f"--depths {depths}: each must be an exit of the model {exits}")
-    engine.start()
-    try:
-        m = measure(engine, depths, args)
-    finally:
-        engine.stop()
+    plan = Plan(depths, args.prompt_lens, args.batch_sizes, args.tokens, args.repeats,
+                args.repeats, quiet=args.quiet)  # fmt: skip
+    with engine.running():
+        m = measure(engine, plan)
     profile = fit(m, exits)
     table, error = report(m, profile)
-    data = profile.to_json()
+    data: dict[str, Any] = dict(profile.to_json())
     data["measured"] = {  # kept for plots and audits; the policy reads the fitted tables
         "depths": depths,
         "prefill_ms": {str(d): {str(n): round(v, 3) for n, v in t.items()}
@@ -318,18 +398,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "device": str(model.device),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }  # fmt: skip
-    if args.out is not None:
-        args.out.write_text(json.dumps(data, indent=2) + "\n")
-        where = args.out
-    else:
-        soft = read_soft_json(directory, model.num_layers)
-        assert soft is not None, "checked above"
-        where = write_soft_json(directory, soft.with_profile(data))
+    where = write_profile(data, args.out, directory, model.num_layers)
     png = args.png or where.with_name(where.stem.replace("soft", "latency_profile") + ".png")
-    plot(m, profile, png)
+    drawn = plot(m, profile, png)
     print(table)
     print(f"\nfit: median |fitted - measured| / measured = {100 * error:.1f}%")
-    print(f"profile written to {where}; plot {png}")
+    if drawn:
+        print(f"profile written to {where}; plot {png}")
+    else:
+        print(f"profile written to {where}; no plot: matplotlib is not installed "
+              "(pip install 'soft-serve[train]')")  # fmt: skip
     if args.out is not None:
         print(f"serve with: soft-serve --model {args.model} --latency-profile {args.out}")
     return 0

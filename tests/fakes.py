@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.types import EngineStats, GenerationRequest, QueueFull, TokenEvent, TokenLogprob
+from server.engine.types import EngineStats, GenerationRequest, QueueFull, TokenEvent, TokenLogprob
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.engine.types import EngineStats
 from server.metrics import Metrics, RequestRecord
-from server.types import EngineStats
 
 NAMES = [
     "soft_request_latency_seconds", "soft_time_to_first_token_seconds",
@@ -52,8 +52,9 @@ def test_every_metric_is_exposed_with_its_labels() -> None:
 def test_observe_fills_per_depth_histograms_and_counters() -> None:
     m = Metrics(exits=(2, 4))
     m.observe(RequestRecord(depth=2, finish_reason="stop", prompt_tokens=5, generated_tokens=3,
-                            latency=0.0123, ttft=0.004, inter_token=(0.002, 0.003), queue=0.0005,
-                            budget_outcome="met"))  # fmt: skip
+                            latency=0.0123, ttft=0.004, inter_token=(0.002, 0.003),
+                            queue=0.0005))  # fmt: skip
+    m.observe_budget(2, "met")
     m.observe(RequestRecord(depth=4, finish_reason="length", prompt_tokens=7,
                             generated_tokens=1, latency=2.0, ttft=1.0))  # fmt: skip
     s = samples(m)

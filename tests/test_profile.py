@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from models.checkpoint import read_soft_json
-from server.policy import LatencyProfile, read_profile_file
+from server.policy.latency import LatencyProfile, read_profile_file
 from server.profile import Measurements, fit, in_depth, line_fit, main, spread
 
 QUICK = ["--prompt-lens", "8,32", "--batch-sizes", "1,4", "--repeats", "1", "--tokens", "5"]
@@ -55,7 +55,9 @@ def test_profile_into_soft_json_and_into_a_file(
     assert main([str(tiny_dir), *QUICK, "--quiet", "--depths", "4", "--out", str(target)]) == 0
     assert "--latency-profile" in capsys.readouterr().out
     assert set(json.loads(target.read_text())["measured"]["step_ms"]) == {"4"}
-    assert read_profile_file(str(target), (2, 4)).step_ms(2) >= 0  # filled from depth 4
+    filled = read_profile_file(str(target), (2, 4))  # depth 2 filled from depth 4 alone:
+    assert filled.step_ms(4) > 0  # a line through the origin, half of depth 4's cost
+    assert filled.step_ms(2) == pytest.approx(filled.step_ms(4) / 2, rel=1e-3)  # 4 decimals
     assert (tmp_path / "p.png").exists()
 
 
