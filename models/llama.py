@@ -139,7 +139,7 @@ def _onednn(dtype: torch.dtype = torch.float32) -> bool:
     """oneDNN can run and pack `dtype` matrices here (fp32 everywhere it is built; packed
     bf16 only on CPUs with AVX512-BW/VL/DQ or AVX-NE-CONVERT). Asked lazily, on the thread
     that first computes (usually the engine's): a probe at import would give the importing
-    thread an OpenMP pool, which slows the engine's (see server/engine.py)."""
+    thread an OpenMP pool, which slows the engine's (see server/engine/)."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
