@@ -332,7 +332,7 @@ def gguf_int4_weights(path: Path, cfg: ModelConfig) -> dict[str, QuantizedWeight
         if t is None or t.tensor_type.name not in GGUF_INT4_TYPES:
             return None
         c = Int4Codes.from_gguf(t.data, t.tensor_type.name)
-        heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}.get(name.split(".")[2])
+        heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}.get(name.split(".")[-2])
         if permuted and heads is not None:
             n = c.q.shape[0]
             c = c.rows(torch.arange(n).view(heads, n // heads // 2, 2).transpose(1, 2).reshape(n))
