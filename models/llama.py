@@ -23,6 +23,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.checkpoint import SoftConfig, base_config
+from models.quant import Int4Weight, Int8Weight, QuantizedWeight, quantization_mode, quantize
+
+# a matrix `linear` can multiply by: float (maybe oneDNN-packed) or int8/int4 (models.quant)
+Weight = Tensor | QuantizedWeight
+# the matrices of a decoder layer that `pack` and `quantize` replace
+LAYER_MATRICES = ("wqkv", "wo", "w_gate_up", "w_down")
+# the head's weights per mode: an int4 head costs SmolLM2 ~4x the logits error of its
+# int4 layers (llama.cpp's Q4 files keep the head at Q8_0 / Q6_K for the same reason)
+HEAD_QUANTIZATION = {"int8": "int8", "int4": "int8"}
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 # rope variants whose frequencies do not depend on the sequence length at run time
@@ -171,10 +180,12 @@ def pack(w: Tensor) -> Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), _PACK_HINT[w.dtype])
 
 
-def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x (..., in) @ w (out, in)^T. A packed `w` and plain fp32 on CPU go through oneDNN
-    directly (it reads fp32 weights ~2x faster than the BLAS behind F.linear here);
-    everything else is F.linear."""
+def linear(x: Tensor, w: Weight, bias: Tensor | None = None) -> Tensor:
+    """x (..., in) @ w (out, in)^T. Quantized `w` runs its own kernel (models.quant); a
+    packed `w` and plain fp32 on CPU go through oneDNN directly (it reads fp32 weights ~2x
+    faster than the BLAS behind F.linear here); everything else is F.linear."""
+    if not isinstance(w, Tensor):
+        return w.matmul(x, bias)
     if w.is_mkldnn or (x.dtype == torch.float32 and x.device.type == "cpu" and _onednn()):
         return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
     return F.linear(x, w, bias)
@@ -227,6 +238,14 @@ def _rows(kv: KVStore | None, start: int, end: int) -> KVStore | None:
     return narrow(start, end)  # type: ignore[no-any-return]
 
 
+def _is_quantized(w: object) -> bool:
+    return isinstance(w, (Int8Weight, Int4Weight))
+
+
+def _nbytes(w: Weight) -> int:
+    return w.numel() * w.element_size() if isinstance(w, Tensor) else w.nbytes
+
+
 class Layer(nn.Module):
     """One decoder block with fused projections (qkv, gate|up): fewer kernels per token."""
 
@@ -253,6 +272,7 @@ class ExitHead:
 
     norm: Tensor  # (H,)
     weight: Tensor  # (V, H)
+    quantized: QuantizedWeight | None = None  # set by SortedModel.quantize: what head() reads
 
 
 class SortedModel(nn.Module):
@@ -276,7 +296,9 @@ class SortedModel(nn.Module):
         # balcony: exit depth (as a string key) -> its own decoder layer, run after base
         # layers [0, e); its KV lives at cache layer `kv_layer(e)`, past the base's layers
         self.exit_layers = nn.ModuleDict()
-        self.packed_head: Tensor | None = None  # set by pack(): the head in oneDNN's layout
+        # set by pack() or quantize(): the head in oneDNN's layout or as int8/int4 weights
+        self.packed_head: Weight | None = None
+        self.quantization: str | None = None  # "int8" | "int4" once quantize() ran
         # set by models.load(): what soft.json says, the tokenizer, where it came from
         self.soft: SoftConfig = base_config(cfg.num_layers)
         self.tokenizer: Any = None
@@ -320,28 +342,76 @@ class SortedModel(nn.Module):
 
     def weight_bytes(self, depth: int) -> int:
         """Bytes of weights read for one token at `depth` (layers [0, d), the exit layer
-        if any, final norm + head; the embedding row read is negligible)."""
-        per_layer = sum(p.numel() * p.element_size() for p in self.layers[0].parameters())
-        head = self.head_weight(depth)
+        if any, final norm + head, int8/int4 ones at their quantized size; the embedding
+        row read is negligible)."""
+        layer = self.layers[0]
+        per_layer = sum(_nbytes(p) for p in layer.parameters())
+        per_layer += sum(_nbytes(w) for w in layer.__dict__.values() if _is_quantized(w))
+        eh = self.exit_heads.get(depth)
+        head: Weight = self.lm_head if eh is None else eh.quantized or eh.weight
+        if eh is None and self.packed_head is not None and _is_quantized(self.packed_head):
+            head = self.packed_head
         layers = depth + (self.exit_layer(depth) is not None)
-        return layers * per_layer + head.numel() * head.element_size() + self.norm.numel()
+        return layers * per_layer + _nbytes(head) + self.norm.numel()
 
     def pack(self) -> None:
         """Put every matrix a decode step reads into oneDNN's blocked layout (see `pack`).
 
         Layer matrices are replaced: afterwards only this runner can read them. The shared
         head, which is also the embedding table, gets a packed copy. Idempotent; nothing
-        happens off CPU or without oneDNN. The serving engine calls it."""
+        happens off CPU or without oneDNN; quantized matrices stay as they are. The
+        serving engine calls it."""
         for layer in [*self.layers, *self.exit_layers.values()]:
-            for name in ("wqkv", "wo", "w_gate_up", "w_down"):
-                w = layer._parameters[name]
-                assert w is not None
-                layer._parameters[name] = nn.Parameter(pack(w.data), requires_grad=False)
+            for name in LAYER_MATRICES:
+                w = layer._parameters.get(name)
+                if w is not None:  # None: quantized (a plain attribute now)
+                    layer._parameters[name] = nn.Parameter(pack(w.data), requires_grad=False)
         if self.packed_head is None:
             self.packed_head = pack(self.lm_head.data)
         self.exit_heads = {
-            d: ExitHead(eh.norm, pack(eh.weight)) for d, eh in self.exit_heads.items()
+            d: ExitHead(eh.norm, pack(eh.weight), eh.quantized) for d, eh in self.exit_heads.items()
         }
+
+    def quantize(
+        self, mode: str | None, prebuilt: dict[str, QuantizedWeight] | None = None
+    ) -> None:
+        """Replace every layer matrix (wqkv, wo, w_gate_up, w_down) with weight-only int8 /
+        int4 ones (models.quant) and the head with `HEAD_QUANTIZATION[mode]` ones; the
+        embedding stays a float table (a tied head gets a quantized copy), norms and
+        biases stay float. CPU only; call it before `pack`.
+
+        Args:
+            mode: "int8" | "int4" | "none" / None (nothing happens).
+            prebuilt: containers to use as they are, by name ("layers.3.wqkv", "head"),
+                e.g. built from a GGUF's own blocks; the rest is quantized from the floats.
+        """
+        mode = quantization_mode(mode)
+        if mode is None:
+            return
+        if self.device.type != "cpu":
+            raise ValueError(f"{mode} weights run on torch's CPU kernels; load on CPU")
+        if self.quantization is not None:
+            assert self.quantization == mode, f"already quantized to {self.quantization}"
+            return
+        prebuilt = prebuilt or {}
+        named = [(f"layers.{i}", w) for i, w in enumerate(self.layers)]
+        named += [(f"exit_layers.{e}", w) for e, w in self.exit_layers.items()]
+        for prefix, layer in named:
+            for name in LAYER_MATRICES:
+                w = layer._parameters[name]
+                assert w is not None and not w.is_mkldnn, "quantize() runs before pack()"
+                q = prebuilt.get(f"{prefix}.{name}") or quantize(w.data, mode)
+                assert tuple(q.shape) == tuple(w.shape), (name, q.shape, w.shape)
+                delattr(layer, name)  # a parameter no more: a plain attribute
+                setattr(layer, name, q)
+        assert self.packed_head is None, "quantize() runs before pack()"
+        head_mode = HEAD_QUANTIZATION[mode]
+        self.packed_head = prebuilt.get("head") or quantize(self.lm_head.data, head_mode)
+        self.exit_heads = {
+            d: ExitHead(eh.norm, eh.weight, quantize(eh.weight, head_mode))
+            for d, eh in self.exit_heads.items()
+        }
+        self.quantization = mode
 
     def head_weight(self, depth: int) -> Tensor:
         eh = self.exit_heads.get(depth)
@@ -511,7 +581,9 @@ class SortedModel(nn.Module):
         for d in sorted(set(depths)):
             rows = [j for j, dj in enumerate(depths) if dj == d]
             eh = self.exit_heads.get(d)
-            norm, weight = (eh.norm, eh.weight) if eh is not None else (self.norm, shared)
+            norm, weight = (
+                (eh.norm, eh.quantized or eh.weight) if eh is not None else (self.norm, shared)
+            )
             out[rows] = linear(rms_norm(h[rows], norm, self.cfg.rms_norm_eps), weight)
         return out
 

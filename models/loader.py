@@ -43,6 +43,7 @@ from models.llama import (
     UnsupportedModel,
     rope_frequencies,
 )
+from models.quant import Int4Codes, Int4Weight, QuantizedWeight, quantization_mode
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +260,7 @@ def load(
     spec: str | os.PathLike[str] = "default",
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    quantization: str | None = None,
 ) -> SortedModel:
     """Load a model for dynamic-depth inference.
 
@@ -267,10 +269,16 @@ def load(
             directory, or a `.gguf` file.
         device: "cpu" (default without CUDA) or "cuda".
         dtype: torch dtype or its name; default bfloat16 on CUDA, float32 on CPU.
+        quantization: "int8" | "int4" weight-only matrices (CPU; see models.quant) or
+            "none" / None. A Q4_0 / Q4_1 GGUF loaded as int4 keeps its own blocks; a
+            delta checkpoint is merged into float weights first, then quantized.
     Returns:
         A SortedModel in eval mode with `.exits`, `.method` and `.tokenizer` set.
     """
+    mode = quantization_mode(quantization)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if mode is not None and device.type != "cpu":
+        raise ValueError(f"quantization={mode} runs on torch's CPU kernels; use device='cpu'")
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -320,7 +328,75 @@ def load(
         model.exit_heads[d] = ExitHead(eh.norm.to(device, dtype), eh.weight.to(device, dtype))
     if cfg.tie_word_embeddings:
         model.lm_head = model.embed
+    if mode is not None:
+        gguf = _gguf_file(spec)
+        prebuilt = (
+            gguf_int4_weights(gguf, cfg) if mode == "int4" and gguf and not delta.exists() else {}
+        )
+        model.quantize(mode, prebuilt)
     return model
+
+
+def _gguf_file(spec: str | os.PathLike[str]) -> Path | None:
+    """The GGUF a spec's weights come from, if they do (as `resolve` finds them)."""
+    s = str(spec)
+    if s == "default" and not (DEFAULT_DIR / "soft.json").exists():
+        s = BASE_NAME
+    if s == BASE_NAME:
+        return smollm2_gguf()
+    return Path(s).expanduser() if s.endswith(".gguf") else None
+
+
+# our fused matrices and the GGUF tensors they are stacked from, in order
+_GGUF_MATRICES = {
+    "wqkv": ("attn_q", "attn_k", "attn_v"),
+    "wo": ("attn_output",),
+    "w_gate_up": ("ffn_gate", "ffn_up"),
+    "w_down": ("ffn_down",),
+}
+GGUF_INT4_TYPES = ("Q4_0", "Q4_1")
+
+
+def gguf_int4_weights(path: Path, cfg: ModelConfig) -> dict[str, QuantizedWeight]:
+    """int4 matrices built code for code from a GGUF's Q4_0 / Q4_1 blocks, by
+    `SortedModel.quantize` name ("layers.3.wqkv", "head"); a matrix stored in any other
+    type (Q8_0, F16, ...) is left out (quantize() then rounds its float values; a head
+    in another type becomes int8 weights, see `models.llama.HEAD_QUANTIZATION`).
+
+    llama-architecture GGUFs store q/k rows permuted for llama.cpp's rope; they are put
+    back in Hugging Face order here as transformers' GGUF loader does
+    (`LlamaTensorProcessor._reverse_permute_weights`): a reordering of rows, so the
+    blocks stay as they are."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    field = reader.fields.get("general.architecture")
+    permuted = field is not None and field.contents() == "llama"
+
+    def codes(name: str) -> Int4Codes | None:
+        t = tensors.get(name)
+        if t is None or t.tensor_type.name not in GGUF_INT4_TYPES:
+            return None
+        c = Int4Codes.from_gguf(t.data, t.tensor_type.name)
+        heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}.get(name.split(".")[-2])
+        if permuted and heads is not None:
+            n = c.q.shape[0]
+            c = c.rows(torch.arange(n).view(heads, n // heads // 2, 2).transpose(1, 2).reshape(n))
+        return c
+
+    out: dict[str, QuantizedWeight] = {}
+    for i in range(cfg.num_layers):
+        for ours, theirs in _GGUF_MATRICES.items():
+            parts = [codes(f"blk.{i}.{t}.weight") for t in theirs]
+            if all(p is not None for p in parts):
+                out[f"layers.{i}.{ours}"] = Int4Weight.from_codes(Int4Codes.cat(parts))  # type: ignore[arg-type]
+    head = codes("output.weight" if "output.weight" in tensors else "token_embd.weight")
+    if head is not None:
+        out["head"] = Int4Weight.from_codes(head)
+    log.info("%s: %d of %d int4 matrices from the file's own blocks", path.name, len(out),
+             4 * cfg.num_layers + 1)  # fmt: skip
+    return out
 
 
 def _tokenizer(directory: Path, weights_dir: Path) -> Any:
