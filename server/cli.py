@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         help_ = f"{info.description} [env {env}; default {default}]"
         kwargs: dict[str, Any] = {"help": help_, "default": None, "dest": name}
         choices = getattr(info.annotation, "__args__", None)
-        if name in ("policy", "dtype", "log_level") and choices:
+        if name in ("policy", "dtype", "quantization", "log_level") and choices:
             kwargs["choices"] = [c for c in _literal_values(info.annotation) if c is not None]
         parser.add_argument(flag, **kwargs)
     return parser

@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="repeats per point (median) [3]")
     p.add_argument("--device", help="torch device [cuda if present]")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument(
+        "--quantization",
+        choices=["none", "int8", "int4"],
+        default="none",
+        help="weight-only quantization, as soft-serve --quantization (profile what you serve)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -369,7 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def build() -> tuple[models.SortedModel, Engine]:
         # torch work on a thread that ends: the engine's step thread is then the only one
         # with an OpenMP team, as in the server (server/engine/core.py says why)
-        model = models.load(args.model, device=args.device, dtype=args.dtype)
+        model = models.load(args.model, device=args.device, dtype=args.dtype,
+                            quantization=args.quantization)  # fmt: skip
         return model, Engine(model, EngineConfig(max_num_seqs=max(args.batch_sizes + [32])))
 
     try:

@@ -50,6 +50,13 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="weights dtype; default: bfloat16 on CUDA, float32 on CPU"
     )
+    quantization: Literal["none", "int8", "int4"] = Field(
+        "none",
+        description="weight-only quantization of the layer matrices and head on torch's CPU "
+        "kernels (int8 per channel; int4 in groups of 32, from a Q4_0/Q4_1 GGUF's own blocks "
+        "when no delta is merged; the head stays int8); faster at batch 1, slower at large "
+        "batches and prefill on CPUs without AVX512 (docs/performance.md)",
+    )
     kv_cache_memory: ByteSize = Field(
         ByteSize(1 << 30), description="bytes for KV-cache blocks, e.g. 2GiB or 512MiB"
     )

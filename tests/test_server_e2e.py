@@ -525,3 +525,16 @@ def test_soak_mixed_depths_frees_every_block_and_keeps_rss_flat(ckpt: Path, tmp_
         assert srv.alive()
     finally:
         assert stop_server(srv)
+
+
+def test_int8_server_answers_and_says_its_quantization(ckpt: Path, tmp_path: Path) -> None:
+    """--quantization int8: the model's matrices on torch's int8 kernels, served as usual."""
+    s = start_server(ckpt, tmp_path / "int8.log", "--quantization", "int8")
+    try:
+        out = s.client().completions.create(model="tiny", prompt="hello", max_tokens=4,
+                                            temperature=0)  # fmt: skip
+        assert out.usage.completion_tokens == 4
+    finally:
+        assert stop_server(s)
+    log = (tmp_path / "int8.log").read_text()
+    assert "Traceback" not in log

@@ -185,7 +185,7 @@ def evaluate(spec: str, label: str, data_specs: list[str], records: slice,
              depths: list[int] | None, args: argparse.Namespace) -> CheckpointResult:  # fmt: skip
     """Every per-depth figure of one checkpoint. The first data set is the primary one:
     generations, ROUGE-L and agreement use its first `--gen-samples` prompts."""
-    model = models.load(spec, device="cpu", dtype=torch.float32)
+    model = models.load(spec, device="cpu", dtype=torch.float32, quantization=args.quantization)
     if model.tokenizer is None:
         raise DataError(f"{spec}: no tokenizer files; soft-eval needs one")
     ds = [d for d in (depths or list(model.exits)) if 1 <= d <= model.num_layers]
@@ -300,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-samples", type=int, default=20, help="prompts generated per depth")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--show-samples", type=int, default=0, help="generations kept per depth")
+    p.add_argument(
+        "--quantization",
+        choices=("none", "int8", "int4"),
+        default="none",
+        help="weight-only quantization of every checkpoint (as soft-serve --quantization)",
+    )
     p.add_argument(
         "--no-speed-b16",
         dest="speed_b16",

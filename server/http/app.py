@@ -75,7 +75,8 @@ def build_engine(settings: Settings) -> tuple[Any, Any]:
     from server.engine.core import Engine, EngineConfig
     from server.engine.speculative import SpecConfig
 
-    model = models.load(settings.model, device=settings.device, dtype=settings.dtype)
+    model = models.load(settings.model, device=settings.device, dtype=settings.dtype,
+                        quantization=settings.quantization)  # fmt: skip
     if model.tokenizer is None:
         raise ValueError(f"{settings.model}: no tokenizer files; the server needs a tokenizer")
     speculative = SpecConfig(

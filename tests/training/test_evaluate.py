@@ -156,3 +156,17 @@ def test_benchmark_merge_combines_soft_eval_results(tiny_tok_dir: Path, tmp_path
     assert [r["label"] for r in merged["results"]] == ["a", "b"]
     assert out.with_suffix(".md").read_text().count("| a |") == 2
     assert out.with_suffix(".png").exists()
+
+
+def test_soft_eval_int8_ce_within_two_percent(tiny_tok_dir: Path, tmp_path: Path) -> None:
+    data = write_alpaca(tmp_path / "d.json", 6)
+    ce = {}
+    for mode in ("none", "int8"):
+        out = tmp_path / mode
+        main([str(tiny_tok_dir), "--data", str(data), "--gen-samples", "0", "--no-speed-b16",
+              "--quantization", mode, "--out", str(out), "--no-progress"])  # fmt: skip
+        payload = json.loads(out.with_suffix(".json").read_text())
+        assert payload["config"]["quantization"] == mode
+        ce[mode] = [d["ce"] for d in payload["results"][0]["depths"]]
+    for a, b in zip(ce["none"], ce["int8"], strict=True):
+        assert a != b and abs(b - a) / a < 0.02  # quantized (not the same numbers), close
