@@ -6,7 +6,8 @@ F32 / BF16 / Q8_0 GGUFs its own converter makes from our safetensors cache direc
 on that directory as it is), with the same client (loadtest's OpenAIClient), the same
 prompts, `--max-tokens` output tokens with `ignore_eos`, temperature 0, and the same
 `--threads` for every server. Per row:
-  1) start the server, wait for /health, send --warmup requests (prompts never timed)
+  1) start the server, wait for /health, warm it up: one stream, then --warmup at once
+     (prompts never timed)
   2) per concurrency c (1/4/16/32): max(--prompts, c) streamed requests, c in flight at a
      time (closed loop): aggregate tok/s = output tokens / wall time, TTFT, and the time
      per output token after the first (at c = 1 that is bs-1 decode)
@@ -122,7 +123,6 @@ class Launch:
     argv: list[str]
     env: dict[str, str]
     model: str  # the request's "model"
-    start_timeout_s: float
 
 
 def hf_dir() -> Path:
@@ -139,7 +139,7 @@ def launch(row: Row, peers: Peers, port: int, threads: int, slots: int, ctx: int
     if row.server == "soft-serve":
         argv = [sys.executable, "-m", "server", "--model", "default", *host, "--policy", "fixed",
                 "--max-num-seqs", str(slots), "--log-level", "warning", *row.args]  # fmt: skip
-        return Launch(argv, {**omp, "PYTHONPATH": str(ROOT)}, f"default@{row.depth}", 300)
+        return Launch(argv, {**omp, "PYTHONPATH": str(ROOT)}, f"default@{row.depth}")
     if row.server == "llama.cpp":
         binary, weights = peers.llama_server, peers.gguf(row.precision)
         if not binary.exists():
@@ -150,7 +150,7 @@ def launch(row: Row, peers: Peers, port: int, threads: int, slots: int, ctx: int
         argv = [str(binary), "-m", str(weights), *host, "-t", str(threads), "-tb", str(threads),
                 "-np", str(slots), "-c", str(ctx), "-kvu", "--no-cache-prompt", "--cache-ram", "0",
                 "--no-webui", "--alias", "default", *row.args]  # fmt: skip
-        return Launch(argv, {}, "default", 300)
+        return Launch(argv, {}, "default")
     if row.server == "vllm":
         if peers.vllm_skip.exists():
             raise Skip(f"vLLM not installed by `make peers`: {peers.vllm_skip.read_text().strip()}")
@@ -160,7 +160,7 @@ def launch(row: Row, peers: Peers, port: int, threads: int, slots: int, ctx: int
                 "--model", str(hf_dir()), "--served-model-name", "default", *host,
                 "--max-model-len", str(ctx // slots), "--max-num-seqs", str(slots),
                 "--no-enable-prefix-caching", *row.args]  # fmt: skip
-        return Launch(argv, {**omp, **vllm_env(peers, threads)}, "default", 900)
+        return Launch(argv, {**omp, **vllm_env(peers, threads)}, "default")
     raise ValueError(f"unknown server {row.server!r}")
 
 
@@ -192,8 +192,9 @@ class ServerProcess:
     """One server in its own process group, ready once /health answers 200; stopping it
     takes down its children (vLLM's engine core) too."""
 
-    def __init__(self, spec: Launch, url: str, log: Path) -> None:
+    def __init__(self, spec: Launch, url: str, log: Path, start_timeout_s: float) -> None:
         self.spec, self.url, self.log_path = spec, url, log
+        self.start_timeout_s = start_timeout_s
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log = log.open("w")
         # the peers get no PYTHONPATH of ours: their Python is their own venv's
@@ -202,7 +203,7 @@ class ServerProcess:
                                      env=env, start_new_session=True)  # fmt: skip
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + self.spec.start_timeout_s
+        deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise Skip(f"exited with {self.proc.returncode} at start-up: {self.tail()}")
@@ -212,7 +213,7 @@ class ServerProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        raise Skip(f"not ready after {self.spec.start_timeout_s:.0f}s: {self.tail()}")
+        raise Skip(f"not ready after {self.start_timeout_s:.0f}s: {self.tail()}")
 
     def tail(self, lines: int = 6) -> str:
         self.log.flush()
@@ -309,12 +310,14 @@ async def measure(url: str, model: str, args: argparse.Namespace) -> list[Level]
                           max_connections=max(args.concurrency))  # fmt: skip
     client = OpenAIClient(config)
     try:
-        # 1) warm-up: prompts of their own (the peers must not meet a timed prompt early)
-        warm = [WARMUP_INDEX + i for i in range(args.warmup)]
-        w = await run_level(client, min(4, max(1, args.warmup)), warm, args.prompt_words,
-                            args.max_tokens)  # fmt: skip
-        if w.ok < w.requests:
-            raise Skip(f"warm-up requests failed: {w.errors}")
+        # 1) warm-up, on prompts of their own (no timed prompt is met early): one stream,
+        #    then --warmup at once (batch shapes, vLLM's compiled sizes, our packed weights)
+        for n in (1, args.warmup):
+            if n:
+                warm = [WARMUP_INDEX + n + i for i in range(n)]
+                w = await run_level(client, n, warm, args.prompt_words, args.max_tokens)
+                if w.ok < w.requests:
+                    raise Skip(f"warm-up requests failed: {w.errors}")
         # 2) the timed levels: the same prompts, indices 0.. (more than --prompts at c > it)
         return [
             await run_level(
@@ -448,7 +451,8 @@ def run_row(row: Row, peers: Peers, args: argparse.Namespace) -> dict[str, Any]:
     port = free_port()
     spec = launch(row, peers, port, args.threads, slots, slots * per_stream)
     url = f"http://127.0.0.1:{port}"
-    server = ServerProcess(spec, url, args.logs / f"{row.name.replace('/', '_')}.log")
+    log = args.logs / f"{row.name.replace('/', '_')}.log"
+    server = ServerProcess(spec, url, log, args.start_timeout)
     started = time.monotonic()
     try:
         server.wait_ready()
@@ -476,9 +480,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-words", type=int, default=64, help="words per prompt (~tokens)")
     ap.add_argument("--max-tokens", type=int, default=128, help="output tokens (ignore_eos)")
     ap.add_argument("--concurrency", default="1,4,16,32", help="streams in flight")
-    ap.add_argument("--warmup", type=int, default=4, help="untimed requests after start-up")
+    ap.add_argument("--warmup", type=int, default=32,
+                    help="untimed streams at once after start-up (after one alone)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2, help="threads every server gets")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    ap.add_argument("--start-timeout", type=float, default=900.0,
+                    help="seconds a server may take to answer /health (vLLM compiles)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results",
                     help="writes peers.json, peers.md, peers.png here")  # fmt: skip
     ap.add_argument("--tag", default="peers", help="output file stem")
