@@ -387,6 +387,10 @@ def prepare_ggufs(peers: Peers) -> None:
         tmp.replace(out)
 
 
+def num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}" if x >= 100 else f"{x:.1f}"
+
+
 def ratio(x: float | None, y: float | None) -> str:
     return f"{x / y:.2f}x" if x and y else "-"
 
@@ -411,8 +415,8 @@ def table(results: list[dict[str, Any]], concurrency: list[int]) -> str:
         peer = llama.get(r["precision"])
         bs1, ttft = get(r, 1, "decode_tok_s"), get(r, 1, "ttft_ms_p50")
         cells = [r["server"], r["weights"], str(r["depth"] or "-"),
-                 f"{bs1:.1f}" if bs1 else "-", f"{ttft:.0f}" if ttft else "-",
-                 *[f"{v:.0f}" if (v := get(r, c, "aggregate_tok_s")) else "-" for c in concurrency],
+                 num(bs1), f"{ttft:.0f}" if ttft else "-",
+                 *[num(get(r, c, "aggregate_tok_s")) for c in concurrency],
                  ratio(bs1, get(peer, 1, "decode_tok_s")) if r["server"] != "llama.cpp" else "1",
                  ratio(get(r, ref, "aggregate_tok_s"), get(peer, ref, "aggregate_tok_s"))
                  if r["server"] != "llama.cpp" else "1"]  # fmt: skip
