@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="untimed streams at once after start-up (after one alone)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2, help="threads every server gets")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
-    ap.add_argument("--start-timeout", type=float, default=900.0,
+    ap.add_argument("--start-timeout", type=float, default=1800.0,
                     help="seconds a server may take to answer /health (vLLM compiles)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results",
                     help="writes peers.json, peers.md, peers.png here")  # fmt: skip

@@ -75,7 +75,9 @@ def file_sha256(path: Path) -> str:
 CONVERT_VERSION = 2
 
 
-def portable_config(config: dict[str, Any], architecture: str) -> dict[str, Any]:
+def portable_config(
+    config: dict[str, Any], architecture: str, dtype: str = "float32"
+) -> dict[str, Any]:
     """A GGUF-loaded model's config dict as a config.json every HF-format reader takes.
 
     A model loaded from a GGUF has no `architectures` (vLLM and llama.cpp's converter pick
@@ -86,7 +88,7 @@ def portable_config(config: dict[str, Any], architecture: str) -> dict[str, Any]
     config = dict(config)
     config.pop("quantization_config", None)  # the weights written are plain fp32
     config["architectures"] = [architecture]
-    config["dtype"] = config["torch_dtype"] = "float32"  # 5.x name, 4.x name
+    config["dtype"] = config["torch_dtype"] = dtype  # 5.x name, 4.x name
     rope = config.get("rope_parameters")
     if isinstance(rope, dict) and "rope_theta" in rope:
         if config.get("rope_theta") is None:
