@@ -79,13 +79,62 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# Bump when the directory convert_gguf writes changes: older cache dirs are then rewritten
+# (2: config and tokenizer files other tools read — transformers 4.x, vLLM, llama.cpp's
+# convert_hf_to_gguf.py — not only this transformers).
+CONVERT_VERSION = 2
+
+
+def portable_config(
+    config: dict[str, Any], architecture: str, dtype: str = "float32"
+) -> dict[str, Any]:
+    """A GGUF-loaded model's config dict as a config.json every HF-format reader takes.
+
+    A model loaded from a GGUF has no `architectures` (vLLM and llama.cpp's converter pick
+    the model class from it), and transformers 5 writes rope settings only as
+    `rope_parameters`, which transformers 4.x ignores — it would fall back to its default
+    rope_theta (10000 instead of SmolLM2's 100000) without a word.
+    """
+    config = dict(config)
+    config.pop("quantization_config", None)  # the weights written are plain fp32
+    config["architectures"] = [architecture]
+    config["dtype"] = config["torch_dtype"] = dtype  # 5.x name, 4.x name
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        if config.get("rope_theta") is None:
+            config["rope_theta"] = rope["rope_theta"]
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if scaling.get("rope_type", "default") != "default" and not config.get("rope_scaling"):
+            config["rope_scaling"] = scaling
+    return config
+
+
+def portable_tokenizer_config(directory: Path) -> None:
+    """Rewrite tokenizer_config.json so tokenizers older than transformers 5 load it.
+
+    transformers 5 names its tokenizer.json-backed class `TokenizersBackend`, a class 4.x
+    (and so vLLM and llama.cpp's converter) does not have; `PreTrainedTokenizerFast` is the
+    same tokenizer.json in both. The chat template is also inlined, where transformers
+    before 4.43 looked for it (5.x reads chat_template.jinja, written beside it).
+    """
+    path = directory / "tokenizer_config.json"
+    tok_config = json.loads(path.read_text())
+    if tok_config.get("tokenizer_class") in (None, "TokenizersBackend"):
+        tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    template = directory / "chat_template.jinja"
+    if template.exists() and "chat_template" not in tok_config:
+        tok_config["chat_template"] = template.read_text()
+    path.write_text(json.dumps(tok_config, indent=2) + "\n")
+
+
 def convert_gguf(path: Path) -> Path:
-    """Dequantize a GGUF into a safetensors HF directory once; later calls reuse it."""
+    """Dequantize a GGUF into a safetensors HF directory once; later calls reuse it. The
+    directory loads unmodified in transformers 4.x and 5.x, vLLM and llama.cpp's converter."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file")
     digest = file_sha256(path)
-    out = cache_dir() / "gguf" / digest[:32]
+    out = cache_dir() / "gguf" / f"{digest[:32]}.v{CONVERT_VERSION}"
     if (out / "config.json").exists() and weight_files(out):
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -103,12 +152,11 @@ def convert_gguf(path: Path) -> Path:
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        config["dtype"] = "float32"
+        config = portable_config(model.config.to_dict(), type(model).__name__)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         model.generation_config.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
+        portable_tokenizer_config(tmp)
         (tmp / "source.json").write_text(
             json.dumps({"gguf": str(path), "sha256": digest}, indent=2) + "\n"
         )

