@@ -7,7 +7,9 @@ Side by side in one run on the default model (or --model):
   3) depth scaling: time per token at d / at L vs the ratio of weight bytes read
   4) batching: 16 requests arriving at different times (continuous batching) vs
      transformers' static batch of 16; a mixed-depth step vs the per-depth cost model
-  5) peak RSS, KV bytes per token by depth
+  5) peak RSS, KV bytes per token by depth (a balcony exit's own layer included)
+  6) balcony checkpoints: an exit-e row's step vs head + (e + 1) layers, the layer and the
+     head fitted on depths without an exit layer (`--exit-steps-only` runs just this)
 
 Writes JSON (--out) and prints a markdown table. Trials alternate between systems so that
 noise from a shared machine hits both alike; each figure is the best of --trials.
@@ -23,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import platform
 import resource
 import sys
@@ -133,6 +136,35 @@ def step_cost(engine: Engine, depths: list[int], steps: int = 6) -> float:
             engine.cache.free(s)
 
 
+def exit_layer_steps(engine: Engine, trials: int, steps: int = 6) -> dict[str, Any]:
+    """Balcony: each exit's one-row step against the cost model head + (e + 1) x layer,
+    where layer and head are the least-squares line through the steps of depths that run
+    no exit layer (base layers only, the shared head), measured in the same run."""
+    model = engine.model
+    L = model.num_layers
+    bare = [d for d in range(1, L + 1) if model.exit_layer(d) is None]
+    fit_depths = sorted({bare[0], bare[len(bare) // 3], bare[2 * len(bare) // 3], L})
+
+    def one(d: int) -> float:
+        return on_own_thread(partial(best_of, partial(step_cost, engine, [d], steps), trials))
+
+    measured = {d: one(d) for d in fit_depths}
+    n = len(measured)
+    mx, my = sum(measured) / n, sum(measured.values()) / n
+    layer = sum((d - mx) * (t - my) for d, t in measured.items()) / sum(
+        (d - mx) ** 2 for d in measured
+    )
+    head = my - layer * mx
+    rows = []
+    for e in sorted(int(x) for x in model.exit_layers):
+        t = one(e)
+        predicted = head + (e + 1) * layer
+        rows.append({"exit": e, "measured_s": t, "predicted_s": predicted,
+                     "ratio": t / predicted, "layers_run": e + 1})  # fmt: skip
+    return {"layer_s": layer, "head_s": head, "fit_steps_s": measured, "exits": rows,
+            "full_depth_s": measured[L]}  # fmt: skip
+
+
 # -- transformers ------------------------------------------------------------------------------
 @contextlib.contextmanager
 def hf_truncated(hf: Any, depth: int) -> Iterator[Any]:
@@ -171,9 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--depths", default="", help="comma list; default: the model's exits")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--out", default="docs/results/engine.json", help="JSON output path")
+    ap.add_argument("--exit-steps-only", action="store_true",
+                    help="balcony: only measure exit-layer step costs (6), fp32")  # fmt: skip
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.exit_steps_only:
+        return exit_steps_main(args)
     from transformers import AutoModelForCausalLM
 
     t_start = time.perf_counter()
@@ -188,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(depths) > 6:  # a base model allows every depth; sample a few
         depths = sorted({depths[len(depths) * k // 5] for k in range(5)} | {depths[-1]})
     L = model.num_layers
-    # transformers runs the base weights: same shapes, so the same cost per token
+    # transformers runs the base weights: same shapes, so the same cost per token (a
+    # balcony exit runs one layer more than its truncated base: section 6 measures that)
     base_dir = resolve(model.soft.base_model or args.model)
     hf = on_own_thread(lambda: {
         tag: AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dt).eval()
@@ -284,14 +321,50 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
 
     # 5) memory
-    kv = engines[best_tag].cache.cfg
-    result["kv_bytes_per_token"] = {d: d * kv.block_bytes // kv.block_size for d in depths}
+    result["kv_bytes_per_token"] = {d: engines[best_tag].cache.bytes_per_token(d) for d in depths}
+    # 6) balcony: exit layers' steps against the cost model
+    if model.exit_layers:
+        result["exit_layer_steps"] = exit_layer_steps(eng, args.trials)
     result["peak_rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["wall_s"] = time.perf_counter() - t_start
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
     return 0
+
+
+def exit_steps_main(args: argparse.Namespace) -> int:
+    """Only section 6 (a short run): fp32, the model's exit layers."""
+    model = on_own_thread(lambda: models.load(args.model, device="cpu", dtype=torch.float32))
+    if not model.exit_layers:
+        print(f"{args.model}: no exit layers (method {model.method})", file=sys.stderr)
+        return 2
+    eng = on_own_thread(lambda: Engine(model, EngineConfig(kv_cache_memory=1 << 28)))
+    result = {"model": args.model, "num_layers": model.num_layers, "trials": args.trials,
+              "load_avg": os.getloadavg(),
+              "kv_bytes_per_token": {d: eng.cache.bytes_per_token(d) for d in model.exits},
+              "exit_layer_steps": exit_layer_steps(eng, args.trials)}  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(exit_table(result))
+    return 0
+
+
+def exit_table(r: dict[str, Any]) -> str:
+    x = r["exit_layer_steps"]
+    out = [
+        f"Exit-layer steps (batch 1, fp32): layer {x['layer_s'] * 1e3:.2f} ms, head + rest "
+        f"{x['head_s'] * 1e3:.2f} ms (fitted on depths without an exit layer: "
+        + ", ".join(f"{d}: {t * 1e3:.1f}" for d, t in x["fit_steps_s"].items()) + " ms)",
+        "",
+        "| exit | layers run | measured ms | head + (e+1) layers ms | ratio |",
+        "|---:|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for e in x["exits"]:
+        out.append(f"| {e['exit']} | {e['layers_run']} | {e['measured_s'] * 1e3:.2f} "
+                   f"| {e['predicted_s'] * 1e3:.2f} | {e['ratio']:.3f} |")  # fmt: skip
+    out.append(f"KV bytes per token: {r['kv_bytes_per_token']}")
+    return "\n".join(out)
 
 
 @torch.inference_mode()
@@ -334,6 +407,8 @@ def table(r: dict[str, Any]) -> str:
         f"KV bytes per token by depth: {r['kv_bytes_per_token']}; "
         f"peak RSS {r['peak_rss_MiB']:.0f} MiB; wall {r['wall_s']:.0f} s",
     ]
+    if "exit_layer_steps" in r:
+        out += ["", exit_table(r)]
     return "\n".join(out)
 
 

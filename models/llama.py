@@ -340,19 +340,26 @@ class SortedModel(nn.Module):
         layer = self.exit_layers[str(depth)] if str(depth) in self.exit_layers else None
         return layer  # type: ignore[return-value]
 
+    def layers_run(self, depth: int) -> int:
+        """Decoder layers a token at `depth` runs: d, plus the exit's own (balcony)."""
+        return depth + (self.exit_layer(depth) is not None)
+
+    def layer_bytes(self) -> int:
+        """Bytes of one decoder layer's weights (every layer, exit layers too, alike),
+        int8/int4 matrices at their quantized size."""
+        layer = self.layers[0]
+        plain = sum(_nbytes(p) for p in layer.parameters())
+        return plain + sum(_nbytes(w) for w in layer.__dict__.values() if _is_quantized(w))
+
     def weight_bytes(self, depth: int) -> int:
         """Bytes of weights read for one token at `depth` (layers [0, d), the exit layer
         if any, final norm + head, int8/int4 ones at their quantized size; the embedding
         row read is negligible)."""
-        layer = self.layers[0]
-        per_layer = sum(_nbytes(p) for p in layer.parameters())
-        per_layer += sum(_nbytes(w) for w in layer.__dict__.values() if _is_quantized(w))
         eh = self.exit_heads.get(depth)
         head: Weight = self.lm_head if eh is None else eh.quantized or eh.weight
         if eh is None and self.packed_head is not None and _is_quantized(self.packed_head):
             head = self.packed_head
-        layers = depth + (self.exit_layer(depth) is not None)
-        return layers * per_layer + _nbytes(head) + self.norm.numel()
+        return self.layers_run(depth) * self.layer_bytes() + _nbytes(head) + self.norm.numel()
 
     def pack(self) -> None:
         """Put every matrix a decode step reads into oneDNN's blocked layout (see `pack`).
@@ -543,6 +550,17 @@ class SortedModel(nn.Module):
         if self.exit_layers and exit_layers:
             self._run_exit_layers(groups, hs, rope)
         return hs
+
+    def exit_hidden(self, h: Tensor, positions: Tensor, depth: int, kv: KVStore | None) -> Tensor:
+        """Exit `depth`'s own layer over the base's residual stream at that exit, h
+        (B, T, H) for rows all at `depth`, attending at cache layer `kv_layer(depth)`;
+        h itself where the exit has no layer. Returns a new tensor (h is kept: the
+        speculator verifies deeper from it)."""
+        layer = self.exit_layer(depth)
+        if layer is None:
+            return h
+        cos, sin = self.rope(positions, h.dtype)
+        return self.layer_forward(self.kv_layer(depth), [h], [cos], [sin], [kv], w=layer)[0]
 
     def _run_exit_layers(
         self,

@@ -109,7 +109,10 @@ class Metrics:
             "soft_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", registry=r
         )
         self.kv_bytes = Gauge(
-            "soft_kv_cache_bytes", "KV-cache bytes held, per decoder layer", ["layer"], registry=r
+            "soft_kv_cache_bytes",
+            "KV-cache bytes held, per decoder layer (exit layers: exit<e>)",
+            ["layer"],
+            registry=r,
         )
         self.depth_cap = Gauge(
             "soft_depth_cap", "Deepest depth the policy serves unpinned requests at", registry=r
@@ -175,6 +178,8 @@ class Metrics:
         self.depth_cap.set(depth_cap)
         for layer, b in enumerate(stats.kv_bytes_per_layer):
             self.kv_bytes.labels(layer=str(layer)).set(b)
+        for exit_, b in stats.kv_bytes_per_exit_layer.items():  # balcony: layer="exit15"
+            self.kv_bytes.labels(layer=f"exit{exit_}").set(b)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

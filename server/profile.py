@@ -3,7 +3,8 @@ step loop, paged KV cache and thread: what requests meet), fit the cost model th
 policy predicts with, store it in soft.json (or a file), print a table, write a PNG.
 
 Cost model (ms), per profiled depth d (each coefficient then smoothed to its least-squares
-line in depth when 3 or more depths are profiled), the other exits interpolated linearly:
+line in the layers a token runs when 3 or more depths are profiled: d, or d + 1 at a
+balcony exit, which runs its own layer), the other exits interpolated linearly:
   prefill(d, n)      = prefill_ms_base[d] + prefill_ms_per_token[d] * n   (least squares)
   step(d, B rows)    = decode_ms_per_step[d] + decode_ms_per_row[d] * (B - 1)
   step(mixed batch)  = decode_ms_per_step[deepest] + sum of the other rows' per_row
@@ -24,12 +25,12 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.policy.latency import LatencyProfile, least_squares
+from server.policy.latency import LatencyProfile, least_squares, line_through
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ def startup_profile(
     plan = Plan(depths, [long_len // 4, long_len], [1], min_rounds=2, max_rounds=50,
                 seconds=seconds)  # fmt: skip
     m = measure(engine, plan)
-    profile = fit(m, exits, source="measured")
+    profile = fit(m, exits, source="measured", layers=engine.model.layers_run)
     log.info("measured latency profile in %d rounds: %s", m.rounds, profile.to_json())
     return profile
 
@@ -251,28 +252,40 @@ def line_fit(points: dict[int, float]) -> tuple[float, float]:
     return max(icpt, 0.0), slope
 
 
-def in_depth(table: dict[int, float]) -> dict[int, float]:
-    """A cost measured at 3 or more depths, as its least-squares line in depth: a fixed
-    part (head, launches) plus the same amount per layer. One noisy depth then cannot bend
-    the table into a plateau (the policy forces costs never to fall with depth, so a high
-    reading at the shallowest depth would otherwise flatten every deeper one to it)."""
-    if len(table) < 3:
+def in_depth(
+    table: dict[int, float], layers: Callable[[int], int] | None = None
+) -> dict[int, float]:
+    """A cost measured at 3 or more depths, as its least-squares line in the layers a
+    token runs there (`layers(depth)`, default the depth; a balcony exit runs its own
+    layer too): a fixed part (head, launches) plus the same amount per layer. One noisy
+    depth then cannot bend the table into a plateau (the policy forces costs never to fall
+    with depth, so a high reading at the shallowest depth would otherwise flatten every
+    deeper one to it)."""
+    x = layers or (lambda d: d)
+    if len(table) < 3 or len({x(d) for d in table}) < 2:
         return table
-    icpt, slope = line_fit(table)
-    return {d: icpt + slope * d for d in table}
+    icpt, slope = line_through([(x(d), y) for d, y in table.items()])
+    icpt = max(icpt, 0.0)
+    return {d: icpt + slope * x(d) for d in table}
 
 
-def fit(m: Measurements, exits: Sequence[int], source: str = "soft-profile") -> LatencyProfile:
-    """The cost model (see the module docstring) through the measurements."""
+def fit(
+    m: Measurements,
+    exits: Sequence[int],
+    source: str = "soft-profile",
+    layers: Callable[[int], int] | None = None,
+) -> LatencyProfile:
+    """The cost model (see the module docstring) through the measurements; `layers`: the
+    model's layers run per depth (SortedModel.layers_run), the x of every fit in depth."""
     base, per_token, step, per_row = {}, {}, {}, {}
     for d in m.prefill:
         base[d], per_token[d] = line_fit(m.prefill[d])
         c, r = line_fit({b - 1: ms for b, ms in m.step[d].items()})  # B - 1: one row at 0
         step[d], per_row[d] = c, r
-    base, per_token, step, per_row = (in_depth(t) for t in (base, per_token, step, per_row))
+    base, per_token, step, per_row = (in_depth(t, layers) for t in (base, per_token, step, per_row))
     rows = any(len(t) > 1 for t in m.step.values())  # else the profile is batch-free
     return LatencyProfile.from_points(
-        exits, base, per_token, step, source, per_row if rows else None
+        exits, base, per_token, step, source, per_row if rows else None, layers
     )
 
 
@@ -392,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.repeats, quiet=args.quiet)  # fmt: skip
     with engine.running():
         m = measure(engine, plan)
-    profile = fit(m, exits)
+    profile = fit(m, exits, layers=model.layers_run)
     table, error = report(m, profile)
     data: dict[str, Any] = dict(profile.to_json())
     data["measured"] = {  # kept for plots and audits; the policy reads the fitted tables

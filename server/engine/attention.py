@@ -1,7 +1,8 @@
 """Paged attention: one forward's view of the KV cache. Each row writes this step's keys
 and values into its own blocks (server/engine/kv_cache.py) and attends over its cached
-tokens, at the layers the row runs; padding tokens of a batched prefill write to the
-cache's trash block."""
+tokens, at the cache layers the row runs (decoder layers [0, d), and d's own exit layer
+for balcony checkpoints); padding tokens of a batched prefill, and layers whose KV a
+forward only reads, write to the cache's trash block."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from server.engine.kv_cache import KVCacheManager
 class PagedAttention:
     """The runner's `KVStore` for one forward over rows `seqs` (deepest first), each writing
     `num_new` tokens at positions [start, start + num_new) — or only its first `lengths[r]`
-    of them, the rest being padding (a batched prefill: starts all 0)."""
+    of them, the rest being padding (a batched prefill: starts all 0). Cache layers below
+    `read_only_below` only read: their KV for these positions is cached already (the
+    speculator recomputing a draft exit layer's KV from the base's)."""
 
     def __init__(
         self,
@@ -27,6 +30,7 @@ class PagedAttention:
         starts: Sequence[int],
         num_new: int,
         lengths: Sequence[int] | None = None,
+        read_only_below: int = 0,
     ) -> None:
         bs = cache.cfg.block_size
         device = cache.k.device
@@ -36,35 +40,47 @@ class PagedAttention:
         assert lengths is None or self.fresh, "padded rows only in a prefill from position 0"
         ends = [s + n for s, n in zip(starts, lengths or [num_new] * len(starts), strict=True)]
         n_blocks = max(cache.blocks_for(e) for e in ends)
-        max_depth = depths[0]
-        # (L', B, MB) block ids per layer and row; rows that stop before a layer are padded
-        rows: list[list[list[int]]] = []
-        for i in range(max_depth):
-            layer_rows = []
-            for seq, d in zip(seqs, depths, strict=True):
-                t = cache.tables(seq)[i] if i < d else []
-                layer_rows.append(t[:n_blocks] + [0] * (n_blocks - len(t[:n_blocks])))
-            rows.append(layer_rows)
+        runs = [cache.layers(d) for d in depths]
+        n_layers = max(max(r) for r in runs) + 1
+        # (L', B, MB) block ids per cache layer and row; rows that do not run a layer are
+        # padded (the runner never attends for them there)
+        rows: list[list[list[int]]] = [[[0] * n_blocks for _ in seqs] for _ in range(n_layers)]
+        for r, (seq, layers) in enumerate(zip(seqs, runs, strict=True)):
+            tables = cache.tables(seq)
+            for i in layers:
+                t = tables[i][:n_blocks]
+                rows[i][r] = t + [0] * (n_blocks - len(t))
         self.table = torch.tensor(rows, dtype=torch.long, device=device)
         pos = torch.tensor(starts, device=device)[:, None] + torch.arange(num_new, device=device)
         # (padding may run past every row's blocks: clamped here, sent to the trash below)
         blocks = (pos // bs).clamp_max(n_blocks - 1)
-        self.write_blocks = self.table.gather(2, blocks[None].expand(max_depth, -1, -1))
+        self.write_blocks = self.table.gather(2, blocks[None].expand(n_layers, -1, -1))
         if lengths is not None:  # padding tokens write to the trash block
             real = torch.tensor(lengths, device=device)[:, None]
             pad = torch.arange(num_new, device=device)[None] >= real  # (B, T)
             self.write_blocks = self.write_blocks.masked_fill(pad[None], cache.trash)
+        if read_only_below:
+            self.write_blocks[:read_only_below] = cache.trash
         self.write_offsets = pos % bs  # (B, T)
         if not self.fresh:
             span = torch.arange(n_blocks * bs, device=device)  # (S,)
             # key s is visible to the new token at position p when s <= p
             self.visible = span[None, None, :] <= pos[:, :, None]  # (B, T, S)
 
+    def rows(self, start: int, end: int) -> PagedRows:
+        """This forward's view for rows [start, end) (an exit layer runs on those)."""
+        return PagedRows(self, start, end)
+
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return self.attend_rows(layer, q, k, v, 0)
+
+    def attend_rows(self, layer: int, q: Tensor, k: Tensor, v: Tensor, first: int) -> Tensor:
+        """`attend` for rows [first, first + n) of the forward (n = q's rows)."""
         n, t, hq, d = q.shape
         hkv = k.shape[2]
-        blocks = self.write_blocks[layer, :n]  # (n, T)
-        offsets = self.write_offsets[:n]
+        rows = slice(first, first + n)
+        blocks = self.write_blocks[layer, rows]  # (n, T)
+        offsets = self.write_offsets[rows]
         self.cache.k[blocks, offsets] = k
         self.cache.v[blocks, offsets] = v
         scale = d**-0.5
@@ -76,7 +92,7 @@ class PagedAttention:
                 q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), is_causal=True
             )
             return out.transpose(1, 2)
-        table = self.table[layer, :n]  # (n, MB)
+        table = self.table[layer, rows]  # (n, MB)
         flat = table.reshape(-1)
         keys = self.cache.k.index_select(0, flat).view(n, -1, hkv, d)  # (n, S, Hkv, D)
         vals = self.cache.v.index_select(0, flat).view(n, -1, hkv, d)
@@ -84,8 +100,20 @@ class PagedAttention:
         # T tokens) are rows of one fused attention call: (n, Hkv, rep*T, D)
         rep = hq // hkv
         qg = q.view(n, t, hkv, rep, d).permute(0, 2, 3, 1, 4).reshape(n, hkv, rep * t, d)
-        mask = self.visible[:n, None, None].expand(n, 1, rep, t, -1).reshape(n, 1, rep * t, -1)
+        visible = self.visible[rows]
+        mask = visible[:, None, None].expand(n, 1, rep, t, -1).reshape(n, 1, rep * t, -1)
         out = F.scaled_dot_product_attention(
             qg, keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=mask, scale=scale
         )  # (n, Hkv, rep*T, D)
         return out.view(n, hkv, rep, t, d).permute(0, 3, 1, 2, 4).reshape(n, t, hq, d)
+
+
+class PagedRows:
+    """Rows [start, end) of a PagedAttention: the rows of one exit, which run its layer."""
+
+    def __init__(self, parent: PagedAttention, start: int, end: int) -> None:
+        self.parent, self.start, self.end = parent, start, end
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        assert q.shape[0] <= self.end - self.start, "more rows than the view holds"
+        return self.parent.attend_rows(layer, q, k, v, self.start)

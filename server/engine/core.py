@@ -131,12 +131,14 @@ class Engine:
         self.config = config = config or EngineConfig()
         cfg = model.cfg
         self.max_model_len = min(config.max_model_len or 1 << 30, cfg.max_position_embeddings)
+        exit_layers = tuple(sorted(int(e) for e in model.exit_layers))  # balcony
         self.cache = KVCacheManager(
             KVCacheConfig.for_memory(
                 config.kv_cache_memory, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                config.block_size, model.dtype, model.device,
+                config.block_size, model.dtype, model.device, exit_layers,
             )
         )  # fmt: skip
+        assert all(self.cache.cfg.exit_kv_layer(e) == model.kv_layer(e) for e in exit_layers)
         self.scheduler = Scheduler(self.cache, config.max_num_seqs, config.max_prefill_tokens)
         self.runner = Runner(model, self.cache)
         self.speculator = Speculator(model, config.speculative)
@@ -194,7 +196,7 @@ class Engine:
                 f"this model's context window is {self.max_model_len} tokens; the prompt has "
                 f"{n} and max_tokens asks for {p.max_tokens} more ({n + p.max_tokens})"
             )
-        need = request.depth * self.cache.blocks_for(n + p.max_tokens)
+        need = len(self.cache.layers(request.depth)) * self.cache.blocks_for(n + p.max_tokens)
         if need > self.cache.cfg.num_blocks:
             raise ValueError(
                 f"prompt + max_tokens needs {need} KV blocks at depth {request.depth}; the cache "
@@ -354,6 +356,8 @@ class Engine:
                     break
             if seq.finish_reason is None:
                 seq.num_computed = len(seq.tokens) - 1  # the last token is fed next step
+                if seq.draft_exit == exit_:  # its draft layer saw the same tokens
+                    seq.draft_computed = seq.num_computed
                 self.cache.shrink(seq, len(seq.tokens))
             self._send(seq, events)
 

@@ -28,6 +28,10 @@ class Sequence:
     depth: int
     generator: torch.Generator | None = None
     num_computed: int = 0  # tokens whose keys/values are in the cache
+    # balcony speculation: the exit whose own layer the row drafts with, and the tokens
+    # whose KV that layer holds (the speculator fills it from the base's cached KV)
+    draft_exit: int | None = None
+    draft_computed: int = 0
     num_generated: int = 0
     first_scheduled: float | None = None
     preemptions: int = 0
@@ -79,21 +83,44 @@ class Scheduler:
         return None
 
     def lower_depth(self, request_id: str, depth: int) -> bool:
-        """Move a sequence to a shallower exit; its deeper layers' blocks are freed now."""
+        """Move a sequence to a shallower exit; its deeper layers' blocks are freed now.
+
+        A new exit with a layer of its own (balcony) has no KV there for the tokens so far
+        (unless the row drafted at that exit and its draft KV is complete): the sequence
+        then frees every block and is re-prefilled at the new depth first thing next turn,
+        like a preemption by recompute: it continues exactly as a fresh request at that
+        depth whose prompt is every token so far."""
         for seq in [*self.running, *self.waiting]:
             if seq.id == request_id and 1 <= depth < seq.depth:
                 seq.depth = depth
+                own = self.cache.cfg.exit_kv_layer(depth)
+                drafted = (
+                    seq.draft_exit == depth and seq.draft_computed >= seq.num_computed
+                    and own is not None and self.cache.holds(seq, own)
+                )  # fmt: skip
+                if own is not None and seq.num_computed and not drafted:
+                    self._recompute(seq)
+                    return True
                 self.cache.lower_depth(seq, depth)
+                if seq.draft_exit is not None and seq.draft_exit >= depth:
+                    seq.draft_exit, seq.draft_computed = None, 0  # its layer is depth's own
                 return True
         return False
 
-    def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+    def _recompute(self, seq: Sequence) -> None:
+        """Free `seq`'s blocks; it is prefilled again (prompt + generated tokens) when
+        readmitted, ahead of the queue."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.waiting.appendleft(seq)
         self.cache.free(seq)
-        seq.num_computed = 0  # recompute prompt + generated tokens when readmitted
+        seq.num_computed = 0
+        seq.draft_exit, seq.draft_computed = None, 0
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._recompute(seq)
         seq.preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
 
     def schedule(self) -> SchedulerOutput:
         """The next step's work: a decode slot for every running sequence (preempting the

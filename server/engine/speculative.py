@@ -1,26 +1,35 @@
-"""Lossless self-speculative decoding: a SoFT checkpoint drafts with its own shallow exit.
+"""Lossless self-speculative decoding: a checkpoint drafts with its own shallow exit.
 
 One cycle for a group of sequences at depth d, drafting at exit e < d with k drafts:
-  1) draft: k forwards of layers [0, e) + the head, each feeding the previous draft token;
-     the exit-e residual of every input is kept, and layers [0, e) write their KV as usual
-  2) verify: ONE forward of layers [e, d) over those k kept residuals (positions p..p+k-1),
-     reusing the drafts' layer-[0, e) KV instead of recomputing it -> k target distributions
+  0) (balcony) the draft exit's own layer needs KV for every token so far: a row holds
+     that layer's blocks beside its own (KVCacheManager.add_layer), and the tokens the
+     layer has not seen (the prompt, tokens decoded plainly) are run through base layers
+     [0, e), which only read their cached KV, then through the exit layer, which writes
+     its own: the base's KV is never recomputed
+  1) draft: k forwards of layers [0, e) (+ exit e's own layer, balcony) + the head, each
+     feeding the previous draft token; the base's exit-e residual of every input is kept,
+     and every layer writes its KV as usual
+  2) verify: ONE forward of base layers [e, d) (+ d's own exit layer) over those k kept
+     residuals (positions p..p+k-1), reusing the drafts' layer-[0, e) KV instead of
+     recomputing it -> k target distributions
   3) accept the longest prefix of drafts the target agrees with (greedy: equal argmax;
      sampling: the standard rule min(1, p/q), resampling from max(0, p - q) on rejection),
      then the target's own token at the first disagreement
   4) roll back: KV written for rejected positions is simply never attended (every step
      writes its positions before attending, and positions beyond a row's length are masked)
-     and blocks beyond the kept length are freed
+     and blocks beyond the kept length are freed; the draft layer's KV stays valid up to
+     the kept length (its inputs there were all accepted tokens)
 
 Greedy output is token-for-token the full model's; sampled output has its distribution.
 
 Cost model (decode is memory-bound, so a step costs the weight bytes it reads): with draft
-cost c_d = bytes(e)/bytes(d), verify cost c_v = (bytes(d) - bytes(e) + head)/bytes(d) and a
-per-token acceptance rate a, a cycle emits E = (1 - a^k) / (1 - a) tokens for k*c_d + c_v
-full steps; the speed-up is E / (k*c_d + c_v). `Speculator.choose` maximises it over exits
-and k using acceptance rates measured online; `Speculator.plan` splits a decode batch into
-the rows that speculate this turn and the rest, `Speculator.cycle` runs steps 1)-3); the
-engine appends the tokens and rolls back (step 4).
+cost c_d = bytes(e)/bytes(d) (exit e's own layer included), verify cost
+c_v = (bytes(d) - e layers)/bytes(d) and a per-token acceptance rate a, a cycle emits
+E = (1 - a^k) / (1 - a) tokens for k*c_d + c_v full steps; the speed-up is
+E / (k*c_d + c_v). `Speculator.choose` maximises it over exits and k using acceptance rates
+measured online; `Speculator.plan` splits a decode batch into the rows that speculate this
+turn and the rest, `Speculator.cycle` runs steps 0)-3); the engine appends the tokens and
+rolls back (step 4).
 """
 
 from __future__ import annotations
@@ -117,9 +126,9 @@ class Speculator:
         """Predicted tokens/s relative to plain decoding, from weight bytes read."""
         m = self.model
         full = m.weight_bytes(depth)
-        full_head, draft_head = self.head_bytes(depth, False), self.head_bytes(exit_, True)
-        draft = (m.weight_bytes(exit_) - full_head + draft_head) / full
-        verify = (full - m.weight_bytes(exit_) + full_head) / full
+        head, draft_head = self.head_bytes(exit_, False), self.head_bytes(exit_, True)
+        draft = (m.weight_bytes(exit_) - head + draft_head) / full
+        verify = (full - exit_ * m.layer_bytes()) / full  # base [e, d), d's exit layer, head
         return expected_tokens(self.acceptance(exit_), k) / (k * draft + verify)
 
     def choose(self, depth: int) -> tuple[int, int] | None:
@@ -162,11 +171,28 @@ class Speculator:
                 plain.append(seq)
                 continue
             exit_, k = choice[0], min(choice[1], left)
-            if not cache.allocate(seq, seq.depth, len(seq.tokens) + k - 1):
+            if not self._draft_layer(seq, exit_, cache) or not cache.allocate(
+                seq, seq.depth, len(seq.tokens) + k - 1
+            ):
                 plain.append(seq)  # no room for the drafts' KV: one token at a time
                 continue
             groups.setdefault((exit_, k), []).append(seq)
         return plain, groups
+
+    def _draft_layer(self, seq: Sequence, exit_: int, cache: KVCacheManager) -> bool:
+        """Make `seq` hold exit `exit_`'s own layer (balcony), dropping another draft exit's;
+        False when there is no room for it."""
+        layer = cache.cfg.exit_kv_layer(exit_)
+        if seq.draft_exit == exit_ or layer is None:
+            return True
+        old = cache.cfg.exit_kv_layer(seq.draft_exit) if seq.draft_exit is not None else None
+        if old is not None:
+            cache.drop_layer(seq, old)
+        seq.draft_exit, seq.draft_computed = None, 0
+        if not cache.add_layer(seq, layer):
+            return False
+        seq.draft_exit = exit_
+        return True
 
     def cycle(
         self, seqs: list[Sequence], exit_: int, k: int, cache: KVCacheManager
@@ -180,6 +206,9 @@ class Speculator:
         model, dev = self.model, self.model.device
         seqs = sorted(seqs, key=lambda s: -s.depth)
         starts = [len(s.tokens) - 1 for s in seqs]
+        if model.exit_layer(exit_) is not None:
+            for seq in seqs:
+                self._fill_draft_layer(seq, exit_, cache)
         drafts, qs, kept = self._draft(seqs, exit_, k, cache)
         # 2) verify: layers [e, d) over the kept residuals, reusing layers [0, e)'s KV
         depths = [s.depth for s in seqs]
@@ -216,8 +245,9 @@ class Speculator:
             ids = torch.tensor([[t] for t in inputs], device=dev)
             positions = torch.tensor(starts, device=dev)[:, None] + j
             kv = PagedAttention(cache, seqs, [exit_] * b, [p + j for p in starts], 1)
-            h = model.hidden(ids, positions, [exit_] * b, kv)
-            kept.append(h)
+            h = model.hidden(ids, positions, [exit_] * b, kv, exit_layers=False)
+            kept.append(h)  # the base's residual: verification continues it
+            h = model.exit_hidden(h, positions, exit_, kv)
             logits = self.draft_logits(h, exit_)  # (B, V_draft)
             for r, seq in enumerate(seqs):
                 p = seq.request.params
@@ -226,6 +256,21 @@ class Speculator:
                 qs[r].append(q)
                 inputs[r] = tok
         return drafts, qs, kept
+
+    def _fill_draft_layer(self, seq: Sequence, exit_: int, cache: KVCacheManager) -> None:
+        """0) exit e's own layer gets KV for the tokens before the first draft's input that
+        it has not seen: base layers [0, e) rerun over them reading (not writing) their
+        cached KV, the exit layer writes its own."""
+        assert seq.draft_exit == exit_, "plan gave the row its draft layer"
+        start, end = seq.draft_computed, len(seq.tokens) - 1
+        if start >= end:
+            return
+        dev = self.model.device
+        ids = torch.tensor([seq.tokens[start:end]], device=dev)  # (1, T)
+        positions = torch.arange(start, end, device=dev)[None]
+        kv = PagedAttention(cache, [seq], [exit_], [start], end - start, read_only_below=exit_)
+        self.model.hidden(ids, positions, [exit_], kv)
+        seq.draft_computed = end
 
 
 def draft_token(

@@ -64,13 +64,16 @@ class TurnMeter:
         for s in running:
             depths[s.depth] = depths.get(s.depth, 0) + 1
         per_layer = cache.bytes_per_layer()
+        L = cache.cfg.num_layers
+        exit_layers = dict(zip(cache.cfg.exit_layers, per_layer[L:], strict=True))
         return EngineStats(
             running=len(running),
             waiting=len(scheduler.waiting) + pending,
             batch_size=self.last_batch,
             kv_blocks_total=cache.cfg.num_blocks,
             kv_blocks_used=cache.num_used,
-            kv_bytes_per_layer=per_layer,
+            kv_bytes_per_layer=per_layer[:L],
+            kv_bytes_per_exit_layer=exit_layers,
             kv_bytes_total=sum(per_layer),
             decode_step_seconds=self.step_ewma,
             token_interval_seconds=self.interval_ewma,

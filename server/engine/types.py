@@ -81,7 +81,7 @@ class EngineStats:
     batch_size: int  # sequences in the last decode step
     kv_blocks_total: int
     kv_blocks_used: int
-    kv_bytes_per_layer: tuple[int, ...]  # bytes held in each layer
+    kv_bytes_per_layer: tuple[int, ...]  # bytes held in each decoder layer [0, L)
     kv_bytes_total: int
     # EWMA of recent decode steps that ran alone (turns without a newcomer's prefill)
     decode_step_seconds: float
@@ -98,6 +98,8 @@ class EngineStats:
     # (depth, tokens still to generate) of every running sequence, then of the queue in
     # admission order: when each of a newcomer's companions will leave the batch
     rows_left: tuple[tuple[int, int], ...] = ()
+    # balcony: bytes held in each exit's own layer (exit -> bytes; in kv_bytes_total too)
+    kv_bytes_per_exit_layer: dict[int, int] = field(default_factory=dict)
 
     @property
     def kv_usage_ratio(self) -> float:

@@ -9,7 +9,8 @@ Profile format (what `latency_profile` in soft.json holds; depths as strings, ms
  "prefill_ms_base":      {"2": 0.4,  "4": 0.7},      (optional)
  "decode_ms_per_row":    {"2": 0.1,  "4": 0.2}}      (optional) each further row
 ```
-Depths it does not list are interpolated linearly in depth (cost is per layer + head);
+Depths it does not list are interpolated linearly in the layers a token runs (cost is per
+layer + head; a balcony exit below L runs its own layer too);
 other keys are kept, not read. A step of a mixed batch costs the deepest row's one-row step
 (every layer it needs runs once) plus `decode_ms_per_row` of each other row at that row's
 depth.
@@ -18,7 +19,7 @@ depth.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,29 +28,41 @@ from typing import Any
 def least_squares(points: Mapping[int, float]) -> tuple[float, float]:
     """The least-squares line (intercept, slope) through x -> y, the slope never negative
     (cost never falls as depth, prompt or batch grows). Needs two or more points."""
-    xs = sorted(points)
-    assert len(xs) >= 2, "a line needs two points"
-    mx, my = sum(xs) / len(xs), sum(points[x] for x in xs) / len(xs)
-    slope = sum((x - mx) * (points[x] - my) for x in xs) / sum((x - mx) ** 2 for x in xs)
+    return line_through(list(points.items()))
+
+
+def line_through(pairs: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """`least_squares` over (x, y) pairs (several may share an x)."""
+    xs = [x for x, _ in pairs]
+    assert len(set(xs)) >= 2, "a line needs two points"
+    mx, my = sum(xs) / len(xs), sum(y for _, y in pairs) / len(pairs)
+    slope = sum((x - mx) * (y - my) for x, y in pairs) / sum((x - mx) ** 2 for x in xs)
     slope = max(slope, 0.0)
     return my - slope * mx, slope
 
 
-def fill(exits: Sequence[int], points: Mapping[int, float]) -> dict[int, float]:
+def fill(
+    exits: Sequence[int],
+    points: Mapping[int, float],
+    layers: Callable[[int], int] | None = None,
+) -> dict[int, float]:
     """Each exit's value: the table's own when it lists every exit, else a least-squares
-    line in depth through the known points (cost is per layer + a fixed part; one point:
-    through the origin); clamped so cost never falls as depth grows, nor below 0."""
+    line through the known points in the layers a token runs at that depth (`layers`;
+    default the depth itself; a balcony exit runs one layer more: its own) — cost is per
+    layer + a fixed part; one point: through the origin; clamped so cost never falls as
+    depth grows, nor below 0."""
     assert points, "a latency table needs at least one depth"
-    if len(points) == 1:
-        (x, y), = points.items()  # fmt: skip
-        icpt, slope = 0.0, y / x
+    x = layers or (lambda d: d)
+    if len({x(d) for d in points}) == 1:
+        d0 = next(iter(points))
+        icpt, slope = 0.0, points[d0] / x(d0)
     else:
-        icpt, slope = least_squares(points)
+        icpt, slope = line_through([(x(d), y) for d, y in points.items()])
     out: dict[int, float] = {}
     prev = 0.0
     exact = all(d in points for d in exits)
     for d in sorted(exits):
-        v = points[d] if exact else icpt + slope * d
+        v = points[d] if exact else icpt + slope * x(d)
         prev = max(prev, v, 0.0)
         out[d] = prev
     return out
@@ -89,15 +102,17 @@ class LatencyProfile:
         step: Mapping[int, float],
         source: str,
         per_row: Mapping[int, float] | None = None,
+        layers: Callable[[int], int] | None = None,
     ) -> LatencyProfile:
-        """Fill every exit from measurements at some depths (linear in depth, never
-        decreasing with depth, never negative)."""
+        """Fill every exit from measurements at some depths (linear in the layers a token
+        runs, `layers(depth)`, default the depth; never decreasing with depth, never
+        negative)."""
         return cls(
-            prefill_ms_base=fill(exits, base),
-            prefill_ms_per_token=fill(exits, per_token),
-            decode_ms_per_step=fill(exits, step),
+            prefill_ms_base=fill(exits, base, layers),
+            prefill_ms_per_token=fill(exits, per_token, layers),
+            decode_ms_per_step=fill(exits, step, layers),
             source=source,
-            decode_ms_per_row=fill(exits, per_row) if per_row else {},
+            decode_ms_per_row=fill(exits, per_row, layers) if per_row else {},
         )
 
     @classmethod

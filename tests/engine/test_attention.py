@@ -17,7 +17,7 @@ def test_padded_prefill_writes_padding_only_to_the_trash_block() -> None:
     b0 = cache.tables("b")[0][0]
     assert cache.k[b0, :2].eq(2).all() and cache.k[b0, 2:].eq(0).all()  # its 2 tokens only
     assert all(cache.k[blk].eq(1).all() for blk in cache.tables("a")[0][:1])
-    held = {blk for seq in ("a", "b") for table in cache.tables(seq) for blk in table}
+    held = {blk for seq in ("a", "b") for table in cache.tables(seq).values() for blk in table}
     assert all(cache.k[blk].eq(0).all() for blk in range(8) if blk not in held)
     assert cache.k[cache.trash].eq(2).any()  # b's padding went there
     assert cache.num_used == len(held) == 2 * 2 + 2
