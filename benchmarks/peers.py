@@ -438,6 +438,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             xs, ys = zip(*pts, strict=True)
             ax.plot(xs, ys, styles.get(r["server"], "-"), marker="o", label=r["name"])
     ax.set_xscale("log", base=2)
+    levels = sorted({lv["concurrency"] for r in results for lv in r["levels"]})
+    ax.set_xticks(levels, [str(c) for c in levels])
     ax.set_xlabel("concurrent streams")
     ax.set_ylabel("aggregate output tok/s")
     ax.set_title("SmolLM2-135M on this CPU: soft-serve vs llama.cpp vs vLLM")
@@ -514,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             results.append(run_row(row, peers, args))
             lv = results[-1]["levels"]
-            print("   " + ", ".join(f"c={x['concurrency']}: {x['aggregate_tok_s']:.0f} tok/s"
+            print("   " + ", ".join(f"c={x['concurrency']}: {num(x['aggregate_tok_s'])} tok/s"
                                     for x in lv), flush=True)  # fmt: skip
         except Skip as e:
             print(f"   skipped: {e}", flush=True)
