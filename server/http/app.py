@@ -19,6 +19,7 @@ from fastapi import FastAPI
 
 from server.http.deps import AppState
 from server.http.errors import BodyLimit, add_error_handlers
+from server.http.playground import page, soft
 from server.http.routes import router, v1
 from server.metrics import Metrics
 from server.policy.governor import GovernorConfig
@@ -151,6 +152,8 @@ def create_app(
     app.state.soft = AppState(settings, VERSION)
     app.include_router(router)
     app.include_router(v1)
+    app.include_router(soft)  # GET /v1/soft/plan, /v1/soft/stats
+    app.include_router(page)  # the playground at /
     add_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_bytes))
     return app

@@ -45,7 +45,7 @@ def add_error_handlers(app: FastAPI) -> None:
         if not errors:
             return error_response(400, "invalid request", "invalid_request_error")
         first = errors[0]
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query")]
         if first.get("type") == "json_invalid":
             msg = f"the request body is not valid JSON ({first.get('msg', '')})"
             return error_response(400, msg, "invalid_request_error", None, "invalid_json")

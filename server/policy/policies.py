@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -80,6 +80,16 @@ class DepthChoice:
 
 
 @dataclass(frozen=True)
+class Plan:
+    """What the policy would give a request now, and each exit's prediction (read-only)."""
+
+    depth: int  # the exit `choose` would pick
+    feasible: bool  # False: a budget no exit meets (the shallowest would serve it)
+    depth_cap: int  # the deepest depth unpinned requests get now (load: the governor's cap)
+    predictions: Mapping[int, Prediction]  # per exit, joining the engine as it is now
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
     """What every policy is configured with."""
 
@@ -111,6 +121,12 @@ class Policy(Protocol):
 
     def depth_cap(self) -> int:
         """The deepest depth the policy currently serves unpinned requests at."""
+        ...
+
+    def plan(self, request: DepthRequest) -> Plan:
+        """Args: as `choose`. Returns: the exit `choose` would pick now and every exit's
+        prediction, without counting the request (read-only: GET /v1/soft/plan).
+        Raises: PolicyError when the pin is not an exit."""
         ...
 
     def observe(self, choice: DepthChoice, actual_ms: float, queue_ms: float | None = None) -> None:
@@ -154,10 +170,26 @@ class FixedPolicy:
 
     def choose(self, request: DepthRequest) -> DepthChoice:
         s = self.predictor.arrive(request.prompt_len, request.max_tokens)
+        depth, p, feasible = self._pick(request, lambda d: self.predict(d, request, s))
+        choice = self._choice(depth, request, feasible, s=s, p=p)
+        return replace(choice, pinned=True) if request.pinned_depth is not None else choice
+
+    def plan(self, request: DepthRequest) -> Plan:
+        s = self.stats() if self.stats is not None else None  # no arrival, no step scale
+        predictions = {d: self.predict(d, request, s) for d in self.exits}
+        depth, _, feasible = self._pick(replace(request, strict=False), predictions.__getitem__)
+        return Plan(depth, feasible, self.depth_cap(), predictions)
+
+    def _pick(
+        self, request: DepthRequest, predict: Callable[[int], Prediction]
+    ) -> tuple[int, Prediction, bool]:
+        """The depth for `request`, its prediction, and whether it meets the targets: the
+        one place `choose` and `plan` decide."""
         if request.pinned_depth is not None:
-            choice = self._choice(self.check_pin(request.pinned_depth), request, s=s)
-            return replace(choice, pinned=True)
-        return self._choice(self._unbudgeted_depth(), request, s=s)
+            depth = self.check_pin(request.pinned_depth)
+        else:
+            depth = self._unbudgeted_depth()
+        return depth, predict(depth), True
 
     def depth_cap(self) -> int:
         return self.default_depth
@@ -219,14 +251,15 @@ class BudgetPolicy(FixedPolicy):
 
     name = "budget"
 
-    def choose(self, request: DepthRequest) -> DepthChoice:
+    def _pick(
+        self, request: DepthRequest, predict: Callable[[int], Prediction]
+    ) -> tuple[int, Prediction, bool]:
         if request.pinned_depth is not None or not request.has_target:
-            return super().choose(request)
-        s = self.predictor.arrive(request.prompt_len, request.max_tokens)
+            return super()._pick(request, predict)
         for d in sorted(self._budget_exits(), reverse=True):  # ends with the shallowest
-            best = self.predict(d, request, s)
+            best = predict(d)
             if fits(best, request):
-                return self._choice(d, request, s=s, p=best)
+                return d, best, True
         if request.strict:
             raise PolicyError(
                 "no exit meets this request's latency targets right now (the shallowest, "
@@ -236,7 +269,7 @@ class BudgetPolicy(FixedPolicy):
                 "drop 'x-latency-budget-mode: strict' to be served at the shallowest exit",
                 "x-latency-budget",
             )
-        return self._choice(self.exits[0], request, feasible=False, s=s, p=best)
+        return self.exits[0], best, False
 
 
 class LoadPolicy(BudgetPolicy):

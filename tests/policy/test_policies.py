@@ -406,3 +406,27 @@ def test_observed_latency_calibrates_the_prediction() -> None:
     alone = make_policy("budget", EXITS, 32, LOADED)  # no engine: nothing to calibrate on
     alone.observe(alone.choose(DepthRequest(20, 10)), 500.0)
     assert alone.choose(DepthRequest(20, 10)).predicted_ms == pytest.approx(8 + 10 * 4)
+
+
+def test_plan_is_choose_without_counting_the_request() -> None:
+    # the batch above: 32 -> 108, 24 -> 101, 16 -> 94, 8 -> 87 ms (the playground's slider)
+    stats = make_stats({32: 3})
+    pol = make_policy("budget", EXITS, 32, LOADED, stats=lambda: stats)
+    plan = pol.plan(DepthRequest(20, 10, budget_ms=101))
+    assert (plan.depth, plan.feasible, plan.depth_cap) == (24, True, 32)
+    assert {d: round(p.total_ms, 3) for d, p in plan.predictions.items()} == {
+        8: 87.0, 16: 94.0, 24: 101.0, 32: 108.0,
+    }  # fmt: skip
+    assert pol.predictor.arrival_rate() == 0.0  # not an arrival: polling is not load
+    for budget in (108, 107, 94, 90, 86, None):
+        req = DepthRequest(20, 10, budget_ms=budget)
+        planned = pol.plan(req)
+        chosen = pol.choose(req)
+        assert (planned.depth, planned.feasible) == (chosen.depth, chosen.feasible), budget
+        assert planned.predictions[chosen.depth].total_ms == pytest.approx(chosen.predicted_ms)
+    # strict mode refuses in `choose`; the plan still says what best effort would get
+    assert pol.plan(DepthRequest(20, 10, budget_ms=1, strict=True)).depth == 8
+    with pytest.raises(PolicyError):
+        pol.plan(DepthRequest(20, 10, pinned_depth=12))
+    fixed = make_policy("fixed", EXITS, 24, LOADED, stats=lambda: stats)
+    assert fixed.plan(DepthRequest(20, 10, budget_ms=1)).depth == 24  # budgets: reported only
