@@ -69,6 +69,8 @@ class Row:
 ROWS: tuple[Row, ...] = (
     Row("soft-serve", "fp32", "f32", 30, ("--dtype", "float32")),
     Row("soft-serve", "bf16", "bf16", 30, ("--dtype", "bfloat16")),
+    Row("soft-serve", "int8", "q8_0", 30, ("--dtype", "float32", "--quantization", "int8")),
+    Row("soft-serve", "int4", "q4_1", 30, ("--dtype", "float32", "--quantization", "int4")),
     Row("soft-serve", "fp32", "f32", 20, ("--dtype", "float32")),
     Row("soft-serve", "bf16", "bf16", 20, ("--dtype", "bfloat16")),
     Row("soft-serve", "fp32", "f32", 15, ("--dtype", "float32")),

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from benchmarks import peers
-from tests.test_loadtest import LocalServer, imitation_app
+from tests.loadtest.test_loadtest import LocalServer, imitation_app
 
 
 def test_measure_counts_tokens_and_times_each_level() -> None:
