@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from server.http.deps import Serving, State, check_api_key, hints
-from server.metrics import CONTENT_TYPE, Metrics
+from server.metrics import CONTENT_TYPE
 from server.serving.generation import Served
 from server.serving.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -121,7 +121,7 @@ async def version(state: State) -> Response:
 @router.get("/metrics")
 async def metrics(state: State) -> Response:
     if state.serving is None:
-        return Response(Metrics().render(), media_type=CONTENT_TYPE)
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
     s = state.serving
     s.metrics.update(s.engine.stats(), s.policy.depth_cap())
     return Response(s.metrics.render(), media_type=CONTENT_TYPE)
