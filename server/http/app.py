@@ -19,6 +19,7 @@ from fastapi import FastAPI
 
 from server.http.deps import AppState
 from server.http.errors import BodyLimit, add_error_handlers
+from server.http.openapi import describe
 from server.http.routes import router, v1
 from server.metrics import Metrics
 from server.policy.governor import GovernorConfig
@@ -164,5 +165,6 @@ def create_app(
     app.include_router(router)
     app.include_router(v1)
     add_error_handlers(app)
+    app.openapi = describe(app)  # type: ignore[method-assign]
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_bytes))
     return app

@@ -18,9 +18,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictInt,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -32,8 +34,15 @@ MAX_STOP = 16
 MAX_LOGIT_BIAS = 1024  # entries of logit_bias
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
-# int fields reject floats and bools (a JSON `true` is not a token count)
-TokenId = Annotated[StrictInt, Field(ge=0)]
+
+def _whole(value: Any) -> Any:
+    """1.0 is the integer 1 (JSON Schema's reading, which clients and fuzzers follow)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# int fields reject bools, strings and fractions (a JSON `true` is not a token count)
+Int = Annotated[StrictInt, BeforeValidator(_whole)]
+TokenId = Annotated[Int, Field(ge=0)]
 Stop = str | Annotated[list[str], Field(max_length=MAX_STOP)] | None
 
 
@@ -74,10 +83,10 @@ class SamplingFields(OpenAIRequest):
     model: str | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: StrictInt = Field(0, ge=-1)  # vLLM: -1 or 0 = off
-    n: StrictInt = Field(1, ge=1)
+    top_k: Int = Field(0, ge=-1)  # vLLM: -1 or 0 = off
+    n: Int = Field(1, ge=1)
     stop: Stop = None
-    seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**64)
+    seed: Int | None = Field(None, ge=-(2**63), lt=2**64)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -85,9 +94,22 @@ class SamplingFields(OpenAIRequest):
     # per occurrence, and once if present at all) and biases (added, by token id)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
+    logit_bias: (
+        Annotated[
+            dict[str, float],
+            WithJsonSchema(
+                {
+                    "type": "object",
+                    "maxProperties": MAX_LOGIT_BIAS,
+                    "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+                    "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+                }
+            ),
+        ]
+        | None
+    ) = Field(None, max_length=MAX_LOGIT_BIAS)
     # accepted only where they change nothing (see unsupported())
-    best_of: StrictInt | None = Field(None, ge=1)
+    best_of: Int | None = Field(None, ge=1)
     response_format: dict[str, Any] | None = None
     # vLLM extensions
     ignore_eos: bool = False
@@ -156,18 +178,21 @@ class SamplingFields(OpenAIRequest):
         )
 
 
+# "" is refused after tokenizing ("the prompt is empty", as are prompts that tokenize to
+# nothing); the document says so up front
+PromptText = Annotated[str, WithJsonSchema({"type": "string", "minLength": 1})]
 Prompt = (
-    str
+    PromptText
     | Annotated[list[TokenId], Field(min_length=1)]
-    | Annotated[list[str], Field(min_length=1)]
+    | Annotated[list[PromptText], Field(min_length=1)]
     | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
 )
 
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt
-    max_tokens: StrictInt = Field(16, ge=0)  # 0: only with echo (prompt logprobs)
-    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: Int = Field(16, ge=0)  # 0: only with echo (prompt logprobs)
+    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None  # insertion: not supported (unsupported())
 
@@ -212,10 +237,10 @@ class ChatMessage(OpenAIModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: StrictInt | None = Field(None, ge=1)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    max_tokens: Int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True  # vLLM extension
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM extension
     # vLLM extension: a Jinja template of the client's own; refused unless the server was

@@ -399,3 +399,37 @@ def test_llm_d_slo_headers_are_aliases(quick: tuple[TestClient, FakeEngine]) -> 
     assert req.deadline - req.arrival == pytest.approx((5 + 10 * 7) / 1000)
     r = complete(c, headers={"x-llm-d-slo-tpot-ms": "soon"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "x-llm-d-slo-tpot-ms"
+
+
+# -- 7. the OpenAPI document ---------------------------------------------------------------------
+def test_openapi_document_describes_the_server(quick: tuple[TestClient, FakeEngine]) -> None:
+    c, _ = quick
+    doc = c.get("/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas and "ErrorResponse" in schemas
+    assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        op = doc["paths"][path]["post"]
+        assert "422" not in op["responses"]
+        for status in ("400", "401", "413", "429", "503"):
+            schema = op["responses"][status]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/ErrorResponse"}, (path, status)
+        assert "Retry-After" in op["responses"]["429"]["headers"]
+        ok = op["responses"]["200"]
+        assert set(ok["content"]) == {"application/json", "text/event-stream"}
+        assert ok["content"]["application/json"]["schema"]["$ref"].endswith("Response")
+        assert {"x-soft-depth", "x-soft-predicted-ms"} <= set(ok["headers"])
+        names = {p["name"] for p in op["parameters"]}
+        assert {"x-latency-budget", "x-soft-depth", "x-slo-ttft-ms", "x-slo-tpot-ms",
+                "x-llm-d-slo-ttft-ms", "x-llm-d-slo-tpot-ms"} <= names  # fmt: skip
+        assert op["security"] == [{"bearer": []}, {}]
+    metrics = doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert list(metrics) == ["text/plain"]
+    card = doc["paths"]["/v1/models/{model_id}"]["get"]["responses"]["200"]
+    assert card["content"]["application/json"]["schema"]["$ref"].endswith("ModelCard")
+    # what the document calls valid the server accepts: 1.0 is an integer, "" no prompt
+    assert complete(c, n=1.0, max_tokens=2.0).status_code == 200
+    r = complete(c, prompt="")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    prompt = doc["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]
+    assert {"type": "string", "minLength": 1} in prompt["anyOf"]
