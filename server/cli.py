@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
             default = default.human_readable(decimal=False)
         help_ = f"{info.description} [env {env}; default {default}]"
         kwargs: dict[str, Any] = {"help": help_, "default": None, "dest": name}
+        if info.annotation is bool:  # --flag / --no-flag
+            kwargs["action"] = argparse.BooleanOptionalAction
         choices = getattr(info.annotation, "__args__", None)
         if name in ("policy", "dtype", "quantization", "log_level") and choices:
             kwargs["choices"] = [c for c in _literal_values(info.annotation) if c is not None]

@@ -32,6 +32,15 @@ LATENCY_BUCKETS = (
     60.0,
     120.0,
 )
+# soft_requests_rejected_total{reason}: the HTTP status of a refused request -> its reason
+REJECT_REASONS = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    413: "too_large",
+    429: "queue_full",
+    503: "unavailable",
+}
 TOKEN_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -103,6 +112,16 @@ class Metrics:
             ["depth", "outcome"],
             registry=r,
         )
+        self.rejected = Counter(
+            "soft_requests_rejected",
+            "Requests answered with an error before any generation, by reason: queue_full "
+            "(429), too_large (413), unauthorized (401), bad_request (400), not_found (404), "
+            "unavailable (503: loading or draining)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in REJECT_REASONS.values():
+            self.rejected.labels(reason=reason)
         self.running = Gauge("soft_num_requests_running", "Sequences running", registry=r)
         self.waiting = Gauge("soft_num_requests_waiting", "Sequences waiting", registry=r)
         self.kv_usage = Gauge(
@@ -144,6 +163,19 @@ class Metrics:
             self.budget.labels(outcome=outcome)
             for d in exits:
                 self.budget_by_depth.labels(depth=str(d), outcome=outcome)
+
+    def reject(self, status: int) -> None:
+        """A request refused with `status` (counted when it has a reason)."""
+        reason = REJECT_REASONS.get(status)
+        if reason is not None:
+            self.rejected.labels(reason=reason).inc()
+
+    def carry_rejections(self, earlier: Metrics) -> None:
+        """Add the rejections `earlier` counted (the app's, while the model loaded)."""
+        for family in earlier.rejected.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.value:
+                    self.rejected.labels(**sample.labels).inc(sample.value)
 
     def observe_budget(self, depth: int, outcome: str) -> None:
         """One request with a budget (or SLOs) ended: met | missed | infeasible."""

@@ -71,6 +71,24 @@ class Settings(BaseSettings):
     max_body_bytes: ByteSize = Field(
         ByteSize(8 << 20), description="largest request body accepted (else 413)"
     )
+    trust_request_chat_template: bool = Field(
+        False,
+        description="render a chat template a request brings (chat_template, or "
+        "chat_template_kwargs.chat_template; vLLM's flag); off: such requests get 400. Only "
+        "for clients you trust: a template is code, bounded by --text-timeout",
+    )
+    text_timeout: float = Field(
+        5.0,
+        gt=0,
+        description="seconds one request's chat templating and tokenisation may take (on "
+        "worker threads, never the event loop); over it: 400",
+    )
+    output_tokens_prior: int = Field(
+        256,
+        ge=1,
+        description="output tokens the policy expects of a chat request without max_tokens "
+        "until finished ones say otherwise (then the 75th percentile of the last 256)",
+    )
     drain_timeout: float = Field(
         30.0, ge=0, description="seconds SIGTERM waits for in-flight requests before exiting"
     )

@@ -42,6 +42,7 @@ COUNTERS = {
     "soft_generated_tokens_total": {"depth"},
     "soft_prompt_tokens_total": set(),
     "soft_latency_budget_total": {"outcome"},
+    "soft_requests_rejected_total": {"reason"},
 }
 GAUGES = {
     "soft_num_requests_running": set(),

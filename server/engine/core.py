@@ -388,7 +388,16 @@ class Engine:
     ) -> None:
         """Sample each row's token, send its event, retire finished sequences."""
         params = [s.request.params for s in seqs]
-        tokens = sample_rows(logits, params, [s.generator for s in seqs])
+        histories = None
+        if any(p.processes_logits for p in params):  # penalties see prompt and output
+            cut = [len(s.request.prompt_ids) for s in seqs]
+            histories = (
+                [s.tokens[:c] for s, c in zip(seqs, cut, strict=True)],
+                [s.tokens[c:] for s, c in zip(seqs, cut, strict=True)],
+            )
+        tokens = sample_rows(
+            logits, params, [s.generator for s in seqs], *(histories or (None, None))
+        )
         want_lp = [j for j, p in enumerate(params) if p.logprobs is not None]
         logprobs = torch.log_softmax(logits[want_lp].float(), -1) if want_lp else None
         for j, (seq, tok) in enumerate(zip(seqs, tokens, strict=True)):

@@ -1,10 +1,14 @@
-"""Token selection per sequence: greedy, temperature, top-k, top-p, seeded, logprobs.
+"""Token selection per sequence: logit biases and penalties, greedy, temperature, top-k,
+top-p, seeded, logprobs.
 
 Each sequence samples with its own `torch.Generator`, so a seeded request draws the same
-tokens whatever else shares its batch.
+tokens whatever else shares its batch. Logprobs are the model's own (vLLM's default "raw"
+logprobs): biases and penalties change the choice, not the reported probabilities.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -57,10 +61,77 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     return draw(distribution(logits, params), generator)
 
 
+def _token_table(rows: Sequence[Sequence[int]], vocab: int, device: torch.device) -> Tensor:
+    """(R, V) counts of each token id in each row (padding goes to a dropped column V)."""
+    width = max((len(r) for r in rows), default=0)
+    counts = torch.zeros(len(rows), vocab + 1, device=device)
+    if width == 0:
+        return counts[:, :vocab]
+    ids = torch.full((len(rows), width), vocab, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+    ids = ids.to(device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
+    return counts[:, :vocab]
+
+
+def process_logits(
+    logits: Tensor,
+    params: Sequence[SamplingParams],
+    prompts: Sequence[Sequence[int]],
+    outputs: Sequence[Sequence[int]],
+) -> Tensor:
+    """Rows of (B, V) logits after each row's penalties and biases, in one pass over the
+    rows that ask for any (the others are returned as they were):
+
+    - repetition_penalty p (vLLM): a token in the prompt or the output has its logit
+      divided by p when positive, multiplied by p when not;
+    - frequency_penalty f, presence_penalty r (OpenAI): minus f x its count in the output,
+      minus r if it occurs there at all;
+    - logit_bias: added.
+
+    Args:
+        prompts, outputs: each row's prompt and generated token ids so far.
+    """
+    rows = [j for j, p in enumerate(params) if p.processes_logits]
+    if not rows:
+        return logits
+    vocab, dev = logits.shape[-1], logits.device
+    x = logits[rows].float()  # (R, V)
+    ps = [params[j] for j in rows]
+    counts = _token_table([outputs[j] for j in rows], vocab, dev)  # (R, V)
+    if any(p.repetition_penalty != 1.0 for p in ps):
+        seen = (_token_table([prompts[j] for j in rows], vocab, dev) + counts) > 0
+        rep = torch.tensor([p.repetition_penalty for p in ps], device=dev)[:, None]
+        x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+    freq = torch.tensor([p.frequency_penalty for p in ps], device=dev)[:, None]
+    pres = torch.tensor([p.presence_penalty for p in ps], device=dev)[:, None]
+    x = x - freq * counts - pres * (counts > 0).float()
+    bias = [(i, t, b) for i, p in enumerate(ps) for t, b in p.logit_bias if t < vocab]
+    if bias:
+        r, t, b = zip(*bias, strict=True)
+        x = x.index_put(
+            (torch.tensor(r, device=dev), torch.tensor(t, device=dev)),
+            torch.tensor(b, device=dev, dtype=x.dtype),
+            accumulate=True,
+        )
+    out = logits.float().clone() if logits.dtype != torch.float32 else logits.clone()
+    out[rows] = x
+    return out
+
+
 def sample_rows(
-    logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    logits: Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    prompts: Sequence[Sequence[int]] | None = None,
+    outputs: Sequence[Sequence[int]] | None = None,
 ) -> list[int]:
-    """Next token for each row of (B, V) logits; greedy rows share one argmax."""
+    """Next token for each row of (B, V) logits; greedy rows share one argmax. `prompts`
+    and `outputs` (each row's token ids) are needed when a row has penalties."""
+    if prompts is not None and outputs is not None:
+        logits = process_logits(logits, params, prompts, outputs)
     greedy = logits.argmax(-1).tolist()
     return [
         greedy[j] if p.greedy else sample(logits[j], p, g)

@@ -20,10 +20,25 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k: chosen token + top-k alternatives
     prompt_logprobs: int | None = None  # same for the prompt tokens (echo + logprobs)
+    # logit processing before any choice (sampling.process_logits), off by default:
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token_id, added to its logit)
+    frequency_penalty: float = 0.0  # OpenAI: minus this x occurrences in the output
+    presence_penalty: float = 0.0  # OpenAI: minus this once a token is in the output
+    repetition_penalty: float = 1.0  # vLLM: logits of prompt/output tokens /p (>0) or *p
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether the logits change before a choice (biases or penalties)."""
+        return bool(
+            self.logit_bias
+            or self.frequency_penalty
+            or self.presence_penalty
+            or self.repetition_penalty != 1.0
+        )
 
 
 @dataclass(frozen=True)

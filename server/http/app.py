@@ -19,12 +19,14 @@ from fastapi import FastAPI
 
 from server.http.deps import AppState
 from server.http.errors import BodyLimit, add_error_handlers
+from server.http.openapi import describe
 from server.http.playground import page, soft
 from server.http.routes import router, v1
 from server.metrics import Metrics
 from server.policy.governor import GovernorConfig
 from server.policy.latency import LatencyProfile, read_profile_file
 from server.policy.policies import make_policy
+from server.serving.generation import ServingOptions
 from server.serving.openai import OpenAIServing
 from server.settings import Settings
 
@@ -56,7 +58,7 @@ def load_serving(settings: Settings) -> OpenAIServing:
     policy = make_policy(settings.policy, exits, default, profile, stats=engine.stats,
                          max_num_seqs=settings.max_num_seqs, governor=governor)  # fmt: skip
     serving = OpenAIServing(
-        model, engine, policy, Metrics(exits), settings.model_name(), max_n=settings.max_n
+        model, engine, policy, Metrics(exits), settings.model_name(), serving_options(settings)
     )
     log.info(
         "loaded %s (L=%d, exits=%s, method=%s, profile from %s) in %.1fs",
@@ -68,6 +70,16 @@ def load_serving(settings: Settings) -> OpenAIServing:
         time.monotonic() - t0,
     )
     return serving
+
+
+def serving_options(settings: Settings) -> ServingOptions:
+    return ServingOptions(
+        max_n=settings.max_n,
+        max_queue=settings.max_queue,
+        trust_request_chat_template=settings.trust_request_chat_template,
+        text_timeout_s=settings.text_timeout,
+        output_tokens_prior=settings.output_tokens_prior,
+    )
 
 
 def build_engine(settings: Settings) -> tuple[Any, Any]:
@@ -128,6 +140,7 @@ def create_app(
             try:
                 serving = await asyncio.to_thread(loader, settings)
                 serving.engine.start()
+                serving.metrics.carry_rejections(state.metrics)
                 state.serving = serving
             except Exception as e:
                 if isinstance(e, (FileNotFoundError, ValueError)):  # the user's to fix
@@ -147,6 +160,7 @@ def create_app(
                 await asyncio.wait([task], timeout=settings.drain_timeout)
             if state.serving is not None:
                 await state.serving.engine.shutdown(settings.drain_timeout)
+                state.serving.text.shutdown()
 
     app = FastAPI(title="soft-serve", version=VERSION, lifespan=lifespan)
     app.state.soft = AppState(settings, VERSION)
@@ -155,5 +169,6 @@ def create_app(
     app.include_router(soft)  # GET /v1/soft/plan, /v1/soft/stats
     app.include_router(page)  # the playground at /
     add_error_handlers(app)
+    app.openapi = describe(app)  # type: ignore[method-assign]
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_bytes))
     return app

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from server.metrics import Metrics
 from server.serving.errors import APIError
 from server.serving.headers import Hints
 from server.serving.openai import OpenAIServing
@@ -23,6 +24,8 @@ class AppState:
     serving: OpenAIServing | None = None
     error: str | None = None
     draining: bool = False
+    # rejections until the model has loaded (then carried into serving.metrics)
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 def get_state(request: Request) -> AppState:
@@ -71,11 +74,24 @@ def check_api_key(request: Request, state: State) -> None:
 
 
 def hints(request: Request) -> Hints:
+    ttft, ttft_header = slo_header(request, "ttft")
+    tpot, tpot_header = slo_header(request, "tpot")
     return Hints(
         arrival=getattr(request.state, "arrival", None) or time.monotonic(),
         budget=request.headers.get("x-latency-budget"),
         depth=request.headers.get("x-soft-depth"),
         budget_mode=request.headers.get("x-latency-budget-mode"),
-        slo_ttft=request.headers.get("x-slo-ttft-ms"),
-        slo_tpot=request.headers.get("x-slo-tpot-ms"),
+        slo_ttft=ttft,
+        slo_tpot=tpot,
+        slo_ttft_header=ttft_header,
+        slo_tpot_header=tpot_header,
     )
+
+
+def slo_header(request: Request, kind: str) -> tuple[str | None, str]:
+    """The value of x-slo-<kind>-ms, or of llm-d's name for it, x-llm-d-slo-<kind>-ms (the
+    first wins when both are sent), and the name it came under (for errors)."""
+    for name in (f"x-slo-{kind}-ms", f"x-llm-d-slo-{kind}-ms"):
+        if (value := request.headers.get(name)) is not None:
+            return value, name
+    return None, f"x-slo-{kind}-ms"

@@ -1,12 +1,14 @@
 """Errors mapped once, OpenAI-shaped (`{"error": {message, type, param, code}}`): the
 serving layer's APIError, pydantic validation (400, not 422), HTTP errors, and a 500 that
-names only the exception's type; the body-size limit (413)."""
+names only the exception's type; the body-size limit (413). Every refusal is counted in
+soft_requests_rejected_total{reason} (server/metrics.py's REJECT_REASONS)."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,13 +36,25 @@ def error_response(
     )
 
 
+def count_rejection(app: Any, status: int) -> None:
+    """soft_requests_rejected_total for a refusal of `app`'s (the loaded model's metrics,
+    or the app's own until it has loaded)."""
+    state = getattr(getattr(app, "state", None), "soft", None)
+    if state is None:
+        return
+    metrics = state.serving.metrics if state.serving is not None else state.metrics
+    metrics.reject(status)
+
+
 def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def api_error(_: Request, e: APIError) -> Response:
+    async def api_error(request: Request, e: APIError) -> Response:
+        count_rejection(request.app, e.status)
         return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError) -> Response:
+    async def invalid(request: Request, e: RequestValidationError) -> Response:
+        count_rejection(request.app, 400)
         errors = list(e.errors())
         if not errors:
             return error_response(400, "invalid request", "invalid_request_error")
@@ -63,7 +77,8 @@ def add_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException) -> Response:
+    async def http_error(request: Request, e: StarletteHTTPException) -> Response:
+        count_rejection(request.app, e.status_code)
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return error_response(e.status_code, str(e.detail), kind, headers=e.headers)
 
@@ -86,6 +101,7 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         too_big = f"the request body is over the limit of {self.max_bytes} bytes"
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            count_rejection(scope.get("app"), 413)
             response = error_response(413, too_big, "invalid_request_error", None, "too_large")
             return await response(scope, receive, send)
         seen = 0

@@ -12,9 +12,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from server.http.deps import Serving, State, check_api_key, hints
-from server.metrics import CONTENT_TYPE, Metrics
+from server.metrics import CONTENT_TYPE
 from server.serving.generation import Served
-from server.serving.protocol import ChatCompletionRequest, CompletionRequest
+from server.serving.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
 
 T = TypeVar("T")
 
@@ -71,28 +78,40 @@ router = APIRouter()
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
 
-@v1.post("/completions")
+@v1.post("/completions", responses={200: {"model": CompletionResponse}})
 async def completions(body: CompletionRequest, request: Request, serving: Serving) -> Response:
     work = serving.completion.create(body, hints(request))
     return respond(await until_disconnect(request, work))
 
 
-@v1.post("/chat/completions")
+@v1.post("/chat/completions", responses={200: {"model": ChatCompletionResponse}})
 async def chat(body: ChatCompletionRequest, request: Request, serving: Serving) -> Response:
     return respond(await until_disconnect(request, serving.chat.create(body, hints(request))))
 
 
-@v1.get("/models")
+@v1.get("/models", responses={200: {"model": ModelList}})
 async def list_models(serving: Serving) -> Response:
     return JSONResponse(serving.models.list().model_dump(mode="json"))
 
 
-@v1.get("/models/{model_id:path}")
+@v1.get("/models/{model_id:path}", responses={200: {"model": ModelCard}})
 async def get_model(model_id: str, serving: Serving) -> Response:
     return JSONResponse(serving.models.get(model_id).model_dump(mode="json"))
 
 
-@router.get("/health")
+HEALTH = {"type": "object", "required": ["status"],
+          "properties": {"status": {"enum": ["ok", "loading", "draining", "error"]},
+                         "error": {"type": "string"}}}  # fmt: skip
+
+
+@router.get(
+    "/health",
+    responses={
+        200: {"content": {"application/json": {"schema": HEALTH}}},
+        503: {"description": "loading, draining or failed",
+              "content": {"application/json": {"schema": HEALTH}}},
+    },
+)  # fmt: skip
 async def health(state: State) -> Response:
     if state.serving is not None and not state.draining:
         return JSONResponse({"status": "ok"})
@@ -121,7 +140,7 @@ async def version(state: State) -> Response:
 @router.get("/metrics")
 async def metrics(state: State) -> Response:
     if state.serving is None:
-        return Response(Metrics().render(), media_type=CONTENT_TYPE)
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
     s = state.serving
     s.metrics.update(s.engine.stats(), s.policy.depth_cap())
     return Response(s.metrics.render(), media_type=CONTENT_TYPE)

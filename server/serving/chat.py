@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from server.engine.types import TokenLogprob
 from server.serving.detokenizer import Track
-from server.serving.errors import bad_request
+from server.serving.errors import APIError, bad_request
 from server.serving.generation import Generation, Served, ServingContext
 from server.serving.headers import Hints
 from server.serving.protocol import (
@@ -25,6 +25,7 @@ from server.serving.protocol import (
     now,
 )
 from server.serving.stream import stream
+from server.serving.text import MAX_TEMPLATE_CHARS, TemplateTimeout
 
 
 class ChatServing:
@@ -35,17 +36,35 @@ class ChatServing:
 
     async def create(self, req: ChatCompletionRequest, hints: Hints) -> Served:
         ctx = self.ctx
-        if req.n > ctx.max_n:
-            raise bad_request(f"n must be at most {ctx.max_n}", "n")
-        ids = await ctx.off_loop(self._prompt, req, sum(len(m.text()) for m in req.messages))
+        ctx.check_fields(req)
+        template = req.request_template()
+        if template is not None:
+            if not ctx.options.trust_request_chat_template:
+                raise APIError(
+                    400,
+                    "this server does not render chat templates sent with a request: start "
+                    "it with --trust-request-chat-template (SOFT_TRUST_REQUEST_CHAT_TEMPLATE"
+                    "=true) to allow them, or send messages for the model's own template",
+                    param="chat_template",
+                    code="chat_template_not_allowed",
+                )
+            if len(template) > MAX_TEMPLATE_CHARS:
+                raise bad_request(
+                    f"chat_template is over {MAX_TEMPLATE_CHARS} characters", "chat_template"
+                )
+        ids = await ctx.text.run("messages", self._prompt, req, template)
         max_tokens = req.requested_max_tokens()
+        learn = None
         if max_tokens is None:  # OpenAI: up to the context window
             max_tokens = max(1, ctx.max_model_len - len(ids))
+            learn = "chat"
         ctx.check_length(len(ids), max_tokens, "messages")
-        choice = ctx.choose(req.model, hints, len(ids), max_tokens)
+        # without max_tokens the policy predicts the output a request like it had
+        expected = max_tokens if learn is None else ctx.lengths.expect(learn, max_tokens)
+        choice = ctx.choose(req.model, hints, len(ids), expected)
         rid = new_id("chatcmpl")
         params = req.to_sampling_params(max_tokens)
-        gen = ctx.start([ids], params, req.n, choice, hints, req.stop_strings(), rid)
+        gen = ctx.start([ids], params, req.n, choice, hints, req.stop_strings(), rid, learn)
         if req.stream:
             return Served(choice, stream=self._stream(req, rid, [ids], gen), close=gen.finish)
         await gen.run()
@@ -53,7 +72,7 @@ class ChatServing:
             ChatChoice(
                 index=t.index,
                 message=AssistantMessage(content=t.text),
-                logprobs=self._logprobs(t.logprobs) if req.logprobs else None,
+                logprobs=self._logprobs(t.logprobs[: t.shown_logprobs()]) if req.logprobs else None,
                 finish_reason=t.finish_reason,
             )
             for t in gen.tracks
@@ -70,18 +89,27 @@ class ChatServing:
             ),
         )
 
-    def _prompt(self, req: ChatCompletionRequest) -> list[int]:
+    def _prompt(self, req: ChatCompletionRequest, template: str | None) -> list[int]:
+        """The prompt's token ids: the messages through the model's chat template (or the
+        request's own, when trusted); runs on a TextPool thread, under its deadline."""
         tokenizer = self.ctx.tokenizer
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        if template is None and (
+            tokenizer is None or not getattr(tokenizer, "chat_template", None)
+        ):
             raise bad_request("this model has no chat template; use /v1/completions", "messages")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        kwargs = dict(req.chat_template_kwargs or {})
+        kwargs.pop("chat_template", None)
         try:
             text = tokenizer.apply_chat_template(
                 messages,
                 tokenize=False,
                 add_generation_prompt=req.add_generation_prompt,
-                **(req.chat_template_kwargs or {}),
+                chat_template=template,
+                **kwargs,
             )
+        except TemplateTimeout:
+            raise
         except Exception as e:  # jinja raises for roles/orders the template refuses
             raise bad_request(f"the chat template rejected these messages: {e}", "messages") from e
         return list(tokenizer(str(text), add_special_tokens=False)["input_ids"])
@@ -121,9 +149,10 @@ class ChatServing:
         def chunk(t: Track) -> ChatCompletionChunk | None:
             piece = t.releasable()
             lp = None
-            if req.logprobs:
-                lp = self._logprobs(t.logprobs[sent_lp[t.index] :])
-                sent_lp[t.index] = len(t.logprobs)
+            if req.logprobs:  # the tokens of the text released so far
+                last = t.shown_logprobs(t.sent)
+                lp = self._logprobs(t.logprobs[sent_lp[t.index] : last])
+                sent_lp[t.index] = max(last, sent_lp[t.index])
             if not (piece or t.done or (lp is not None and lp.content)):
                 return None
             delta = DeltaMessage(content=piece or None)

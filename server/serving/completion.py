@@ -3,10 +3,10 @@ lm-evaluation-harness reads), SSE streaming."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 from server.engine.types import TokenLogprob
-from server.serving.detokenizer import Track
+from server.serving.detokenizer import Track, token_pieces
 from server.serving.errors import bad_request
 from server.serving.generation import Generation, Served, ServingContext
 from server.serving.headers import Hints
@@ -30,11 +30,10 @@ class CompletionServing:
 
     async def create(self, req: CompletionRequest, hints: Hints) -> Served:
         ctx = self.ctx
-        if req.n > ctx.max_n:
-            raise bad_request(f"n must be at most {ctx.max_n}", "n")
+        ctx.check_fields(req)
         if req.max_tokens == 0 and not req.echo:
             raise bad_request("max_tokens must be at least 1 (0 only with echo)", "max_tokens")
-        prompts = await ctx.off_loop(self._tokenize_prompts, req, len(str(req.prompt)))
+        prompts = await ctx.text.run("prompt", self._tokenize_prompts, req)
         if len(prompts) * req.n > ctx.max_n * 8:
             raise bad_request(
                 f"at most {ctx.max_n * 8} sequences (prompts x n) per request", "prompt"
@@ -91,10 +90,20 @@ class CompletionServing:
             if req.echo:
                 self._add_prompt_logprobs(lp, prompts[t.prompt_index], t.prompt_logprobs)
             if show_tokens:
-                self._add_logprobs(lp, t.logprobs, len(prefix))
+                self._add_logprobs(lp, t, 0, self._shown(t, len(t.text)), len(prefix))
         return CompletionChoice(
             index=t.index, text=prefix + text, logprobs=lp, finish_reason=t.finish_reason
         )
+
+    @staticmethod
+    def _shown(t: Track, end: int) -> int:
+        """Entries of t.logprobs that go with the text before `end`; at the end, also the
+        EOS token that stopped the sequence (after the text, as vLLM and lm-evaluation-
+        harness count it: one entry per generated token)."""
+        k = t.shown_logprobs(end)
+        if t.done and t.stop_token and end >= len(t.text) and k == len(t.logprobs) - 1:
+            k += 1
+        return k
 
     def _top(self, entry: TokenLogprob) -> dict[str, float]:
         top = {self.ctx.token_str(tid): lp for tid, lp in entry.top}
@@ -107,9 +116,10 @@ class CompletionServing:
         ids: list[int],
         entries: tuple[TokenLogprob | None, ...] | None,
     ) -> None:
+        """The prompt's tokens, as pieces of its text (a multi-byte character is whole in
+        the token that completes it), their offsets in characters."""
         offset = 0
-        for k, tid in enumerate(ids):
-            s = self.ctx.token_str(tid)
+        for k, s in enumerate(token_pieces(self.ctx.tokenizer, ids)):
             e = entries[k] if entries is not None and k < len(entries) else None
             lp.tokens.append(s)
             lp.token_logprobs.append(None if e is None else e.logprob)
@@ -118,26 +128,28 @@ class CompletionServing:
             offset += len(s)
 
     def _add_logprobs(
-        self, lp: CompletionLogprobs, entries: Sequence[TokenLogprob], offset: int
-    ) -> int:
-        """Append `entries` at text offset `offset`; returns the offset after them."""
-        for e in entries:
-            s = self.ctx.token_str(e.token_id)
-            lp.tokens.append(s)
+        self, lp: CompletionLogprobs, t: Track, first: int, last: int, offset: int
+    ) -> None:
+        """Append t.logprobs[first:last], each at its place in the text after `offset`
+        (the echoed prompt's length)."""
+        for k in range(first, last):
+            e = t.logprobs[k]
+            lp.tokens.append(
+                t.piece(k) if k < t.shown_logprobs() else self.ctx.token_str(e.token_id)
+            )
             lp.token_logprobs.append(e.logprob)
             lp.top_logprobs.append(self._top(e))
-            lp.text_offset.append(offset)
-            offset += len(s)
-        return offset
+            lp.text_offset.append(offset + min(t.starts[k], len(t.text)))
 
     def _stream(
         self, req: CompletionRequest, rid: str, prompts: list[list[int]], gen: Generation
     ) -> AsyncIterator[str]:
         created, model = now(), req.model or self.ctx.model_name
-        offsets = {t.index: 0 for t in gen.tracks}  # text_offset of the next streamed token
         sent_lp = {t.index: 0 for t in gen.tracks}
-        prompt_lp_sent: set[int] = set()
+        echo_sent: set[int] = set()
         shown = req.max_tokens > 0
+        # with logprobs, the echo goes out with the prompt's logprobs (the first event's)
+        echo_first = req.echo and req.logprobs is None
 
         def response(
             choices: list[CompletionChoice], usage: Usage | None = None
@@ -146,30 +158,36 @@ class CompletionServing:
                                       usage=usage)  # fmt: skip
 
         def opening() -> list[CompletionResponse]:
-            if not req.echo:
+            if not echo_first:
                 return []
             out = []
-            for t in gen.tracks:  # prompt logprobs arrive with the first event: text now
+            for t in gen.tracks:
+                echo_sent.add(t.index)
                 text = self._echo_text(req, prompts, t.prompt_index)
-                offsets[t.index] = len(text)
                 out.append(response([CompletionChoice(index=t.index, text=text)]))
             return out
 
         def chunk(t: Track) -> CompletionResponse | None:
+            prefix = ""
+            if req.echo:
+                prefix = self._echo_text(req, prompts, t.prompt_index)
+            echo = prefix if t.index not in echo_sent else ""
+            echo_sent.add(t.index)
             piece = t.releasable() if shown else ""
             lp = None
             if req.logprobs is not None:
                 lp = CompletionLogprobs()
-                if req.echo and t.index not in prompt_lp_sent:
-                    prompt_lp_sent.add(t.index)
+                if echo:
                     self._add_prompt_logprobs(lp, prompts[t.prompt_index], t.prompt_logprobs)
                 if shown:
-                    new = t.logprobs[sent_lp[t.index] :]
-                    offsets[t.index] = self._add_logprobs(lp, new, offsets[t.index])
-                sent_lp[t.index] = len(t.logprobs)
-            if not (piece or lp is not None or t.done):
+                    last = self._shown(t, t.sent)
+                    self._add_logprobs(lp, t, sent_lp[t.index], last, len(prefix))
+                    sent_lp[t.index] = last
+                if not lp.tokens:
+                    lp = None
+            if not (echo or piece or lp is not None or t.done):
                 return None
-            c = CompletionChoice(index=t.index, text=piece, logprobs=lp,
+            c = CompletionChoice(index=t.index, text=echo + piece, logprobs=lp,
                                  finish_reason=t.finish_reason)  # fmt: skip
             return response([c])
 

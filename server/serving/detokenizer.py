@@ -1,8 +1,10 @@
 """Text from token events: incremental detokenization that never splits a character, and
-each sequence's progress (stop strings cut and held back, logprobs, timings)."""
+each sequence's progress (stop strings cut and held back, logprobs lined up with the text,
+timings)."""
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,13 +16,15 @@ class Detokenizer:
     """Incremental detokenization that never emits half a character: text is released only
     once the window decodes without a trailing U+FFFD (an incomplete UTF-8 sequence)."""
 
-    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int]) -> None:
-        self.tok = tokenizer
+    def __init__(
+        self, tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens: bool = True
+    ) -> None:
+        self.tok, self.skip = tokenizer, skip_special_tokens
         self.ids = list(prompt_ids[-4:])  # a little context: leading-space rules
         self.prefix = self.read = len(self.ids)
 
     def _decode(self, ids: list[int]) -> str:
-        return str(self.tok.decode(ids, skip_special_tokens=True))
+        return str(self.tok.decode(ids, skip_special_tokens=self.skip))
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
@@ -39,6 +43,17 @@ class Detokenizer:
         return full[len(before) :]
 
 
+def token_pieces(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """Each token's share of the text of `ids` (special tokens shown): the pieces join to
+    the decoded text; a token that ends inside a multi-byte character has "" and the token
+    that completes the character has all of it."""
+    detok = Detokenizer(tokenizer, (), skip_special_tokens=False)
+    pieces = [detok.add(t) for t in ids]
+    if pieces:
+        pieces[-1] += detok.flush()
+    return pieces
+
+
 @dataclass
 class Track:
     """One sequence's progress: visible text (stop strings cut, held back while a stop
@@ -53,6 +68,9 @@ class Track:
     sent: int = 0  # chars of `text` already streamed
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # where each logprobs entry's token starts in `text` (its piece; non-decreasing)
+    starts: list[int] = field(default_factory=list)
+    stop_token: bool = False  # ended by an EOS / stop_token_ids token (not in the text)
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     finish_reason: str | None = None
     error: str | None = None
@@ -78,10 +96,12 @@ class Track:
             self.first_token_at = self.first_token_at or t
             self.last_token_at = t
             self.token_ids.append(ev.token_id)
-            if ev.logprob is not None:
+            if ev.logprob is not None and not self.done:
                 self.logprobs.append(ev.logprob)
+                self.starts.append(len(self.text))
             self._append(self.detok.add(ev.token_id))
         if ev.finish_reason is not None and not self.done:
+            self.stop_token = ev.finish_reason == "stop" and ev.token_id is not None
             if ev.finish_reason in ("stop", "length"):
                 self._append(self.detok.flush())
             if not self.done:  # a stop string in the flushed tail wins
@@ -97,6 +117,17 @@ class Track:
         if hits:
             self.text = self.text[: min(hits)]
             self.finish_reason = "stop"
+
+    def shown_logprobs(self, end: int | None = None) -> int:
+        """How many `logprobs` entries belong to the text before `end` (default: all of
+        it): a token cut away with a stop string, or one that shows nothing at the end
+        (EOS), has none."""
+        return bisect_left(self.starts, len(self.text) if end is None else end)
+
+    def piece(self, k: int) -> str:
+        """The text of logprobs entry `k`'s token."""
+        end = self.starts[k + 1] if k + 1 < len(self.starts) else len(self.text)
+        return self.text[self.starts[k] : max(self.starts[k], end)]
 
     def releasable(self) -> str:
         """New text safe to stream: all of it once done, else what no stop can still claim."""

@@ -6,7 +6,8 @@ A handler validates, asks the context for the depth (`choose`), starts a Generat
 response body or SSE lines (server/serving/stream.py), plus the depth choice for the
 `x-soft-*` headers. When a Generation ends, however it ends, `finish` aborts what still
 runs (freeing its KV blocks), records the metrics and tells the policy what the request
-took (the policy's calibration).
+took (the policy's calibration), and, for a request that set no max_tokens, how long its
+output was (`OutputLengths`: what the policy predicts the next such request with).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -27,11 +29,47 @@ from server.policy.policies import DepthChoice, Policy, PolicyError
 from server.serving.detokenizer import Detokenizer, Track
 from server.serving.errors import APIError, bad_request, engine_error
 from server.serving.headers import Hints, depth_request
-from server.serving.protocol import SoftInfo, Usage, now
+from server.serving.protocol import SamplingFields, SoftInfo, Usage, now
+from server.serving.text import TextPool
 
-LONG_INPUT_CHARS = 16_384  # longer prompts are tokenized off the event loop
-R = TypeVar("R")
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """What the operator set for the serving layer (from server/settings.py)."""
+
+    max_n: int = 16  # largest n
+    max_queue: int | None = None  # sequences the engine queues; None: the engine's own
+    trust_request_chat_template: bool = False  # a request may bring its own template
+    text_timeout_s: float = 5.0  # one request's templating + tokenisation, at most
+    output_tokens_prior: int = 256  # expected output of a request without max_tokens
+
+
+class OutputLengths:
+    """How long outputs are when a request sets no max_tokens (the OpenAI SDK's usual
+    chat request), per route, learnt from the sequences that finished (stop or length):
+    the `quantile` of the last `window` of them. Until `min_seen` have finished, the
+    missing ones count as `prior` tokens, so the estimate moves from the prior to the
+    data smoothly. The policy predicts such a request's latency with this length (capped
+    at what its context allows); one that runs longer is the deadline controller's to
+    lower."""
+
+    def __init__(
+        self, prior: int = 256, quantile: float = 0.75, window: int = 256, min_seen: int = 8
+    ) -> None:
+        self.prior, self.quantile, self.window, self.min_seen = prior, quantile, window, min_seen
+        self._seen: dict[str, deque[int]] = {}
+
+    def expect(self, route: str, limit: int) -> int:
+        """The output length to predict with for a new request on `route` (1..limit)."""
+        seen = list(self._seen.get(route, ()))
+        sample = sorted(seen + [self.prior] * max(0, self.min_seen - len(seen)))
+        estimate = sample[min(len(sample) - 1, int(self.quantile * len(sample)))]
+        return max(1, min(limit, estimate))
+
+    def observe(self, route: str, tokens: int) -> None:
+        self._seen.setdefault(route, deque(maxlen=self.window)).append(tokens)
 
 
 @dataclass
@@ -62,12 +100,17 @@ class ServingContext:
         policy: Policy,
         metrics: Metrics,
         model_name: str,
-        max_n: int = 16,
+        options: ServingOptions | None = None,
     ) -> None:
         self.model, self.engine, self.policy, self.metrics = model, engine, policy, metrics
         self.model_name = model_name
+        self.options = options = options or ServingOptions()
         self.tokenizer = model.tokenizer
-        self.max_n = max_n
+        self.max_n = options.max_n
+        # sequences the engine ever queues at once: a request with more can never be admitted
+        self.max_queue: int = options.max_queue or int(getattr(engine, "max_queue", 256))
+        self.text = TextPool(timeout_s=options.text_timeout_s)
+        self.lengths = OutputLengths(prior=options.output_tokens_prior)
         self.max_model_len: int = engine.max_model_len
         self.vocab_size: int = model.cfg.vocab_size
         self.created = now()
@@ -95,11 +138,32 @@ class ServingContext:
                 "max_tokens" if prompt_len < self.max_model_len else param,
             )
 
-    async def off_loop(self, fn: Callable[[R], T], req: R, size: int) -> T:
-        """Tokenize long inputs on a worker thread so the event loop keeps streaming."""
-        if size < LONG_INPUT_CHARS:
-            return fn(req)
-        return await asyncio.to_thread(fn, req)
+    def check_fields(self, req: SamplingFields) -> None:
+        """400 for what the request asks that this server does not do, or a logit_bias
+        key outside the vocabulary."""
+        if (refused := req.unsupported()) is not None:
+            param, message = refused
+            raise APIError(400, message, param=param, code="unsupported_parameter")
+        if req.n > self.max_n:
+            raise bad_request(f"n must be at most {self.max_n}", "n")
+        for token_id, _ in req.logit_bias_ids():
+            if token_id >= self.vocab_size:
+                raise bad_request(
+                    f"logit_bias: token id {token_id} is not below the vocabulary size "
+                    f"{self.vocab_size}",
+                    "logit_bias",
+                )
+
+    def check_admissible(self, sequences: int, param: str) -> None:
+        """400 for a request of more sequences (prompts x n) than the engine ever queues:
+        a 429 would invite a retry that can never succeed."""
+        if sequences > self.max_queue:
+            raise bad_request(
+                f"this request has {sequences} sequences (prompts x n) but the server admits "
+                f"at most {self.max_queue} at once (--max-queue): send fewer prompts or a "
+                "smaller n per request",
+                param,
+            )
 
     def token_str(self, token_id: int) -> str:
         return str(self.tokenizer.decode([token_id]))
@@ -113,12 +177,15 @@ class ServingContext:
         hints: Hints,
         stops: tuple[str, ...],
         base_id: str,
+        learn: str | None = None,
     ) -> Generation:
-        """One engine request per (prompt, choice), all or nothing.
+        """One engine request per (prompt, choice), all or nothing. `learn`: the route
+        whose OutputLengths this request's output lengths teach (it set no max_tokens).
 
         Raises:
             APIError: 400 for a request the engine can never run, 429 when its queue is full.
         """
+        self.check_admissible(len(prompts) * n, "n" if n > 1 else "prompt")
         deadline = None
         if choice.target_ms is not None:
             deadline = hints.arrival + choice.target_ms / 1000.0
@@ -137,7 +204,7 @@ class ServingContext:
                 self.engine.check(t.request)
         except ValueError as e:
             raise bad_request(str(e), "max_tokens") from e
-        return Generation(self, tracks, self._submit(tracks), choice, hints)
+        return Generation(self, tracks, self._submit(tracks), choice, hints, learn)
 
     def _submit(self, tracks: list[Track]) -> dict[str, AsyncIterator[TokenEvent]]:
         streams: list[AsyncIterator[TokenEvent]] = []
@@ -171,9 +238,10 @@ class Generation:
         streams: dict[str, AsyncIterator[TokenEvent]],
         choice: DepthChoice,
         hints: Hints,
+        learn: str | None = None,
     ) -> None:
         self.ctx, self.tracks, self.streams = ctx, tracks, streams
-        self.choice, self.hints = choice, hints
+        self.choice, self.hints, self.learn = choice, hints, learn
         self._finished = False
 
     async def events(self) -> AsyncIterator[Track]:
@@ -235,6 +303,10 @@ class Generation:
         end = time.monotonic()
         self._record(end)
         self._teach_policy(end)
+        if self.learn is not None:
+            for t in self.tracks:
+                if t.finish_reason in ("stop", "length"):
+                    self.ctx.lengths.observe(self.learn, len(t.token_ids))
 
     def _abort_unfinished(self) -> None:
         """Cancel in the engine (freeing KV blocks) every sequence that has not finished."""

@@ -25,8 +25,10 @@ class Hints:
     budget: str | None = None  # x-latency-budget
     depth: str | None = None  # x-soft-depth
     budget_mode: str | None = None  # x-latency-budget-mode: strict | best-effort
-    slo_ttft: str | None = None  # x-slo-ttft-ms
-    slo_tpot: str | None = None  # x-slo-tpot-ms
+    slo_ttft: str | None = None  # x-slo-ttft-ms (or x-llm-d-slo-ttft-ms)
+    slo_tpot: str | None = None  # x-slo-tpot-ms (or x-llm-d-slo-tpot-ms)
+    slo_ttft_header: str = "x-slo-ttft-ms"  # the name it came under, for errors
+    slo_tpot_header: str = "x-slo-tpot-ms"
 
 
 def parse_budget(value: str, header: str = "x-latency-budget") -> float:
@@ -93,7 +95,7 @@ def depth_request(
     """The policy's view of one request: its sizes, pin, budget, SLOs and mode."""
     pin = pinned_depth(model, served_name, hints)
     budget = parse_budget(hints.budget) if hints.budget is not None else None
-    ttft = None if hints.slo_ttft is None else parse_budget(hints.slo_ttft, "x-slo-ttft-ms")
-    tpot = None if hints.slo_tpot is None else parse_budget(hints.slo_tpot, "x-slo-tpot-ms")
+    ttft = None if hints.slo_ttft is None else parse_budget(hints.slo_ttft, hints.slo_ttft_header)
+    tpot = None if hints.slo_tpot is None else parse_budget(hints.slo_tpot, hints.slo_tpot_header)
     strict = parse_budget_mode(hints.budget_mode)
     return DepthRequest(prompt_len, max_tokens, budget, pin, ttft, tpot, strict)

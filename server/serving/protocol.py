@@ -2,51 +2,145 @@
 
 Requests validate themselves (pydantic; the app maps every validation error to a 400) and
 turn into engine `SamplingParams` with `to_sampling_params()`. Unknown fields are accepted
-and ignored, as OpenAI clients send many.
+and ignored, as OpenAI clients send many; known fields the server cannot honour
+(`best_of` > n, `suffix`, `response_format` other than text, `tools`) are named by
+`unsupported()` and refused with a 400 rather than ignored. Every string a request carries
+has its lone UTF-16 surrogates (a JavaScript client that cut a string inside an emoji)
+replaced with U+FFFD before validation: the tokenizer and the JSON encoder refuse them.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from server.engine.types import SamplingParams
 
 MAX_LOGPROBS = 20
 MAX_STOP = 16
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
-# int fields reject floats and bools (a JSON `true` is not a token count)
-TokenId = Annotated[StrictInt, Field(ge=0)]
+
+def _whole(value: Any) -> Any:
+    """1.0 is the integer 1 (JSON Schema's reading, which clients and fuzzers follow)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# int fields reject bools, strings and fractions (a JSON `true` is not a token count)
+Int = Annotated[StrictInt, BeforeValidator(_whole)]
+TokenId = Annotated[Int, Field(ge=0)]
 Stop = str | Annotated[list[str], Field(max_length=MAX_STOP)] | None
+
+
+def scrub(value: Any) -> Any:
+    """`value` (parsed JSON) with every lone surrogate in its strings replaced by U+FFFD;
+    a surrogate pair left split (some JSON decoders do) is joined back into its character."""
+    if isinstance(value, str):
+        if _SURROGATE.search(value) is None:
+            return value
+        return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    if isinstance(value, list):
+        return [scrub(v) for v in value]
+    if isinstance(value, dict):
+        return {scrub(k): scrub(v) for k, v in value.items()}
+    return value
 
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class OpenAIRequest(OpenAIModel):
+    """A request body: its strings are scrubbed of lone surrogates first."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scrub(cls, data: Any) -> Any:
+        return scrub(data)
+
+
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
-class SamplingFields(OpenAIModel):
+class SamplingFields(OpenAIRequest):
     """Fields both endpoints share."""
 
     model: str | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: StrictInt = Field(0, ge=-1)  # vLLM: -1 or 0 = off
-    n: StrictInt = Field(1, ge=1)
+    top_k: Int = Field(0, ge=-1)  # vLLM: -1 or 0 = off
+    n: Int = Field(1, ge=1)
     stop: Stop = None
-    seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**64)
+    seed: Int | None = Field(None, ge=-(2**63), lt=2**64)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # OpenAI's penalties (subtracted from the logits of tokens already generated: once
+    # per occurrence, and once if present at all) and biases (added, by token id)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: (
+        Annotated[
+            dict[str, float],
+            WithJsonSchema(
+                {
+                    "type": "object",
+                    "maxProperties": MAX_LOGIT_BIAS,
+                    "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+                    "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+                }
+            ),
+        ]
+        | None
+    ) = Field(None, max_length=MAX_LOGIT_BIAS)
+    # accepted only where they change nothing (see unsupported())
+    best_of: Int | None = Field(None, ge=1)
+    response_format: dict[str, Any] | None = None
     # vLLM extensions
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = Field(None, max_length=64)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)  # >1 discourages repeats
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys_are_token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not key.isascii() or not key.isdigit() or len(key) > 9:
+                raise ValueError(f"keys must be token ids (whole numbers), not {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"the bias of token {key} must be in [-100, 100], not {bias}")
+        return v
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(param, message) of the first field this server cannot honour, else None."""
+        if self.best_of is not None and self.best_of > self.n:
+            return "best_of", "best_of > n is not supported: send n only"
+        if self.best_of is not None and self.best_of < self.n:
+            return "best_of", "best_of must be at least n"
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            return "response_format", (
+                f"response_format {kind!r} is not supported; only 'text' (the default)"
+            )
+        return None
+
+    def logit_bias_ids(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items())
 
     @field_validator("stop")
     @classmethod
@@ -77,22 +171,35 @@ class SamplingFields(OpenAIModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            logit_bias=self.logit_bias_ids(),
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            repetition_penalty=self.repetition_penalty,
         )
 
 
+# "" is refused after tokenizing ("the prompt is empty", as are prompts that tokenize to
+# nothing); the document says so up front
+PromptText = Annotated[str, WithJsonSchema({"type": "string", "minLength": 1})]
 Prompt = (
-    str
+    PromptText
     | Annotated[list[TokenId], Field(min_length=1)]
-    | Annotated[list[str], Field(min_length=1)]
+    | Annotated[list[PromptText], Field(min_length=1)]
     | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
 )
 
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt
-    max_tokens: StrictInt = Field(16, ge=0)  # 0: only with echo (prompt logprobs)
-    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: Int = Field(16, ge=0)  # 0: only with echo (prompt logprobs)
+    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    suffix: str | None = None  # insertion: not supported (unsupported())
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.suffix:
+            return "suffix", "suffix (text insertion) is not supported"
+        return super().unsupported()
 
     def prompts(self) -> list[str] | list[list[int]]:
         """The batch of prompts: strings or token-id lists."""
@@ -130,12 +237,34 @@ class ChatMessage(OpenAIModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: StrictInt | None = Field(None, ge=1)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    max_tokens: Int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True  # vLLM extension
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM extension
+    # vLLM extension: a Jinja template of the client's own; refused unless the server was
+    # started with --trust-request-chat-template (so is chat_template_kwargs.chat_template)
+    chat_template: str | None = None
+    tools: list[Any] | None = None  # tool calling: not supported (unsupported())
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None  # the legacy names of tools / tool_choice
+    function_call: str | dict[str, Any] | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                return name, f"{name} (tool calling) is not supported"
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                return name, f"{name} (tool calling) is not supported"
+        return super().unsupported()
+
+    def request_template(self) -> str | None:
+        """The chat template the request brings, if any (field or chat_template_kwargs)."""
+        kwargs = self.chat_template_kwargs or {}
+        template = kwargs.get("chat_template", self.chat_template)
+        return None if template is None else str(template)
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:

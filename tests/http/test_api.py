@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 import models
-from server.http.app import create_app
+from server.http.app import create_app, serving_options
 from server.metrics import Metrics
 from server.policy.latency import LatencyProfile
 from server.policy.policies import make_policy
@@ -38,7 +38,9 @@ def make_client(
     def loader(s: Settings) -> OpenAIServing:
         profile = LatencyProfile.from_json(PROFILE, model.exits)
         pol = make_policy(policy, model.exits, model.exits[-1], profile)
-        return OpenAIServing(model, fake, pol, Metrics(model.exits), s.model_name(), s.max_n)
+        return OpenAIServing(
+            model, fake, pol, Metrics(model.exits), s.model_name(), serving_options(s)
+        )
 
     app = create_app(Settings(model="/ckpt/tiny", **(settings or {})), loader=loader)
     return TestClient(app, raise_server_exceptions=False), fake
