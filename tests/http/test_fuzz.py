@@ -20,15 +20,16 @@ CONFIG = Path(__file__).with_name("schemathesis.toml")
 
 
 def schemathesis() -> str | None:
-    found = os.environ.get("SCHEMATHESIS") or shutil.which("schemathesis")
-    venv = Path("/work/venvs/schemathesis312/bin/schemathesis")  # a separate venv (3.12)
-    return found or (str(venv) if venv.exists() else None)
+    """$SCHEMATHESIS (.ci/run installs it in a Python 3.12 venv of its own: on 3.11 its
+    hypothesis crashes) or a schemathesis on PATH."""
+    return os.environ.get("SCHEMATHESIS") or shutil.which("schemathesis")
 
 
+@pytest.mark.skipif(schemathesis() is None, reason="schemathesis not installed: set "
+                    "SCHEMATHESIS to its executable (see .ci/run)")  # fmt: skip
 def test_schemathesis_finds_nothing(tmp_path: Path) -> None:
     exe = schemathesis()
-    if exe is None:
-        pytest.skip("schemathesis is not installed (pip install schemathesis)")
+    assert exe is not None
     ckpt = make_served_checkpoint(tmp_path / "tiny", profile=PROFILE)
     server = start_server(ckpt, tmp_path / "server.log", "--max-queue", "64")
     examples = os.environ.get("SOFT_FUZZ_EXAMPLES", "300")
