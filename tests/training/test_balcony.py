@@ -26,26 +26,8 @@ from models.training.balcony import (
 )
 from models.training.data import collate, load_dataset
 from models.training.evaluate import response_ce
-from models.training.train import main as train_main
-from tests.conftest import make_hf_model
-from tests.training.test_data import make_tokenizer, write_alpaca
-
-
-@pytest.fixture
-def tiny_base(tmp_path: Path) -> Path:
-    out = tmp_path / "base"
-    make_hf_model(seed=5).save_pretrained(str(out), safe_serialization=True)
-    make_tokenizer().save_pretrained(str(out))
-    return out
-
-
-@pytest.fixture
-def data_file(tmp_path: Path) -> Path:
-    return write_alpaca(tmp_path / "data.json", 10)
-
-
-def run_train(*args: str | Path) -> None:
-    train_main([str(a) for a in (*args, "--no-progress", "--threads", "1")])
+from tests.training.test_data import make_tokenizer
+from tests.training.test_train import run_train
 
 
 def naive_exit_logits(hf: torch.nn.Module, exit_layer: torch.nn.Module, ids: torch.Tensor,

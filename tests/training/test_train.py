@@ -27,20 +27,6 @@ from tests.training.test_data import make_tokenizer, write_alpaca
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def tiny_base(tmp_path: Path) -> Path:
-    """A 4-layer random LLaMA with a character-level tokenizer, as a base for training."""
-    out = tmp_path / "base"
-    make_hf_model(seed=3).save_pretrained(str(out), safe_serialization=True)
-    make_tokenizer().save_pretrained(str(out))
-    return out
-
-
-@pytest.fixture
-def data_file(tmp_path: Path) -> Path:
-    return write_alpaca(tmp_path / "data.json", 12)
-
-
 def run_train(*args: str | Path) -> None:
     train_main([str(a) for a in (*args, "--no-progress", "--threads", "1")])
 
