@@ -12,7 +12,7 @@ from fastapi import Depends, Request
 
 from server.metrics import Metrics
 from server.serving.errors import APIError
-from server.serving.headers import Hints
+from server.serving.headers import Hints, parse_budget
 from server.serving.openai import OpenAIServing
 from server.settings import Settings
 
@@ -90,8 +90,10 @@ def hints(request: Request) -> Hints:
 
 def slo_header(request: Request, kind: str) -> tuple[str | None, str]:
     """The value of x-slo-<kind>-ms, or of llm-d's name for it, x-llm-d-slo-<kind>-ms (the
-    first wins when both are sent), and the name it came under (for errors)."""
-    for name in (f"x-slo-{kind}-ms", f"x-llm-d-slo-{kind}-ms"):
-        if (value := request.headers.get(name)) is not None:
-            return value, name
-    return None, f"x-slo-{kind}-ms"
+    first wins when both are sent, but a malformed second one is still a 400), and the
+    name it came under (for errors)."""
+    sent = [(value, name) for name in (f"x-slo-{kind}-ms", f"x-llm-d-slo-{kind}-ms")
+            if (value := request.headers.get(name)) is not None]  # fmt: skip
+    for value, name in sent[1:]:
+        parse_budget(value, name)
+    return sent[0] if sent else (None, f"x-slo-{kind}-ms")

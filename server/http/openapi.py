@@ -116,6 +116,8 @@ def describe(app: FastAPI) -> Callable[[], dict[str, Any]]:
                     statuses.append("503")
                     op["security"] = [{"bearer": []}, {}]  # a key, or none when unset
                     statuses += ["401", "404"]
+                if any(p.get("in") == "query" for p in op.get("parameters", [])):
+                    statuses.append("400")  # a malformed query parameter
                 if method == "post":
                     statuses += ["400", "413", "429"]
                     op["parameters"] = [

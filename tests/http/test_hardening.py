@@ -399,6 +399,9 @@ def test_llm_d_slo_headers_are_aliases(quick: tuple[TestClient, FakeEngine]) -> 
     assert req.deadline - req.arrival == pytest.approx((5 + 10 * 7) / 1000)
     r = complete(c, headers={"x-llm-d-slo-tpot-ms": "soon"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "x-llm-d-slo-tpot-ms"
+    # both names: x-slo-* wins, but a malformed alias is still refused (the fuzzer's find)
+    r = complete(c, headers={"x-slo-ttft-ms": "5", "x-llm-d-slo-ttft-ms": "]2"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "x-llm-d-slo-ttft-ms"
 
 
 # -- 7. the OpenAPI document ---------------------------------------------------------------------
@@ -433,3 +436,12 @@ def test_openapi_document_describes_the_server(quick: tuple[TestClient, FakeEngi
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     prompt = doc["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]
     assert {"type": "string", "minLength": 1} in prompt["anyOf"]
+
+
+def test_openapi_documents_400_where_a_query_parameter_can_be_bad(
+    quick: tuple[TestClient, FakeEngine],
+) -> None:
+    c, _ = quick
+    plan = c.get("/openapi.json").json()["paths"]["/v1/soft/plan"]["get"]
+    assert "400" in plan["responses"]
+    assert c.get("/v1/soft/plan", params={"budget": ""}).status_code == 400
