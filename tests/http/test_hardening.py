@@ -28,7 +28,7 @@ from tests.http.test_api import (  # noqa: F401  (tiny_model is a fixture)
 
 
 def post(c: TestClient, path: str, body: dict[str, Any], **headers: str) -> Any:
-    """POST with the body as ASCII JSON (json.dumps escapes a lone surrogate as \\udXXX,
+    """POST with the body as ASCII JSON (json.dumps escapes a lone surrogate as \\ud800,
     which is what a JavaScript client sends)."""
     return c.post(
         path,
