@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,16 +96,23 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_served_checkpoint(path, profile=PROFILE, context=CONTEXT)
 
 
-@pytest.fixture(scope="module")
-def server(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(ckpt, tmp_path_factory.mktemp("log") / "server.log")
+@contextmanager
+def serving(ckpt: Path, log: Path, *args: str) -> Iterator[Server]:
+    """A live server for the block; it must then stop cleanly, with no traceback logged."""
+    srv = start_server(ckpt, log, *args)
     try:
         yield srv
     finally:
         clean = stop_server(srv)
-        log = srv.log.read_text()
-        assert clean, log
-        assert "Traceback" not in log, log
+        text = srv.log.read_text()
+        assert clean, text
+        assert "Traceback" not in text, text
+
+
+@pytest.fixture(scope="module")
+def server(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with serving(ckpt, tmp_path_factory.mktemp("log") / "server.log") as srv:
+        yield srv
 
 
 # -- the OpenAI SDK -------------------------------------------------------------------------

@@ -343,26 +343,6 @@ def exit_layer_tensors(layers: ExitLayers, dtype: torch.dtype) -> dict[str, Tens
     return out
 
 
-def time_split(layers: ExitLayers, batch: CachedBatch) -> dict[str, float]:
-    """Seconds of one micro-batch's forward + backward, split into the exit layers and the
-    head + KL (measured by running each part alone)."""
-    t0 = time.perf_counter()
-    loss, _ = layers(batch)
-    loss.backward()
-    total = time.perf_counter() - t0
-    layers.zero_grad(set_to_none=True)
-    t0 = time.perf_counter()
-    outs = []
-    for e in layers.exits:
-        outs.append(layers.layers[str(e)](batch.hidden[e], attention_mask=batch.attn_mask,
-                                          position_embeddings=layers._frozen[2](
-                                              batch.hidden[e], batch.positions)))  # fmt: skip
-    sum(o.sum() for o in outs).backward()  # type: ignore[union-attr]
-    layer_s = time.perf_counter() - t0
-    layers.zero_grad(set_to_none=True)
-    return {"total_s": total, "exit_layers_s": layer_s, "head_kl_s": total - layer_s}
-
-
 # -- the training run -------------------------------------------------------------------
 
 
@@ -371,12 +351,11 @@ def train_balcony(args: Any, parser: Any, causal_lm: Any, tokenizer: Any, base_n
     """`soft-train --method balcony`: build (or reuse) the teacher cache, then train one
     exit layer per exit below full depth on it. Returns a TrainResult."""
     from tqdm import tqdm
-    from transformers import get_cosine_schedule_with_warmup
 
     from models.checkpoint import EXIT_LAYERS, SoftConfig, write_soft_json
     from models.loader import cache_dir
     from models.training.data import step_batches
-    from models.training.resume import RESUME_DIR, load_resume, save_resume
+    from models.training.resume import save_resume, start
     from models.training.train import TrainResult, final_loss
 
     num_layers = causal_lm.config.num_hidden_layers
@@ -393,18 +372,8 @@ def train_balcony(args: Any, parser: Any, causal_lm: Any, tokenizer: Any, base_n
     layers = ExitLayers(causal_lm, trained, args.exit_init)
     layers.train()
     params = [p for p in layers.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
-    sched = get_cosine_schedule_with_warmup(opt, warmup, args.steps)
     out: Path = args.out
-    step, commands = 0, [args.command]
-    history: list[dict[str, float]] = []
-    if args.resume and (out / RESUME_DIR / "state.pt").exists():
-        try:
-            step, history, previous = load_resume(out, layers, opt, sched)
-        except ValueError as err:
-            parser.error(str(err))
-        commands = previous + commands
+    opt, sched, step, history, commands = start(args, parser, layers)
     position = {id(e): s for s, e in enumerate(data.examples)}  # example -> cache sequence
     bar = tqdm(total=args.steps, initial=step, desc="balcony", dynamic_ncols=True,
                disable=args.no_progress)  # fmt: skip

@@ -77,3 +77,29 @@ def history_row(row: Any, state: dict[str, Any], out: Path) -> dict[str, float]:
                          f"({len(row)} losses per step, soft.json lists {exits}); "
                          "resume it once with its original --exits")  # fmt: skip
     return {str(e): float(x) for e, x in zip(exits, row, strict=True)}
+
+
+def start(args: Any, parser: Any, module: nn.Module) -> tuple[Any, Any, int, list[dict[str, float]],
+                                                            list[str]]:  # fmt: skip
+    """AdamW over `module`'s trainable parameters, a cosine schedule with warmup (default
+    5 % of --steps), and, with --resume and a saved state under --out, that state.
+
+    Returns:
+        (optimizer, scheduler, step, per-step losses {exit: value}, the commands so far
+        ending with this one). A saved state that does not fit exits with a message (2).
+    """
+    from transformers import get_cosine_schedule_with_warmup
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
+    sched = get_cosine_schedule_with_warmup(opt, warmup, args.steps)
+    step, commands = 0, [args.command]
+    history: list[dict[str, float]] = []  # per step: {exit: loss}
+    if args.resume and (Path(args.out) / RESUME_DIR / "state.pt").exists():
+        try:
+            step, history, previous = load_resume(Path(args.out), module, opt, sched)
+        except ValueError as e:
+            parser.error(str(e))
+        commands = previous + commands
+    return opt, sched, step, history, commands

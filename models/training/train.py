@@ -39,8 +39,9 @@ from models.checkpoint import (
     save_delta,
     write_soft_json,
 )
+from models.training import resume
 from models.training.data import DataError, collate, load_mixture, parse_range, step_batches
-from models.training.resume import RESUME_DIR, load_resume, save_resume
+from models.training.resume import RESUME_DIR, save_resume
 from models.training.sorted_loss import ExitHeadModule, FrozenTeacher, SortedLoss, default_exits
 
 log = logging.getLogger("soft-train")
@@ -210,7 +211,6 @@ def lora_delta(model: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any], flo
 def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainResult:
     from accelerate import Accelerator
     from tqdm import tqdm
-    from transformers import get_cosine_schedule_with_warmup
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -272,22 +272,12 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainRes
                          args.distill, teacher, args.distill_tokens == "all")  # fmt: skip
     wrapper.train()
     params = [p for p in wrapper.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
-    sched = get_cosine_schedule_with_warmup(opt, warmup, args.steps)
 
     # 2) resume before wrapping (the saved names are the unwrapped module's)
     out: Path = args.out
-    step, history = 0, cast(list[dict[str, float]], [])  # per step: {exit: mean CE}
-    commands = [args.command]  # every invocation that built this checkpoint, in order
-    if args.resume and (out / RESUME_DIR / "state.pt").exists():
-        try:
-            step, history, previous = load_resume(out, wrapper, opt, sched)
-        except ValueError as e:
-            parser.error(str(e))
-        commands = previous + commands
-        if acc.is_main_process:
-            log.info("resumed from %s at step %d", out / RESUME_DIR, step)
+    opt, sched, step, history, commands = resume.start(args, parser, wrapper)
+    if step and acc.is_main_process:
+        log.info("resumed from %s at step %d", out / RESUME_DIR, step)
     dist_model, opt = acc.prepare(wrapper, opt)
     device = acc.device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -21,6 +21,7 @@ from server.engine.scheduler import Sequence
 from server.engine.speculative import SpecConfig
 from server.engine.types import GenerationRequest, SamplingParams, TokenEvent
 from tests.conftest import make_hf_model
+from tests.engine.test_speculative import run as run_staggered
 
 L = 4
 EXITS = [1, 2, 4]
@@ -79,15 +80,9 @@ def prompts(k: int, seed: int = 5) -> list[list[int]]:
 
 
 def run(engine: Engine, reqs: list[GenerationRequest]) -> list[list[TokenEvent]]:
-    async def one(r: GenerationRequest, delay: float) -> list[TokenEvent]:
-        await asyncio.sleep(delay)
-        return [e async for e in engine.submit(r)]
-
-    async def main() -> list[list[TokenEvent]]:
-        return await asyncio.gather(*(one(r, 0.002 * i) for i, r in enumerate(reqs)))
-
+    """The speculative tests' staggered submission, with the engine started around it."""
     with engine.running():
-        return asyncio.run(main())
+        return run_staggered(engine, reqs)
 
 
 def reference(model: models.SortedModel, prompt: list[int], depth: int, n: int) -> list[int]:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.fakes import PROFILE, make_served_checkpoint
-from tests.test_server_e2e import Server, start_server, stop_server
+from tests.test_server_e2e import Server, serving
 
 CHROMIUM = shutil.which("chromium")
 KEY = "playground-test-key"
@@ -48,14 +48,8 @@ pytestmark = [
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("playground")
     ckpt = make_served_checkpoint(tmp / "tiny", profile=PROFILE)
-    srv = start_server(ckpt, tmp / "server.log", "--api-key", KEY)
-    try:
+    with serving(ckpt, tmp / "server.log", "--api-key", KEY) as srv:
         yield srv
-    finally:
-        clean = stop_server(srv)
-        log = srv.log.read_text()
-        assert clean, log
-        assert "Traceback" not in log, log
 
 
 def screenshot(page: Any, tmp_path: Path, name: str) -> Path:
