@@ -57,24 +57,32 @@ class Row:
     server: str  # "soft-serve" | "llama.cpp" | "vllm"
     weights: str  # as the table shows it
     precision: str  # the llama.cpp weights it is compared with: "f32" | "bf16" | "q8_0" | "q4_1"
-    depth: int | None = None  # soft-serve: the pinned depth ("default@<depth>")
+    depth: int | None = None  # soft-serve: the pinned depth ("<model>@<depth>")
     args: tuple[str, ...] = ()  # extra server flags
+    # soft-serve: "default" (our SoFT model), or "q4_1-gguf": the shipped Q4_1 file itself
+    # (the base model, its int4 blocks served as they are: llama.cpp's Q4_1 row's weights)
+    model: str = "default"
 
     @property
     def name(self) -> str:
         depth = f"@{self.depth}" if self.depth is not None else ""
-        return f"{self.server}/{self.weights}{depth}"
+        return f"{self.server}/{self.weights.replace(' ', '-')}{depth}"
 
 
+FP32, INT8 = ("--dtype", "float32"), ("--dtype", "float32", "--quantization", "int8")
+# bf16 weights with fp32 activations: what llama.cpp's BF16 file does on a CPU without
+# AVX512-BF16; `--dtype bfloat16` (bf16 activations too) is emulated there, ~100x slower
+BF16 = ("--dtype", "float32", "--quantization", "bf16")
+INT4 = ("--dtype", "float32", "--quantization", "int4")
 ROWS: tuple[Row, ...] = (
-    Row("soft-serve", "fp32", "f32", 30, ("--dtype", "float32")),
-    Row("soft-serve", "bf16", "bf16", 30, ("--dtype", "bfloat16")),
-    Row("soft-serve", "int8", "q8_0", 30, ("--dtype", "float32", "--quantization", "int8")),
-    Row("soft-serve", "int4", "q4_1", 30, ("--dtype", "float32", "--quantization", "int4")),
-    Row("soft-serve", "fp32", "f32", 20, ("--dtype", "float32")),
-    Row("soft-serve", "bf16", "bf16", 20, ("--dtype", "bfloat16")),
-    Row("soft-serve", "fp32", "f32", 15, ("--dtype", "float32")),
-    Row("soft-serve", "bf16", "bf16", 15, ("--dtype", "bfloat16")),
+    Row("soft-serve", "fp32", "f32", 30, FP32),
+    Row("soft-serve", "bf16", "bf16", 30, BF16),
+    Row("soft-serve", "int8", "q8_0", 30, INT8),
+    Row("soft-serve", "int4", "q4_1", 30, INT4),
+    Row("soft-serve", "Q4_1 file", "q4_1", 30, INT4, model="q4_1-gguf"),
+    Row("soft-serve", "int8", "q8_0", 20, INT8),
+    Row("soft-serve", "int8", "q8_0", 15, INT8),
+    Row("soft-serve", "fp32", "f32", 15, FP32),
     Row("llama.cpp", "F32", "f32"),
     Row("llama.cpp", "BF16", "bf16"),
     Row("llama.cpp", "Q8_0", "q8_0"),
@@ -139,9 +147,13 @@ def launch(row: Row, peers: Peers, port: int, threads: int, slots: int, ctx: int
     host = ["--host", "127.0.0.1", "--port", str(port)]
     omp = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     if row.server == "soft-serve":
-        argv = [sys.executable, "-m", "server", "--model", "default", *host, "--policy", "fixed",
+        model, name = row.model, row.model
+        if model == "q4_1-gguf":
+            path = peers.gguf("q4_1")
+            model, name = str(path), path.stem  # the server names a GGUF by its stem
+        argv = [sys.executable, "-m", "server", "--model", model, *host, "--policy", "fixed",
                 "--max-num-seqs", str(slots), "--log-level", "warning", *row.args]  # fmt: skip
-        return Launch(argv, {**omp, "PYTHONPATH": str(ROOT)}, f"default@{row.depth}")
+        return Launch(argv, {**omp, "PYTHONPATH": str(ROOT)}, f"{name}@{row.depth}")
     if row.server == "llama.cpp":
         binary, weights = peers.llama_server, peers.gguf(row.precision)
         if not binary.exists():

@@ -22,16 +22,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models import kernels
 from models.checkpoint import SoftConfig, base_config
-from models.quant import Int4Weight, Int8Weight, QuantizedWeight, quantization_mode, quantize
+from models.kernels import KernelWeight, LayerKernels, PagedKV
+from models.quant import (
+    Bf16Weight,
+    Int4Weight,
+    Int8Weight,
+    QuantizedWeight,
+    quantization_mode,
+    quantize,
+)
 
-# a matrix `linear` can multiply by: float (maybe oneDNN-packed) or int8/int4 (models.quant)
-Weight = Tensor | QuantizedWeight
 # the matrices of a decoder layer that `pack` and `quantize` replace
 LAYER_MATRICES = ("wqkv", "wo", "w_gate_up", "w_down")
 # the head's weights per mode: an int4 head costs SmolLM2 ~4x the logits error of its
 # int4 layers (llama.cpp's Q4 files keep the head at Q8_0 / Q6_K for the same reason)
-HEAD_QUANTIZATION = {"int8": "int8", "int4": "int8"}
+HEAD_QUANTIZATION = {"int8": "int8", "int4": "int8", "bf16": "bf16"}
+# products over at most this many rows run on soft-serve's kernels (models.kernels) where
+# the matrix has one: fp32 ones beat oneDNN's packed GEMM up to batch 4 on this project's
+# CPUs, bf16 ones widened-to-fp32 oneDNN up to 16; int8 / int4 ones beat torch's
+# weight-only kernels at every batch (2x at 16-256 rows), so they always run there — and
+# a row's numbers then do not depend on what shares its batch (docs/performance.md)
+KERNEL_ROWS = {kernels.F32: 4, kernels.BF16: 16, kernels.I8: 1 << 30, kernels.Q4: 1 << 30}
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 # rope variants whose frequencies do not depend on the sequence length at run time
@@ -128,7 +141,9 @@ def rope_frequencies(hf: Any) -> tuple[Tensor, float]:
 
 
 class KVStore(Protocol):
-    """Where attention keys/values live between steps (the engine's paged cache)."""
+    """Where attention keys/values live between steps (the engine's paged cache). A store
+    may also offer `paged(layer) -> PagedKV | None` (models.kernels): the cache of a
+    forward whose rows each add one token, as soft-serve's fused decode layer reads it."""
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Store this step's k, v for the first n rows at `layer`, attend over everything
@@ -168,6 +183,35 @@ FUSED_ROWS = 16
 _PACK_HINT = {torch.float32: 16, torch.bfloat16: 1}
 
 
+@dataclass(frozen=True, eq=False)
+class PackedWeight:
+    """A float matrix in two layouts: oneDNN's blocked one for products over many rows,
+    the plain one (`kernel`, the same storage as the checkpoint's tensor) for soft-serve's
+    kernels over a few (models.kernels). What `SortedModel.pack` makes of fp32 matrices
+    where the kernels are built."""
+
+    packed: Tensor
+    kernel: KernelWeight
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.kernel.shape
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes one product reads (one of the two layouts)."""
+        return self.kernel.nbytes
+
+    def matmul(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        return linear(x, self.packed, bias)
+
+
+# a matrix `linear` can multiply by: float (maybe oneDNN-packed, maybe with a plain copy
+# for soft-serve's kernels) or int8 / int4 / bf16 (models.quant)
+Weight = Tensor | QuantizedWeight | PackedWeight
+MATRIX_TYPES = (Int8Weight, Int4Weight, Bf16Weight, PackedWeight)
+
+
 def pack(w: Tensor) -> Tensor:
     """`w` (out, in) in the CPU GEMM library's own blocked layout (oneDNN), or `w` itself
     where that does not apply (other devices and dtypes, no oneDNN). A packed matrix is
@@ -180,6 +224,15 @@ def pack(w: Tensor) -> Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), _PACK_HINT[w.dtype])
 
 
+def _packed(w: Tensor) -> Tensor | PackedWeight:
+    """`pack(w)`, with the plain matrix beside it where soft-serve's kernels take it."""
+    p = pack(w)
+    if w.device.type == "cpu" and w.dtype == torch.float32 and kernels.available():
+        if kernels.supports(w.shape, kernels.F32):
+            return PackedWeight(p, KernelWeight.dense(w))
+    return p
+
+
 def linear(x: Tensor, w: Weight, bias: Tensor | None = None) -> Tensor:
     """x (..., in) @ w (out, in)^T. Quantized `w` runs its own kernel (models.quant); a
     packed `w` and plain fp32 on CPU go through oneDNN directly (it reads fp32 weights ~2x
@@ -189,6 +242,39 @@ def linear(x: Tensor, w: Weight, bias: Tensor | None = None) -> Tensor:
     if w.is_mkldnn or (x.dtype == torch.float32 and x.device.type == "cpu" and _onednn()):
         return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
     return F.linear(x, w, bias)
+
+
+def project(
+    x: Tensor,
+    w: Weight,
+    bias: Tensor | None = None,
+    *,
+    norm: Tensor | None = None,
+    eps: float = 0.0,
+    swiglu: bool = False,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """f(x) @ w^T (+ bias), f being RMSNorm with `norm` (and `eps`), SwiGLU over x's two
+    halves (`swiglu`: silu(gate) * up) or nothing; with `residual` the product is added to
+    it in place and it is returned. One fused call on soft-serve's kernels where `w` has a
+    kernel layout and x is a few fp32 rows (KERNEL_ROWS); torch's ops otherwise."""
+    kw: KernelWeight | None = getattr(w, "kernel", None)
+    if (
+        kw is not None
+        and x.dtype == torch.float32
+        and x.numel() <= KERNEL_ROWS[kw.kind] * (x.shape[-1])
+    ):
+        mode = kernels.RMS_NORM if norm is not None else kernels.SWIGLU if swiglu else kernels.PLAIN
+        return kernels.linear(x, kw, mode=mode, norm=norm, eps=eps, bias=bias, out=residual)
+    if norm is not None:
+        x = rms_norm(x, norm, eps)
+    elif swiglu:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    y = linear(x, w, bias)
+    if residual is None:
+        return y
+    return residual.add_(y)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -238,8 +324,9 @@ def _rows(kv: KVStore | None, start: int, end: int) -> KVStore | None:
     return narrow(start, end)  # type: ignore[no-any-return]
 
 
-def _is_quantized(w: object) -> bool:
-    return isinstance(w, (Int8Weight, Int4Weight))
+def _is_matrix(w: object) -> bool:
+    """A matrix container other than a plain tensor (models.quant, PackedWeight)."""
+    return isinstance(w, MATRIX_TYPES)
 
 
 def _nbytes(w: Weight) -> int:
@@ -272,7 +359,8 @@ class ExitHead:
 
     norm: Tensor  # (H,)
     weight: Tensor  # (V, H)
-    quantized: QuantizedWeight | None = None  # set by SortedModel.quantize: what head() reads
+    # what head() reads when set: int8 / int4 / bf16 (SortedModel.quantize) or packed (pack)
+    quantized: Weight | None = None
 
 
 class SortedModel(nn.Module):
@@ -349,7 +437,7 @@ class SortedModel(nn.Module):
         int8/int4 matrices at their quantized size."""
         layer = self.layers[0]
         plain = sum(_nbytes(p) for p in layer.parameters())
-        return plain + sum(_nbytes(w) for w in layer.__dict__.values() if _is_quantized(w))
+        return plain + sum(_nbytes(w) for w in layer.__dict__.values() if _is_matrix(w))
 
     def weight_bytes(self, depth: int) -> int:
         """Bytes of weights read for one token at `depth` (layers [0, d), the exit layer
@@ -357,27 +445,49 @@ class SortedModel(nn.Module):
         row read is negligible)."""
         eh = self.exit_heads.get(depth)
         head: Weight = self.lm_head if eh is None else eh.quantized or eh.weight
-        if eh is None and self.packed_head is not None and _is_quantized(self.packed_head):
+        if eh is None and self.packed_head is not None and _is_matrix(self.packed_head):
             head = self.packed_head
         return self.layers_run(depth) * self.layer_bytes() + _nbytes(head) + self.norm.numel()
 
     def pack(self) -> None:
-        """Put every matrix a decode step reads into oneDNN's blocked layout (see `pack`).
+        """Put every matrix a decode step reads into the layouts the CPU kernels want:
+        oneDNN's blocked one (see `pack`), plus, for fp32 where soft-serve's kernels are
+        built, the plain matrix beside it for products over a few rows (`PackedWeight`).
 
         Layer matrices are replaced: afterwards only this runner can read them. The shared
         head, which is also the embedding table, gets a packed copy. Idempotent; nothing
-        happens off CPU or without oneDNN; quantized matrices stay as they are. The
-        serving engine calls it."""
+        happens off CPU or without oneDNN; quantized matrices stay as they are (they carry
+        their own kernel layout). The serving engine calls it."""
         for layer in [*self.layers, *self.exit_layers.values()]:
             for name in LAYER_MATRICES:
                 w = layer._parameters.get(name)
-                if w is not None:  # None: quantized (a plain attribute now)
-                    layer._parameters[name] = nn.Parameter(pack(w.data), requires_grad=False)
+                if w is None:  # quantized or packed already (a plain attribute now)
+                    continue
+                p = _packed(w.data)
+                if isinstance(p, PackedWeight):
+                    delattr(layer, name)
+                    setattr(layer, name, p)
+                else:
+                    layer._parameters[name] = nn.Parameter(p, requires_grad=False)
+            layer.fused = self._layer_kernels(layer)  # type: ignore[union-attr]
         if self.packed_head is None:
-            self.packed_head = pack(self.lm_head.data)
+            self.packed_head = _packed(self.lm_head.data)
         self.exit_heads = {
-            d: ExitHead(eh.norm, pack(eh.weight), eh.quantized) for d, eh in self.exit_heads.items()
+            d: ExitHead(eh.norm, eh.weight, eh.quantized or _packed(eh.weight))
+            for d, eh in self.exit_heads.items()
         }
+
+    def _layer_kernels(self, layer: Layer) -> tuple[LayerKernels, int] | None:
+        """The layer for `kernels.decode_layer` and the most rows it runs it for, None
+        where one of its matrices has no kernel layout (or its norms are not fp32)."""
+        ks = [getattr(getattr(layer, name), "kernel", None) for name in LAYER_MATRICES]
+        if any(k is None for k in ks) or layer.input_norm.dtype != torch.float32:
+            return None
+        c = self.cfg
+        bias = None if layer.bqkv is None else layer.bqkv.data
+        fused = LayerKernels(tuple(ks), (bias, layer.input_norm.data, layer.post_norm.data),  # type: ignore[arg-type]
+                             c.rms_norm_eps, (c.num_heads, c.num_kv_heads, c.head_dim))  # fmt: skip
+        return fused, min(KERNEL_ROWS[k.kind] for k in ks if k is not None)
 
     def quantize(
         self, mode: str | None, prebuilt: dict[str, QuantizedWeight] | None = None
@@ -448,31 +558,54 @@ class SortedModel(nn.Module):
         w = w if w is not None else self.layers[i]  # type: ignore[assignment]
         assert w is not None
         cfg = self.cfg
+        fused: tuple[LayerKernels, int] | None = getattr(w, "fused", None)
+        if fused is not None and len(hs) == 1 and hs[0].shape[1] == 1 and len(hs[0]) <= fused[1]:
+            paged = getattr(kvs[0], "paged", None)
+            cache: PagedKV | None = paged(i) if paged is not None else None
+            if cache is not None:  # decode rows: the whole layer in one call (models.kernels)
+                n = len(hs[0])
+                h = hs[0].reshape(n, cfg.hidden_size).clone()
+                c, s = cos[0].reshape(n, -1), sin[0].reshape(n, -1)
+                kernels.decode_layer(h, fused[0], c, s, cache)
+                return [h.view(n, 1, -1)]
         shapes = [h.shape[:2] for h in hs]
         sizes = [n * t for n, t in shapes]
-        flat = hs[0].reshape(-1, cfg.hidden_size)
         pad = 0
         if len(hs) > 1:  # rows padded to a multiple of FUSED_ROWS: few distinct GEMM shapes
             pad = -sum(sizes) % FUSED_ROWS
             rows = [h.reshape(-1, cfg.hidden_size) for h in hs]
-            flat = torch.cat([*rows, flat.new_zeros(pad, cfg.hidden_size)])
-        x = rms_norm(flat, w.input_norm, cfg.rms_norm_eps)
-        qkvs = linear(x, w.wqkv, w.bqkv).split([*sizes, pad])
+            flat = torch.cat([*rows, rows[0].new_zeros(pad, cfg.hidden_size)])
+        else:  # a copy: the residual adds below are in place, the caller keeps its h
+            flat = hs[0].reshape(-1, cfg.hidden_size).clone()
+        eps = cfg.rms_norm_eps
+        qkv = project(flat, w.wqkv, w.bqkv, norm=w.input_norm, eps=eps)
+        heads = cfg.num_heads + cfg.num_kv_heads  # rotary on queries and keys together
+        fused_rope = kernels.available() and qkv.dtype == torch.float32 and qkv.is_cpu
+        if fused_rope:  # in place over every group's rows at once: (tokens, D) tables
+            d = cfg.head_dim
+            if len(hs) == 1:
+                tables = [ts[0].reshape(-1, d).contiguous() for ts in (cos, sin)]
+            else:
+                tables = [torch.cat([*(t.reshape(-1, d) for t in ts), qkv.new_zeros(pad, d)])
+                          for ts in (cos, sin)]  # fmt: skip
+            kernels.rope_(qkv, heads, d, *tables)
+        qkvs = qkv.split([*sizes, pad])
         outs = []
-        for (n, t), qkv, c, sn, kv in zip(shapes, qkvs[: len(hs)], cos, sin, kvs, strict=True):
-            qk, v = qkv.split([w.split[0] + w.split[1], w.split[2]], dim=-1)
-            # rotary on queries and keys together: (n, T, Hq + Hkv, D)
-            qk = rotate(qk.view(n, t, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim), c, sn)
+        for (n, t), qkv_g, c, sn, kv in zip(shapes, qkvs[: len(hs)], cos, sin, kvs, strict=True):
+            qk, v = qkv_g.split([w.split[0] + w.split[1], w.split[2]], dim=-1)
+            qk = qk.view(n, t, heads, cfg.head_dim)  # (n, T, Hq + Hkv, D)
+            if not fused_rope:
+                qk = rotate(qk, c, sn)
             q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=2)
             v = v.view(n, t, cfg.num_kv_heads, cfg.head_dim)
             a = kv.attend(i, q, k, v) if kv is not None else causal_attention(q, k, v, self.scale)
             outs.append(a.reshape(n * t, -1))
         if pad:
             outs.append(flat.new_zeros(pad, outs[0].shape[-1]))
-        flat = flat + linear(torch.cat(outs) if len(outs) > 1 else outs[0], w.wo)
-        x = rms_norm(flat, w.post_norm, cfg.rms_norm_eps)
-        gate, up = linear(x, w.w_gate_up).chunk(2, dim=-1)
-        flat = flat + linear(F.silu(gate) * up, w.w_down)
+        attn = torch.cat(outs) if len(outs) > 1 else outs[0]
+        flat = project(attn, w.wo, residual=flat)
+        gate_up = project(flat, w.w_gate_up, norm=w.post_norm, eps=eps)
+        flat = project(gate_up, w.w_down, swiglu=True, residual=flat)
         ys = flat.split([*sizes, pad])[: len(hs)]
         return [y.view(n, t, -1) for y, (n, t) in zip(ys, shapes, strict=True)]
 
@@ -593,8 +726,9 @@ class SortedModel(nn.Module):
     def head(self, h: Tensor, depths: Sequence[int]) -> Tensor:
         """Final norm + LM head at each row's exit. h: (B, T, H) -> (B, T, V) logits."""
         shared = self.lm_head if self.packed_head is None else self.packed_head
+        eps = self.cfg.rms_norm_eps
         if not self.exit_heads:
-            return linear(rms_norm(h, self.norm, self.cfg.rms_norm_eps), shared)
+            return project(h, shared, norm=self.norm, eps=eps)
         out = h.new_empty(*h.shape[:2], self.cfg.vocab_size)
         for d in sorted(set(depths)):
             rows = [j for j, dj in enumerate(depths) if dj == d]
@@ -602,7 +736,7 @@ class SortedModel(nn.Module):
             norm, weight = (
                 (eh.norm, eh.quantized or eh.weight) if eh is not None else (self.norm, shared)
             )
-            out[rows] = linear(rms_norm(h[rows], norm, self.cfg.rms_norm_eps), weight)
+            out[rows] = project(h[rows], weight, norm=norm, eps=eps)
         return out
 
     @torch.inference_mode()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import models
-from models import loader
+from models import kernels, loader
 from models.quant import (
     GROUP_SIZE,
     Int4Codes,
@@ -61,7 +61,7 @@ def test_int4_codes_survive_packing_exactly() -> None:
 
 def test_bad_quantization_mode_is_a_clear_error(tiny_dir: Path) -> None:
     assert quantization_mode("none") is None and quantization_mode(None) is None
-    with pytest.raises(ValueError, match="int8, int4, none; got 'int3'"):
+    with pytest.raises(ValueError, match="int8, int4, bf16, none; got 'int3'"):
         models.load(tiny_dir, device="cpu", quantization="int3")
     with pytest.raises(ValueError, match="in % 32 == 0"):
         Int4Weight.quantize(torch.randn(16, 40))
@@ -218,9 +218,12 @@ def test_gguf_q4_blocks_round_trip(tmp_path: Path, kind: str) -> None:
     q.quantize("int4", ours)
     assert q.packed_head is ours["head"]  # a Q4 head in the file is served as it is
     ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(7))
+    # soft-serve's kernels multiply int8 activations (GGUF's Q8_0 ones, as llama.cpp does):
+    # on this tiny random model that alone moves the logits by ~3 %
+    bound = 0.05 if kernels.available() else 0.02
     for depth in (2, 4):
         err = rel_err(q.logits(ids, depth), fp32.logits(ids, depth))
-        assert err < 0.02, f"depth {depth}: {err:.4f}"
+        assert err < bound, f"depth {depth}: {err:.4f}"
 
 
 def test_gguf_file_of_a_spec(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from models import kernels
 from server.engine.kv_cache import KVCacheManager
 
 
@@ -62,10 +63,22 @@ class PagedAttention:
         if read_only_below:
             self.write_blocks[:read_only_below] = cache.trash
         self.write_offsets = pos % bs  # (B, T)
+        self.lengths = pos[:, -1] + 1  # tokens each row attends over after this step
         if not self.fresh:
             span = torch.arange(n_blocks * bs, device=device)  # (S,)
             # key s is visible to the new token at position p when s <= p
             self.visible = span[None, None, :] <= pos[:, :, None]  # (B, T, S)
+
+    def paged(self, layer: int) -> kernels.PagedKV | None:
+        """This forward's cache at `layer` for soft-serve's fused decode layer
+        (models.kernels): rows that each add one token to an fp32 cache; None otherwise."""
+        if self.num_new != 1 or self.fresh or not kernels.available():
+            return None
+        if self.cache.k.dtype != torch.float32 or not self.cache.k.is_cpu:
+            return None
+        return kernels.PagedKV(self.cache.k, self.cache.v, self.table[layer],
+                               self.write_blocks[layer, :, 0], self.write_offsets[:, 0],
+                               self.lengths, self.cache.k.shape[-1] ** -0.5)  # fmt: skip
 
     def rows(self, start: int, end: int) -> PagedRows:
         """This forward's view for rows [start, end) (an exit layer runs on those)."""
@@ -81,6 +94,10 @@ class PagedAttention:
         rows = slice(first, first + n)
         blocks = self.write_blocks[layer, rows]  # (n, T)
         offsets = self.write_offsets[rows]
+        if t == 1 and not self.fresh and kernels.attends(q, self.cache.k):  # decode: one call
+            return kernels.attend_decode(q, k, v, self.cache.k, self.cache.v,
+                                         self.table[layer, rows], blocks, offsets,
+                                         self.lengths[rows], d**-0.5)  # fmt: skip
         self.cache.k[blocks, offsets] = k
         self.cache.v[blocks, offsets] = v
         scale = d**-0.5

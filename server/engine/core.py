@@ -32,6 +32,7 @@ from typing import TypeVar
 
 import torch
 
+from models import kernels
 from models.llama import SortedModel
 from server.engine.kv_cache import KVCacheConfig, KVCacheManager
 from server.engine.runner import GroupOutput, Runner, pack, prefill_groups
@@ -126,7 +127,13 @@ class _Sink:
 
 class Engine:
     def __init__(self, model: SortedModel, config: EngineConfig | None = None) -> None:
-        model.pack()  # matrices in the CPU GEMM library's own layout (no-op elsewhere)
+        model.pack()  # matrices in the CPU kernels' own layouts (no-op elsewhere)
+        if model.device.type == "cpu":
+            if kernels.available():
+                log.info("soft-serve CPU kernels: on (decode layers fused, models/kernels)")
+            else:
+                log.warning("soft-serve CPU kernels off (%s): torch's kernels only, slower "
+                            "decode", kernels.unavailable_reason())  # fmt: skip
         self.model = model
         self.config = config = config or EngineConfig()
         cfg = model.cfg

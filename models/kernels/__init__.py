@@ -1,0 +1,409 @@
+"""soft-serve's CPU kernels (cpu.cpp): a decoder layer's matrix products over fp32
+activations, reading fp32, bf16, int8 or Q4 weights, with RMSNorm / SwiGLU / the residual
+add fused in, and rotary embeddings in place.
+
+The shared library is compiled on first use with the machine's C++ compiler (`g++`, or
+`$CXX`) for this CPU (`-march=native`, AVX2 + FMA required) and cached under
+`$SOFT_CACHE_DIR/kernels/` by source, compiler flags and CPU; a build takes ~2 s. Where
+it cannot be built (no compiler, no AVX2/FMA, not x86-64) or `SOFT_KERNELS=0` is set,
+`available()` is False and the model runs on torch's own kernels instead, with the reason
+in `unavailable_reason()`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu.cpp")
+ABI_VERSION = 1
+FLAGS = ("-O3", "-std=c++17", "-march=native", "-fopenmp", "-shared", "-fPIC")
+# what the weight types are called in cpu.cpp
+F32, BF16, I8, Q4 = 0, 1, 2, 3
+Q4_BLOCK = 32  # values per (scale, minimum): GGUF's Q4_0 / Q4_1 block
+# the input modes of soft_linear
+PLAIN, RMS_NORM, SWIGLU = 0, 1, 2
+
+
+class _Weight(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_int32),
+        ("n", ctypes.c_int32),
+        ("k", ctypes.c_int32),
+        ("data", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),
+        ("minimum", ctypes.c_void_p),
+    ]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("qkv", ctypes.POINTER(_Weight)),
+        ("o", ctypes.POINTER(_Weight)),
+        ("gate_up", ctypes.POINTER(_Weight)),
+        ("down", ctypes.POINTER(_Weight)),
+        ("qkv_bias", ctypes.c_void_p),
+        ("input_norm", ctypes.c_void_p),
+        ("post_norm", ctypes.c_void_p),
+        ("eps", ctypes.c_float),
+        ("heads", ctypes.c_int32),
+        ("kv_heads", ctypes.c_int32),
+        ("head_dim", ctypes.c_int32),
+    ]
+
+
+class _Paged(ctypes.Structure):
+    _fields_ = [
+        ("k", ctypes.c_void_p),
+        ("v", ctypes.c_void_p),
+        ("block_size", ctypes.c_int32),
+        ("max_blocks", ctypes.c_int32),
+        ("table", ctypes.c_void_p),
+        ("write_block", ctypes.c_void_p),
+        ("write_offset", ctypes.c_void_p),
+        ("length", ctypes.c_void_p),
+        ("scale", ctypes.c_float),
+    ]
+
+
+_reason: str | None = None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cache_root() -> Path:
+    from models.loader import cache_dir
+
+    return cache_dir() / "kernels"
+
+
+def _build() -> Path:
+    """The compiled library for this source, compiler and CPU (built if missing)."""
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++ or $CXX) on PATH")
+    flags = _cpu_flags()
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + " ".join([cxx, *FLAGS, *sorted(flags)]).encode()
+    ).hexdigest()[:16]
+    out = _cache_root() / key / "soft_cpu.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        part = Path(tmp) / "soft_cpu.so"
+        cmd = [cxx, *FLAGS, str(SOURCE), "-o", str(part)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()[-2000:]}")
+        os.replace(part, out)  # atomic: a concurrent build leaves one whole file
+    return out
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL | None:
+    global _reason
+    if os.environ.get("SOFT_KERNELS", "1") == "0":
+        _reason = "SOFT_KERNELS=0"
+        return None
+    if platform.machine() not in ("x86_64", "AMD64"):
+        _reason = f"the kernels are x86-64 code; this is {platform.machine()}"
+        return None
+    missing = {"avx2", "fma"} - _cpu_flags()
+    if missing:
+        _reason = f"this CPU lacks {', '.join(sorted(missing))}"
+        return None
+    try:
+        path = _build()
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _reason = f"could not build {SOURCE.name}: {e}"
+        log.warning("soft-serve CPU kernels unavailable, using torch's: %s", _reason)
+        return None
+    if lib.soft_abi_version() != ABI_VERSION:
+        _reason = f"{path} is ABI {lib.soft_abi_version()}, expected {ABI_VERSION}"
+        return None
+    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.soft_linear.argtypes = [p, i, i, ctypes.POINTER(_Weight), p, p, i, i, p, f, i, i]
+    lib.soft_linear.restype = i
+    lib.soft_rope.argtypes = [p, i, i, i, i, p, p, i]
+    lib.soft_rope.restype = None
+    lib.soft_attend_decode.argtypes = [
+        p,
+        i,
+        p,
+        i,
+        p,
+        i,
+        i,
+        i,
+        i,
+        i,
+        p,
+        p,
+        i,
+        p,
+        i,
+        p,
+        p,
+        p,
+        f,
+        p,
+        i,
+    ]
+    lib.soft_attend_decode.restype = None
+    lib.soft_decode_layer.argtypes = [p, i, ctypes.POINTER(_Layer), p, p, ctypes.POINTER(_Paged), i]
+    lib.soft_decode_layer.restype = i
+    return lib
+
+
+def available() -> bool:
+    """The kernels are built and loaded for this machine (builds them on first call)."""
+    return _lib() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why `available()` is False, None when it is True."""
+    _lib()
+    return _reason
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+@dataclass(eq=False)
+class KernelWeight:
+    """An (out, in) matrix in the layout cpu.cpp reads; `linear` multiplies by it.
+
+    fp32 / bf16: the matrix itself (row-major). int8: values + one fp32 scale per row
+    (w = q * scale). Q4: GGUF's block layout, 32 values per block in 16 bytes (byte j holds
+    value j in its low nibble, j + 16 in its high one), w = q * scale + minimum per block.
+    """
+
+    kind: int
+    data: Tensor
+    shape: torch.Size
+    scale: Tensor | None = None
+    minimum: Tensor | None = None
+    _c: _Weight = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        n, k = self.shape
+        self._c = _Weight(self.kind, n, k, _ptr(self.data), _ptr(self.scale), _ptr(self.minimum))
+
+    @property
+    def nbytes(self) -> int:
+        extra = [t for t in (self.scale, self.minimum) if t is not None]
+        return self.data.nbytes + sum(t.nbytes for t in extra)
+
+    @classmethod
+    def dense(cls, w: Tensor) -> KernelWeight:
+        """An fp32 or bf16 matrix as it is (contiguous)."""
+        kind = {torch.float32: F32, torch.bfloat16: BF16}[w.dtype]
+        return cls(kind, w.detach().contiguous(), w.shape)
+
+    @classmethod
+    def int8(cls, q: Tensor, scale: Tensor) -> KernelWeight:
+        """int8 values (out, in) and one scale per output row."""
+        return cls(I8, q.contiguous(), q.shape, scale=scale.float().contiguous())
+
+    @classmethod
+    def q4(cls, q: Tensor, scale: Tensor, minimum: Tensor) -> KernelWeight:
+        """int4 codes q (out, in) in [0, 15] and per-block scale / minimum (out, in / 32)."""
+        n, k = q.shape
+        blocks = q.to(torch.uint8).view(n, k // Q4_BLOCK, 2, Q4_BLOCK // 2)
+        packed = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+        return cls(Q4, packed, q.shape, scale=scale.float().contiguous(),
+                   minimum=minimum.float().contiguous())  # fmt: skip
+
+    def dequantize(self) -> Tensor:
+        """The fp32 (out, in) matrix this multiplies by."""
+        if self.kind in (F32, BF16):
+            return self.data.float()
+        if self.kind == I8:
+            assert self.scale is not None
+            return self.data.float() * self.scale[:, None]
+        assert self.scale is not None and self.minimum is not None
+        n, k = self.shape
+        b = self.data.view(n, k // Q4_BLOCK, Q4_BLOCK // 2)
+        q = torch.stack([b & 0xF, b >> 4], dim=2).reshape(n, k // Q4_BLOCK, Q4_BLOCK).float()
+        return (q * self.scale[..., None] + self.minimum[..., None]).reshape(n, k)
+
+
+def supports(shape: torch.Size | tuple[int, ...], kind: int) -> bool:
+    """An (out, in) matrix of `kind` has a shape the kernels take: in % 16 == 0 for fp32 /
+    bf16, in % 32 == 0 for int8 / Q4 (their activations are quantized in blocks of 32)."""
+    return shape[1] % (16 if kind in (F32, BF16) else Q4_BLOCK) == 0
+
+
+def linear(
+    x: Tensor,
+    w: KernelWeight,
+    *,
+    mode: int = PLAIN,
+    norm: Tensor | None = None,
+    eps: float = 0.0,
+    bias: Tensor | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """f(x) @ w^T (+ bias) for fp32 x (..., in) (SWIGLU: (..., 2 in)), where f is
+    PLAIN (x), RMS_NORM (x / rms(x) * norm, eps) or SWIGLU (silu(x[..., :in]) *
+    x[..., in:]). int8 / Q4 weights multiply x quantized to int8 per 32 values (GGUF's
+    Q8_0 activations). With `out` (..., out) the product is added to it in place (a
+    residual add) and `out` is returned."""
+    lib = _lib()
+    assert lib is not None, unavailable_reason()
+    n, k = w.shape
+    width = 2 * k if mode == SWIGLU else k
+    assert x.dtype == torch.float32 and x.shape[-1] == width, (x.dtype, x.shape, w.shape)
+    x2 = x.reshape(-1, width)
+    if x2.stride(1) != 1 or x2.stride(0) < width:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if out is None:
+        y = torch.empty(*x.shape[:-1], n)
+        acc = 0
+    else:
+        assert out.dtype == torch.float32 and out.is_contiguous() and out.shape[-1] == n
+        y, acc = out, 1
+    for t, size in ((norm, k), (bias, n)):
+        assert t is None or (t.dtype == torch.float32 and t.is_contiguous() and t.numel() == size)
+    rc = lib.soft_linear(x2.data_ptr(), m, x2.stride(0), ctypes.byref(w._c), _ptr(bias),
+                         y.data_ptr(), n, mode, _ptr(norm), eps, acc,
+                         torch.get_num_threads())  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"soft_linear failed ({rc}) for x {tuple(x.shape)}, w {tuple(w.shape)}")
+    return y
+
+
+def rope_(x: Tensor, heads: int, head_dim: int, cos: Tensor, sin: Tensor) -> None:
+    """Rotary embedding in place on the first `heads` heads of each row of x (M, ld)
+    fp32 (rows contiguous in their heads), cos / sin (M, head_dim) fp32 contiguous."""
+    lib = _lib()
+    assert lib is not None, unavailable_reason()
+    m = x.shape[0]
+    assert x.dtype == torch.float32 and x.stride(-1) == 1 and x.dim() == 2
+    assert cos.shape == (m, head_dim) and cos.is_contiguous() and sin.is_contiguous()
+    lib.soft_rope(x.data_ptr(), m, x.stride(0), heads, head_dim, cos.data_ptr(), sin.data_ptr(),
+                  torch.get_num_threads())  # fmt: skip
+
+
+def attends(q: Tensor, cache_k: Tensor) -> bool:
+    """`attend_decode` takes queries like q (n, 1, Hq, D) over a cache like cache_k."""
+    d, hq, hkv = q.shape[-1], q.shape[-2], cache_k.shape[-2]
+    return (
+        available() and q.dtype == cache_k.dtype == torch.float32 and q.shape[1] == 1
+        and q.is_cpu and cache_k.is_contiguous() and d % 8 == 0 and hq % hkv == 0
+        and hq // hkv <= 64
+    )  # fmt: skip
+
+
+def attend_decode(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cache_k: Tensor,
+    cache_v: Tensor,
+    table: Tensor,
+    write_block: Tensor,
+    write_offset: Tensor,
+    length: Tensor,
+    scale: float,
+) -> Tensor:
+    """One new token per row over a paged KV cache: row r's k, v (n, 1, Hkv, D) go into
+    cache block `write_block[r]` at `write_offset[r]`, then its query (n, 1, Hq, D)
+    attends over its first `length[r]` tokens, found through `table` (n, max_blocks)
+    block ids, in cache_k / cache_v (blocks, block_size, Hkv, D). int64 indices, fp32
+    values. Returns (n, 1, Hq, D)."""
+    lib = _lib()
+    assert lib is not None, unavailable_reason()
+    n, _, hq, d = q.shape
+    hkv = k.shape[2]
+    for t in (q, k, v):  # rows may be strided (views into the fused qkv), heads packed
+        assert t.stride(3) == 1 and t.stride(2) == d, t.stride()
+    assert table.dtype == torch.int64 and table.is_contiguous() and table.shape[0] == n
+    idx = [t.reshape(n).contiguous() for t in (write_block, write_offset, length)]
+    out = torch.empty(n, 1, hq, d)
+    lib.soft_attend_decode(
+        q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), n, hq,
+        hkv, d,
+        cache_k.data_ptr(), cache_v.data_ptr(), cache_k.shape[1], table.data_ptr(),
+        table.shape[1], *(t.data_ptr() for t in idx), scale, out.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class PagedKV:
+    """One forward's paged KV cache at one layer, as `decode_layer` reads it: rows that
+    each write one token (row r at `write_offset[r]` of block `write_block[r]`) and
+    attend over their first `length[r]` tokens, in blocks `table[r]`."""
+
+    k: Tensor  # (blocks, block_size, Hkv, D) fp32
+    v: Tensor
+    table: Tensor  # (rows, max_blocks) int64
+    write_block: Tensor  # (rows,) int64
+    write_offset: Tensor  # (rows,) int64
+    length: Tensor  # (rows,) int64
+    scale: float
+
+
+@dataclass(eq=False)
+class LayerKernels:
+    """A decoder layer's matrices and norms as `decode_layer` reads them."""
+
+    matrices: tuple[KernelWeight, KernelWeight, KernelWeight, KernelWeight]  # qkv o gate|up down
+    tensors: tuple[Tensor | None, Tensor, Tensor]  # qkv bias, input norm, post norm (fp32)
+    eps: float
+    heads: tuple[int, int, int]  # query heads, kv heads, head dim
+    _c: _Layer = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        qkv, o, gu, down = (ctypes.pointer(m._c) for m in self.matrices)
+        bias, n1, n2 = self.tensors
+        self._c = _Layer(qkv, o, gu, down, _ptr(bias), _ptr(n1), _ptr(n2), self.eps, *self.heads)
+
+
+def decode_layer(h: Tensor, layer: LayerKernels, cos: Tensor, sin: Tensor, kv: PagedKV) -> None:
+    """One decoder layer for n rows of one token each, in place on the residual stream h
+    (n, hidden) fp32 contiguous: the fused calls of `linear`, `rope_` and `attend_decode`
+    in one, cos / sin (n, head_dim)."""
+    lib = _lib()
+    assert lib is not None, unavailable_reason()
+    n = h.shape[0]
+    assert h.is_contiguous() and h.dtype == torch.float32 and cos.is_contiguous()
+    assert sin.is_contiguous() and kv.table.shape[0] >= n
+    for t in (kv.write_block, kv.write_offset, kv.length):
+        assert t.dtype == torch.int64 and t.stride(0) == 1
+    paged = _Paged(kv.k.data_ptr(), kv.v.data_ptr(), kv.k.shape[1], kv.table.shape[1],
+                   kv.table.data_ptr(), kv.write_block.data_ptr(), kv.write_offset.data_ptr(),
+                   kv.length.data_ptr(), kv.scale)  # fmt: skip
+    rc = lib.soft_decode_layer(h.data_ptr(), n, ctypes.byref(layer._c), cos.data_ptr(),
+                               sin.data_ptr(), ctypes.byref(paged),
+                               torch.get_num_threads())  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"soft_decode_layer failed ({rc}) for {n} rows")

@@ -1,0 +1,213 @@
+"""soft-serve's CPU kernels (models/kernels): each product against a plain reference, the
+fused modes, rotary, decode attention over a paged cache, the fused decode layer, and the
+build's fallbacks."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models
+from models import kernels
+from models.kernels import KernelWeight
+from models.llama import rotate
+from models.quant import Int4Weight, Int8Weight
+from server.engine.attention import PagedAttention
+from server.engine.kv_cache import KVCacheConfig, KVCacheManager
+from server.engine.scheduler import Sequence
+from server.engine.types import GenerationRequest, SamplingParams
+
+CAN_BUILD = shutil.which("g++") is not None and {"avx2", "fma"} <= kernels._cpu_flags()
+needs = pytest.mark.skipif(not CAN_BUILD, reason="no g++ or no AVX2/FMA here")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def q8_activations(x: torch.Tensor) -> torch.Tensor:
+    """x as the int8 kernels see it: int8 per 32 values, d = max|x| / 127, round to even."""
+    blocks = x.reshape(*x.shape[:-1], -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(d > 0, torch.round(blocks / torch.where(d > 0, d, 1)), 0)
+    return (q * d).reshape(x.shape)
+
+
+@needs
+def test_the_kernels_build_and_load_here() -> None:
+    assert kernels.available(), kernels.unavailable_reason()
+    assert kernels.unavailable_reason() is None
+
+
+def weights(kind: str, n: int, k: int) -> KernelWeight:
+    g = torch.Generator().manual_seed(n * k)
+    w = torch.randn(n, k, generator=g) * 0.05
+    if kind == "f32":
+        return KernelWeight.dense(w)
+    if kind == "bf16":
+        return KernelWeight.dense(w.bfloat16())
+    if kind == "int8":
+        q = Int8Weight.quantize(w)
+        assert q.kernel is not None
+        return q.kernel
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    return KernelWeight.q4(q, torch.rand(n, k // 32, generator=g) * 0.01,
+                           torch.randn(n, k // 32, generator=g) * 0.05)  # fmt: skip
+
+
+@needs
+def test_int4_kernel_layout_holds_the_values_torchs_does() -> None:
+    w = Int4Weight.quantize(torch.randn(32, 64))
+    assert w.kernel is not None
+    assert torch.allclose(w.kernel.dequantize(), w.dequantize(), atol=1e-6)
+
+
+@needs
+@pytest.mark.parametrize("kind", ["f32", "bf16", "int8", "q4"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 70])  # 70: past one 64-row chunk
+def test_products_match_the_dequantized_reference(kind: str, rows: int) -> None:
+    n, k = 38, 96  # 38: a partial last tile of 4 output rows
+    w = weights(kind, n, k)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    bias = torch.randn(n)
+    ref = (q8_activations(x) if kind in ("int8", "q4") else x) @ w.dequantize().T + bias
+    if kind == "q4":  # w = q d + m: q d meets the int8 x, m the exact sum of x per block
+        assert w.minimum is not None
+        m = w.minimum.repeat_interleave(32, 1)
+        ref = q8_activations(x) @ (w.dequantize() - m).T + x @ m.T + bias
+    got = kernels.linear(x, w, bias=bias)
+    assert got.shape == (rows, n)
+    assert rel(got, ref) < 1e-5, kind
+
+
+@needs
+@pytest.mark.parametrize("kind", ["f32", "int8"])
+def test_fused_norm_swiglu_and_residual_modes(kind: str) -> None:
+    n, k = 20, 64
+    w = weights(kind, n, k)
+    wd = w.dequantize()
+    prep = q8_activations if kind == "int8" else (lambda t: t)
+    x = torch.randn(3, k)
+    norm = torch.rand(k) + 0.5
+    ref = prep(F.rms_norm(x, (k,), norm, 1e-5)) @ wd.T
+    assert rel(kernels.linear(x, w, mode=kernels.RMS_NORM, norm=norm, eps=1e-5), ref) < 1e-5
+    gu = torch.randn(3, 2 * k)
+    ref = prep(F.silu(gu[:, :k]) * gu[:, k:]) @ wd.T
+    assert rel(kernels.linear(gu, w, mode=kernels.SWIGLU), ref) < 1e-5
+    res = torch.randn(3, n)
+    expect = res + prep(x) @ wd.T
+    out = kernels.linear(x, w, out=res)
+    assert out is res and rel(res, expect) < 1e-5
+
+
+@needs
+def test_rope_matches_rotate() -> None:
+    m, heads, d = 5, 4, 16
+    x = torch.randn(m, heads * d + 8)  # 8 more columns (values) stay as they are
+    cos, sin = torch.randn(m, d), torch.randn(m, d)
+    ref = rotate(x[:, : heads * d].view(m, 1, heads, d), cos.view(m, 1, 1, d),
+                 sin.view(m, 1, 1, d)).reshape(m, -1)  # fmt: skip
+    tail = x[:, heads * d :].clone()
+    kernels.rope_(x, heads, d, cos, sin)
+    assert torch.allclose(x[:, : heads * d], ref, atol=1e-6)
+    assert torch.equal(x[:, heads * d :], tail)
+
+
+def test_shapes_the_kernels_refuse() -> None:
+    assert kernels.supports((8, 48), kernels.F32) and not kernels.supports((8, 40), kernels.F32)
+    assert not kernels.supports((8, 48), kernels.I8)  # int8 activations: blocks of 32
+    assert Int8Weight.quantize(torch.randn(8, 48)).kernel is None  # torch's kernel then
+
+
+def test_switched_off_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOFT_KERNELS", "0")
+    kernels._lib.cache_clear()
+    try:
+        assert not kernels.available()
+        assert kernels.unavailable_reason() == "SOFT_KERNELS=0"
+    finally:
+        monkeypatch.undo()
+        kernels._lib.cache_clear()
+
+
+@needs
+def test_a_failed_build_falls_back_with_its_reason(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CXX", "/bin/false")
+    monkeypatch.setenv("SOFT_CACHE_DIR", str(tmp_path))  # no cached library to reuse
+    kernels._lib.cache_clear()
+    try:
+        assert not kernels.available()
+        assert "could not build cpu.cpp" in (kernels.unavailable_reason() or "")
+    finally:
+        monkeypatch.undo()
+        kernels._lib.cache_clear()
+    assert kernels.available()
+
+
+def _cache_with_rows(
+    lengths: list[int], layers: int = 2, kv_heads: int = 2, head_dim: int = 16
+) -> tuple[KVCacheManager, list[Sequence]]:
+    """A cache whose rows hold `lengths` tokens of random keys/values at every layer."""
+    cfg = KVCacheConfig(num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim,
+                        num_blocks=64, block_size=4)  # fmt: skip
+    cache = KVCacheManager(cfg)
+    torch.manual_seed(0)
+    cache.k.normal_()
+    cache.v.normal_()
+    seqs = []
+    for j, n in enumerate(lengths):
+        req = GenerationRequest(f"r{j}", (5,) * n, SamplingParams(max_tokens=4), layers)
+        s = Sequence(req, [5] * n, layers)
+        assert cache.allocate(s, layers, n + 1)
+        seqs.append(s)
+    return cache, seqs
+
+
+@needs
+def test_decode_attention_matches_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    lengths = [9, 3, 14]
+    q = torch.randn(3, 1, 6, 16)  # 6 query heads over 2 kv heads
+    k, v = torch.randn(3, 1, 2, 16), torch.randn(3, 1, 2, 16)
+    outs, caches = [], []
+    for fused in (True, False):
+        cache, seqs = _cache_with_rows(lengths)
+        if not fused:
+            monkeypatch.setattr(kernels, "attends", lambda *a: False)
+        kv = PagedAttention(cache, seqs, [2, 2, 2], [n for n in lengths], 1)
+        outs.append(kv.attend(1, q, k, v))
+        caches.append((cache.k.clone(), cache.v.clone()))
+    assert rel(outs[0], outs[1]) < 1e-5
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+
+
+@needs
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_fused_decode_layer_matches_the_layer_by_layer_path(
+    tiny_dir: Path, quantization: str | None
+) -> None:
+    model = models.load(tiny_dir, device="cpu", quantization=quantization)
+    model.pack()
+    assert all(layer.fused is not None for layer in model.layers)
+    n_layers = model.num_layers
+    h = torch.randn(2, 1, model.cfg.hidden_size)
+    pos = torch.tensor([[9], [3]])
+    results = []
+    for fused in (True, False):
+        c = model.cfg
+        cache, seqs = _cache_with_rows([9, 3], n_layers, c.num_kv_heads, c.head_dim)
+        saved = [layer.fused for layer in model.layers]
+        if not fused:
+            for layer in model.layers:
+                layer.fused = None
+        kv = PagedAttention(cache, seqs, [n_layers] * 2, [9, 3], 1)
+        with torch.inference_mode():
+            results.append(model.hidden(None, pos, [n_layers] * 2, kv, h=h.clone()))
+        for layer, f in zip(model.layers, saved, strict=True):
+            layer.fused = f
+    assert rel(results[0], results[1]) < 1e-5
