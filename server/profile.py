@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype")
     p.add_argument(
         "--quantization",
-        choices=["none", "int8", "int4"],
+        choices=["none", "int8", "int4", "bf16"],
         default="none",
         help="weight-only quantization, as soft-serve --quantization (profile what you serve)",
     )

@@ -50,12 +50,13 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="weights dtype; default: bfloat16 on CUDA, float32 on CPU"
     )
-    quantization: Literal["none", "int8", "int4"] = Field(
+    quantization: Literal["none", "int8", "int4", "bf16"] = Field(
         "none",
-        description="weight-only quantization of the layer matrices and head on torch's CPU "
-        "kernels (int8 per channel; int4 in groups of 32, from a Q4_0/Q4_1 GGUF's own blocks "
-        "when no delta is merged; the head stays int8); faster at batch 1, slower at large "
-        "batches and prefill on CPUs without AVX512 (docs/performance.md)",
+        description="weight-only quantization of the layer matrices and head, CPU only: int8 "
+        "per channel, int4 in groups of 32 (from a Q4_0/Q4_1 GGUF's own blocks when no delta "
+        "is merged; the head stays int8), bf16 (fp32 activations); on soft-serve's CPU "
+        "kernels int8/int4 multiply int8 activations like llama.cpp's Q8_0 "
+        "(docs/performance.md: int8 is the fastest here, `make serve` uses it)",
     )
     kv_cache_memory: ByteSize = Field(
         ByteSize(1 << 30), description="bytes for KV-cache blocks, e.g. 2GiB or 512MiB"

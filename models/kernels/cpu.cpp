@@ -103,10 +103,10 @@ void tile_int(const int8_t* qx, const float* dx, const float* xsum, int mrows, i
     const int8_t* xq = qx + (size_t)m * K;
     const float* xd = dx + (size_t)m * nb;
     __m256 a[R];
-    float mins[R];
-    for (int r = 0; r < R; r++) a[r] = _mm256_setzero_ps(), mins[r] = 0.f;
+    for (int r = 0; r < R; r++) a[r] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * b));
+      const __m256 xs = _mm256_broadcast_ss(xd + b);
       for (int r = 0; r < R; r++) {
         __m256i p;
         if (T == W_I8) {
@@ -119,14 +119,18 @@ void tile_int(const int8_t* qx, const float* dx, const float* xsum, int mrows, i
           p = _mm256_maddubs_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1), xv);
         }
         const __m256 s = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
-        float scale = xd[b];
-        if (T == W_Q4) {
-          scale *= w.scale[(size_t)rn[r] * nb + b];
-          mins[r] += w.minimum[(size_t)rn[r] * nb + b] * xsum[(size_t)m * nb + b];
-        }
-        a[r] = _mm256_fmadd_ps(s, _mm256_set1_ps(scale), a[r]);
+        const __m256 scale =
+            T == W_Q4 ? _mm256_mul_ps(xs, _mm256_broadcast_ss(w.scale + (size_t)rn[r] * nb + b)) : xs;
+        a[r] = _mm256_fmadd_ps(s, scale, a[r]);
       }
     }
+    float mins[R] = {};
+    if (T == W_Q4)  // the minimums' part: m . sum(x) over the row's blocks
+      for (int r = 0; r < nr; r++) {
+        const float* mr = w.minimum + (size_t)rn[r] * nb;
+        const float* xs = xsum + (size_t)m * nb;
+        for (int b = 0; b < nb; b++) mins[r] += mr[b] * xs[b];
+      }
     float* yr = y + (size_t)m * ldy;
     for (int r = 0; r < nr; r++) {
       float v = hsum(a[r]) + mins[r];

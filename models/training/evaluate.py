@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-samples", type=int, default=0, help="generations kept per depth")
     p.add_argument(
         "--quantization",
-        choices=("none", "int8", "int4"),
+        choices=("none", "int8", "int4", "bf16"),
         default="none",
         help="weight-only quantization of every checkpoint (as soft-serve --quantization)",
     )

@@ -1,0 +1,147 @@
+"""soft-serve's CPU kernels (models/kernels) against torch's, one matrix product at a time.
+
+For SmolLM2-135M's layer shapes (q|k|v 960x576, o 576x576, gate|up 3072x576, down
+576x1536; 30 layers of distinct matrices, so that the weights stream from memory as in a
+decode step) and each weight format:
+  1) batch 1: time per 30 layers of products and the bytes/s that streams, ours against
+     oneDNN's packed fp32 GEMM (what the engine ran before) and torch's weight-only
+     int8 / int4 kernels;
+  2) 1 to 256 rows on one gate|up matrix: where ours stop beating theirs (the row counts
+     up to which models.llama.KERNEL_ROWS sends products to ours).
+Each figure is the best of --trials. Writes JSON (--out) and prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models import kernels
+from models.kernels import KernelWeight
+from models.llama import pack
+from models.quant import Bf16Weight, Int4Weight, Int8Weight
+
+SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # one SmolLM2 layer
+ROWS = (1, 2, 4, 8, 16, 64, 256)
+
+
+def best(fn: Callable[[], object], trials: int, inner: int = 1) -> float:
+    """Seconds per call of fn, best of `trials` runs of `inner` calls."""
+    fn()
+    out = float("inf")
+    for _ in range(trials):
+        t = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        out = min(out, (time.perf_counter() - t) / inner)
+    return out
+
+
+def formats(w: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor], object], int]]:
+    """name -> (product x -> y, bytes of weights it reads)."""
+    q8, q4, b16 = Int8Weight.quantize(w), Int4Weight.quantize(w), Bf16Weight.quantize(w)
+    packed = pack(w)
+    assert q8.kernel is not None and q4.kernel is not None and b16.kernel is not None
+    mine = {"fp32": KernelWeight.dense(w), "bf16": b16.kernel, "int8": q8.kernel,
+            "int4": q4.kernel}  # fmt: skip
+    out: dict[str, tuple[Callable[[torch.Tensor], object], int]] = {
+        f"ours {k}": (lambda x, kw=kw: kernels.linear(x, kw), kw.nbytes) for k, kw in mine.items()
+    }
+    out["oneDNN fp32 (packed)"] = (
+        lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
+        w.nbytes,
+    )
+    out["torch int8"] = (q8.matmul, q8.nbytes)
+    out["torch int4"] = (q4.matmul, q4.nbytes)
+    return out
+
+
+def stream(trials: int) -> list[dict[str, Any]]:
+    """Batch 1 over 30 layers of distinct matrices."""
+    g = torch.Generator().manual_seed(0)
+    mats = [torch.randn(s, generator=g) * 0.05 for _ in range(30) for s in SHAPES]
+    per = [formats(w) for w in mats]
+    xs = {k: torch.randn(1, k, generator=g) for k in {s[1] for s in SHAPES}}
+    rows = []
+    for name in per[0]:
+        calls = [(p[name][0], xs[w.shape[1]]) for p, w in zip(per, mats, strict=True)]
+        nbytes = sum(p[name][1] for p in per)
+
+        def run(calls: list[tuple[Callable[[torch.Tensor], object], torch.Tensor]] = calls) -> None:
+            for fn, x in calls:
+                fn(x)
+
+        t = best(run, trials)
+        rows.append({"format": name, "ms_per_30_layers": t * 1e3, "weight_mb": nbytes / 1e6,
+                     "gb_s": nbytes / t / 1e9})  # fmt: skip
+    return rows
+
+
+def batches(trials: int) -> list[dict[str, Any]]:
+    """1..256 rows on one 3072 x 576 (gate|up) matrix."""
+    w = torch.randn(3072, 576, generator=torch.Generator().manual_seed(1)) * 0.05
+    fs = formats(w)
+    out = []
+    for m in ROWS:
+        x = torch.randn(m, 576)
+        out.append({"rows": m, **{name: best(lambda fn=fn, x=x: fn(x), trials, 5) * 1e6
+                                  for name, (fn, _) in fs.items()}})  # fmt: skip
+    return out
+
+
+def tables(r: dict[str, Any]) -> str:
+    lines = ["| format | ms per 30 layers (batch 1) | weights MB | GB/s |", "|---|---:|---:|---:|"]
+    for row in r["stream"]:
+        lines.append(f"| {row['format']} | {row['ms_per_30_layers']:.1f} | "
+                     f"{row['weight_mb']:.0f} | {row['gb_s']:.1f} |")  # fmt: skip
+    names = [k for k in r["batches"][0] if k != "rows"]
+    lines += ["", "| rows | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+    for row in r["batches"]:
+        lines.append(f"| {row['rows']} | " + " | ".join(f"{row[n]:.0f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--trials", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("docs/results/kernels.json"))
+    args = ap.parse_args(argv)
+    if not kernels.available():
+        print(f"soft-serve's kernels are not available here: {kernels.unavailable_reason()}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()
+    r = {
+        "benchmark": "kernels",
+        "command": [sys.executable, "-m", "benchmarks.kernels", *(argv or sys.argv[1:])],
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+        },  # fmt: skip
+        "load_average_before": load,
+        "stream": stream(args.trials),
+        "batches": batches(args.trials),
+        "batches_unit": "microseconds per product, 3072 x 576",
+    }
+    r["load_average_after"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(r, indent=2) + "\n")
+    print(tables(r))
+    print(f"\nload average {load[0]:.2f} before, {r['load_average_after'][0]:.2f} after")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
