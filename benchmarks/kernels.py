@@ -20,6 +20,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +54,15 @@ def formats(w: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor], object]
     assert q8.kernel is not None and q4.kernel is not None and b16.kernel is not None
     mine = {"fp32": KernelWeight.dense(w), "bf16": b16.kernel, "int8": q8.kernel,
             "int4": q4.kernel}  # fmt: skip
-    out: dict[str, tuple[Callable[[torch.Tensor], object], int]] = {
-        f"ours {k}": (lambda x, kw=kw: kernels.linear(x, kw), kw.nbytes) for k, kw in mine.items()
-    }
-    out["oneDNN fp32 (packed)"] = (
-        lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
-        w.nbytes,
-    )
+
+    def ours(kw: KernelWeight) -> Callable[[torch.Tensor], object]:
+        return lambda x: kernels.linear(x, kw)
+
+    def onednn(x: torch.Tensor) -> object:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+    out = {f"ours {k}": (ours(kw), kw.nbytes) for k, kw in mine.items()}
+    out["oneDNN fp32 (packed)"] = (onednn, w.nbytes)
     out["torch int8"] = (q8.matmul, q8.nbytes)
     out["torch int4"] = (q4.matmul, q4.nbytes)
     return out
@@ -93,8 +96,10 @@ def batches(trials: int) -> list[dict[str, Any]]:
     out = []
     for m in ROWS:
         x = torch.randn(m, 576)
-        out.append({"rows": m, **{name: best(lambda fn=fn, x=x: fn(x), trials, 5) * 1e6
-                                  for name, (fn, _) in fs.items()}})  # fmt: skip
+        row: dict[str, Any] = {"rows": m}
+        for name, (fn, _) in fs.items():
+            row[name] = best(partial(fn, x), trials, 5) * 1e6
+        out.append(row)
     return out
 
 
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
-    r = {
+    r: dict[str, Any] = {
         "benchmark": "kernels",
         "command": [sys.executable, "-m", "benchmarks.kernels", *(argv or sys.argv[1:])],
         "machine": {

@@ -36,7 +36,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 
@@ -487,6 +487,39 @@ def run_row(row: Row, peers: Peers, args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def usage_error(message: str) -> NoReturn:
+    print(f"benchmarks.peers: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+PROTOCOL = ("prompts", "prompt_words", "max_tokens", "concurrency", "warmup", "threads")
+
+
+def load_previous(args: argparse.Namespace) -> dict[str, Any]:
+    """The run --update refreshes rows of; exits 2 when it is missing or its protocol differs."""
+    path = args.out / f"{args.tag}.json"
+    if not path.exists():
+        usage_error(f"--update: {path} does not exist; run without --update first")
+    old = json.loads(path.read_text())
+    was = old["settings"]
+    differ = [f"{k}={was.get(k)}" for k in PROTOCOL if was.get(k) != getattr(args, k)]
+    if differ:
+        usage_error(f"--update: {path} was measured with other settings: {', '.join(differ)}")
+    return old  # type: ignore[no-any-return]
+
+
+def merge(old: dict[str, Any], new: list[dict[str, Any]], new_skipped: list[dict[str, str]]
+          ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:  # fmt: skip
+    """Old results and skips with the rerun rows replaced, in ROWS order."""
+    fresh = {r["name"] for r in new} | {s["name"] for s in new_skipped}
+    results = {r["name"]: r for r in old["results"] if r["name"] not in fresh}
+    results.update({r["name"]: r for r in new})
+    skipped = [s for s in old["skipped"] if s["name"] not in fresh] + new_skipped
+    order = {r.name: i for i, r in enumerate(ROWS)}
+    ranked = sorted(results.values(), key=lambda r: order.get(r["name"], len(order)))
+    return ranked, skipped
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--peers-dir", type=Path,
@@ -509,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results",
                     help="writes peers.json, peers.md, peers.png here")  # fmt: skip
     ap.add_argument("--tag", default="peers", help="output file stem")
+    ap.add_argument("--update", action="store_true",
+                    help="rerun only --rows and keep the other rows of OUT/TAG.json (the "
+                    "same protocol settings): refreshes a row after an engine change")  # fmt: skip
     args = ap.parse_args(argv)
     args.concurrency = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})
     peers = Peers(args.peers_dir.resolve())
@@ -525,10 +561,13 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
+    previous = load_previous(args) if args.update else None
     for row in rows:
         print(f"== {row.name}", flush=True)
         try:
+            row_load = os.getloadavg()[0]
             results.append(run_row(row, peers, args))
+            results[-1]["load_average"] = [row_load, os.getloadavg()[0]]
             lv = results[-1]["levels"]
             print("   " + ", ".join(f"c={x['concurrency']}: {num(x['aggregate_tok_s'])} tok/s"
                                     for x in lv), flush=True)  # fmt: skip
@@ -536,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   skipped: {e}", flush=True)
             skipped.append({"name": row.name, "reason": str(e)})
     load_after = os.getloadavg()
+    if previous is not None:  # the other rows as they were, in ROWS order
+        results, skipped = merge(previous, results, skipped)
 
     md = table(results, args.concurrency)
     if skipped:

