@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import models
-from models import kernels, loader
+from models import loader
 from models.quant import (
     GROUP_SIZE,
     Int4Codes,
@@ -218,12 +218,9 @@ def test_gguf_q4_blocks_round_trip(tmp_path: Path, kind: str) -> None:
     q.quantize("int4", ours)
     assert q.packed_head is ours["head"]  # a Q4 head in the file is served as it is
     ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(7))
-    # soft-serve's kernels multiply int8 activations (GGUF's Q8_0 ones, as llama.cpp does):
-    # on this tiny random model that alone moves the logits by ~3 %
-    bound = 0.05 if kernels.available() else 0.02
-    for depth in (2, 4):
+    for depth in (2, 4):  # (soft-serve's kernels: int8 activations, 1.6-1.8 % here)
         err = rel_err(q.logits(ids, depth), fp32.logits(ids, depth))
-        assert err < bound, f"depth {depth}: {err:.4f}"
+        assert err < 0.02, f"depth {depth}: {err:.4f}"
 
 
 def test_gguf_file_of_a_spec(tmp_path: Path) -> None:
