@@ -83,6 +83,13 @@ def test_products_match_the_dequantized_reference(kind: str, rows: int) -> None:
 
 
 @needs
+def test_no_rows_is_an_empty_product() -> None:
+    w = weights("int8", 8, 64)
+    assert kernels.linear(torch.empty(0, 64), w).shape == (0, 8)
+    assert kernels.linear(torch.empty(2, 0, 64), w).shape == (2, 0, 8)
+
+
+@needs
 @pytest.mark.parametrize("kind", ["f32", "int8"])
 def test_fused_norm_swiglu_and_residual_modes(kind: str) -> None:
     n, k = 20, 64

@@ -283,6 +283,8 @@ def linear(
     if x2.stride(1) != 1 or x2.stride(0) < width:
         x2 = x2.contiguous()
     m = x2.shape[0]
+    if m == 0:  # no rows: nothing to multiply (the C side refuses an empty product)
+        return x.new_empty(*x.shape[:-1], n) if out is None else out
     if out is None:
         y = torch.empty(*x.shape[:-1], n)
         acc = 0
