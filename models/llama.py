@@ -256,14 +256,16 @@ def project(
     residual: Tensor | None = None,
 ) -> Tensor:
     """f(x) @ w^T (+ bias), f being RMSNorm with `norm` (and `eps`), SwiGLU over x's two
-    halves (`swiglu`: silu(gate) * up) or nothing; with `residual` the product is added to
-    it in place and it is returned. One fused call on soft-serve's kernels where `w` has a
-    kernel layout and x is a few fp32 rows (KERNEL_ROWS); torch's ops otherwise."""
+    halves (`swiglu`: silu(gate) * up) or nothing; with `residual`, residual + that (in
+    place on the kernels' path: use the returned tensor). One fused call on soft-serve's
+    kernels where `w` has a kernel layout and x is a few fp32 rows (KERNEL_ROWS) needing no
+    gradient; torch's ops otherwise."""
     kw: KernelWeight | None = getattr(w, "kernel", None)
     if (
         kw is not None
         and x.dtype == torch.float32
-        and x.numel() <= KERNEL_ROWS[kw.kind] * (x.shape[-1])
+        and not x.requires_grad
+        and x.numel() <= KERNEL_ROWS[kw.kind] * x.shape[-1]
     ):
         mode = kernels.RMS_NORM if norm is not None else kernels.SWIGLU if swiglu else kernels.PLAIN
         return kernels.linear(x, kw, mode=mode, norm=norm, eps=eps, bias=bias, out=residual)
@@ -273,9 +275,7 @@ def project(
         gate, up = x.chunk(2, dim=-1)
         x = F.silu(gate) * up
     y = linear(x, w, bias)
-    if residual is None:
-        return y
-    return residual.add_(y)
+    return y if residual is None else residual + y
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -576,12 +576,13 @@ class SortedModel(nn.Module):
             pad = -sum(sizes) % FUSED_ROWS
             rows = [h.reshape(-1, cfg.hidden_size) for h in hs]
             flat = torch.cat([*rows, rows[0].new_zeros(pad, cfg.hidden_size)])
-        else:  # a copy: the residual adds below are in place, the caller keeps its h
+        else:  # a copy: the kernels add residuals in place, the caller keeps its h
             flat = hs[0].reshape(-1, cfg.hidden_size).clone()
         eps = cfg.rms_norm_eps
         qkv = project(flat, w.wqkv, w.bqkv, norm=w.input_norm, eps=eps)
         heads = cfg.num_heads + cfg.num_kv_heads  # rotary on queries and keys together
-        fused_rope = kernels.available() and qkv.dtype == torch.float32 and qkv.is_cpu
+        fused_rope = (kernels.available() and qkv.dtype == torch.float32 and qkv.is_cpu
+                      and not qkv.requires_grad)  # fmt: skip
         if fused_rope:  # in place over every group's rows at once: (tokens, D) tables
             d = cfg.head_dim
             if len(hs) == 1:
