@@ -51,6 +51,12 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// one output value: + bias, then stored, or added to what y holds (the residual stream)
+inline void put(float* y, int n, float v, const float* bias, bool acc) {
+  if (bias) v += bias[n];
+  y[n] = acc ? y[n] + v : v;
+}
+
 // bf16 rows: 16 values at a time, split into the even ones (bits shifted up) and the odd
 // ones (the high half of each 32-bit lane, masked): no cross-lane widening. The
 // activations were permuted to match (evens then odds of every 16, see permute16).
@@ -76,9 +82,7 @@ void tile_bf16(const float* x, int ldx, int mrows, const Weight& w, int n0, int 
     }
     float* yr = y + (size_t)m * ldy;
     for (int r = 0; r < nr; r++) {
-      float v = hsum(_mm256_add_ps(a[0][r], a[1][r]));
-      if (bias) v += bias[n0 + r];
-      yr[n0 + r] = acc ? yr[n0 + r] + v : v;
+      put(yr, n0 + r, hsum(_mm256_add_ps(a[0][r], a[1][r])), bias, acc);
     }
   }
 }
@@ -135,8 +139,7 @@ void tile_int(const int8_t* qx, const float* dx, const float* xsum, int mrows, i
     for (int r = 0; r < nr; r++) {
       float v = hsum(a[r]) + mins[r];
       if (T == W_I8) v *= w.scale[n0 + r];
-      if (bias) v += bias[n0 + r];
-      yr[n0 + r] = acc ? yr[n0 + r] + v : v;
+      put(yr, n0 + r, v, bias, acc);
     }
   }
 }
@@ -166,11 +169,7 @@ void tile_f32(const float* x, int ldx, int mrows, const Weight& w, int n0, int n
       for (int r = 0; r < R; r++) a[0][r] = _mm256_fmadd_ps(_mm256_loadu_ps(rows[r] + k), x0, a[0][r]);
     }
     for (int r = 0; r < R; r++) out[0][r] = hsum(_mm256_add_ps(a[0][r], a[1][r]));
-    for (int r = 0; r < nr; r++) {
-      float v = out[0][r];
-      if (bias) v += bias[n0 + r];
-      y[n0 + r] = acc ? y[n0 + r] + v : v;
-    }
+    for (int r = 0; r < nr; r++) put(y, n0 + r, out[0][r], bias, acc);
     return;
   }
   for (; m < mrows; m += 2) {
@@ -192,11 +191,7 @@ void tile_f32(const float* x, int ldx, int mrows, const Weight& w, int n0, int n
       for (int r = 0; r < R; r++) out[u][r] = hsum(a[u][r]);
     for (int u = 0; u < mm; u++) {
       float* yr = y + (size_t)(m + u) * ldy;
-      for (int r = 0; r < nr; r++) {
-        float v = out[u][r];
-        if (bias) v += bias[n0 + r];
-        yr[n0 + r] = acc ? yr[n0 + r] + v : v;
-      }
+      for (int r = 0; r < nr; r++) put(yr, n0 + r, out[u][r], bias, acc);
     }
   }
 }
