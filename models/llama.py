@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from models import kernels
 from models.checkpoint import SoftConfig, base_config
-from models.kernels import KernelWeight, LayerKernels, PagedKV
+from models.kernels import KernelWeight, LayerKernels, LayerStack, PagedKV
 from models.quant import (
     Bf16Weight,
     Int4Weight,
@@ -388,6 +388,8 @@ class SortedModel(nn.Module):
         # set by pack() or quantize(): the head in oneDNN's layout or as int8/int4 weights
         self.packed_head: Weight | None = None
         self.quantization: str | None = None  # "int8" | "int4" once quantize() ran
+        # set by pack() where every base layer has kernel layouts: a decode step in one call
+        self.layer_stack: LayerStack | None = None
         # set by models.load(): what soft.json says, the tokenizer, where it came from
         self.soft: SoftConfig = base_config(cfg.num_layers)
         self.tokenizer: Any = None
@@ -471,6 +473,10 @@ class SortedModel(nn.Module):
                 else:
                     layer._parameters[name] = nn.Parameter(p, requires_grad=False)
             layer.fused = self._layer_kernels(layer)  # type: ignore[union-attr]
+        fused = [getattr(layer, "fused", None) for layer in self.layers]
+        if all(f is not None for f in fused):  # a decode step's layers in one call
+            self.layer_stack = LayerStack(tuple(f[0] for f in fused),  # type: ignore[index]
+                                          min(f[1] for f in fused))  # type: ignore[index]  # fmt: skip
         if self.packed_head is None:
             self.packed_head = _packed(self.lm_head.data)
         self.exit_heads = {
@@ -663,7 +669,12 @@ class SortedModel(nn.Module):
                 "rows must be deepest first"
             )
             assert depths[0] <= self.cfg.num_layers and depths[-1] >= start_layer, depths
-        for i in range(start_layer, max(d[0] for _, _, d, _ in groups)):
+        first, stop = start_layer, max(d[0] for _, _, d, _ in groups)
+        if len(groups) == 1:  # a decode batch alone: every layer in one call, if it can
+            h = self._decode_stack(hs[0], *rope[0], groups[0][2], groups[0][3], first, stop)
+            if h is not None:
+                hs[0], first = h, stop
+        for i in range(first, stop):
             run = []  # the groups with rows at layer i: rows [:active] of each
             for g, (_, _, depths, _) in enumerate(groups):
                 while active[g] and depths[active[g] - 1] <= i:  # rows past their exit
@@ -685,6 +696,24 @@ class SortedModel(nn.Module):
         if self.exit_layers and exit_layers:
             self._run_exit_layers(groups, hs, rope)
         return hs
+
+    def _decode_stack(self, h: Tensor, cos: Tensor, sin: Tensor, depths: Sequence[int],
+                      kv: KVStore | None, start: int, stop: int) -> Tensor | None:  # fmt: skip
+        """Layers [start, stop) for decode rows h (n, 1, H) in one `kernels.decode_layers`
+        call, each row to its own exit; None where that cannot run (prefill rows, no
+        paged fp32 cache, a layer without kernel layouts, more rows than they take)."""
+        stack, n = self.layer_stack, len(h)
+        if stack is None or stop <= start or h.shape[1] != 1 or n > stack.max_rows:
+            return None
+        paged = getattr(kv, "paged", None)
+        cache: PagedKV | None = paged(start) if paged is not None else None
+        if cache is None:
+            return None
+        rows = [sum(d > i for d in depths) for i in range(start, stop)]
+        out = h.reshape(n, -1).clone()
+        kernels.decode_layers(out, stack, start, rows, cos.reshape(n, -1), sin.reshape(n, -1),
+                              cache)  # fmt: skip
+        return out.view(n, 1, -1)
 
     def exit_hidden(self, h: Tensor, positions: Tensor, depth: int, kv: KVStore | None) -> Tensor:
         """Exit `depth`'s own layer over the base's residual stream at that exit, h

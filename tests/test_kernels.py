@@ -193,26 +193,59 @@ def test_decode_attention_matches_the_torch_path(monkeypatch: pytest.MonkeyPatch
 
 @needs
 @pytest.mark.parametrize("quantization", [None, "int8"])
-def test_fused_decode_layer_matches_the_layer_by_layer_path(
-    tiny_dir: Path, quantization: str | None
+def test_decode_step_in_one_call_matches_layer_by_layer_and_torch(
+    tiny_dir: Path, quantization: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The whole stack in one call (kernels.decode_layers), one fused call per layer
+    (kernels.decode_layer) and torch's ops agree, rows leaving at their own exits."""
     model = models.load(tiny_dir, device="cpu", quantization=quantization)
     model.pack()
+    assert model.layer_stack is not None
     assert all(layer.fused is not None for layer in model.layers)
-    n_layers = model.num_layers
-    h = torch.randn(2, 1, model.cfg.hidden_size)
+    n_layers, c = model.num_layers, model.cfg
+    depths = [n_layers, n_layers // 2]  # deepest first; the second row leaves halfway
+    h = torch.randn(2, 1, c.hidden_size)
     pos = torch.tensor([[9], [3]])
-    results = []
-    for fused in (True, False):
-        c = model.cfg
+    stack, fused = model.layer_stack, [layer.fused for layer in model.layers]
+    calls: list[list[int]] = []
+    one_call = kernels.decode_layers
+
+    def spy(
+        h: torch.Tensor, st: kernels.LayerStack, first: int, rows: list[int], *a: object
+    ) -> None:
+        calls.append(rows)
+        one_call(h, st, first, rows, *a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "decode_layers", spy)
+    results, caches = [], []
+    for path in ("stack", "layer", "torch"):
         cache, seqs = _cache_with_rows([9, 3], n_layers, c.num_kv_heads, c.head_dim)
-        saved = [layer.fused for layer in model.layers]
-        if not fused:
-            for layer in model.layers:
-                layer.fused = None
-        kv = PagedAttention(cache, seqs, [n_layers] * 2, [9, 3], 1)
+        model.layer_stack = stack if path == "stack" else None
+        for layer, f in zip(model.layers, fused, strict=True):
+            layer.fused = f if path != "torch" else None
+        kv = PagedAttention(cache, seqs, depths, [9, 3], 1)
         with torch.inference_mode():
-            results.append(model.hidden(None, pos, [n_layers] * 2, kv, h=h.clone()))
-        for layer, f in zip(model.layers, saved, strict=True):
-            layer.fused = f
-    assert rel(results[0], results[1]) < 1e-5
+            results.append(model.hidden(None, pos, depths, kv, h=h.clone()))
+        caches.append(cache.k.clone())
+    model.layer_stack = stack
+    for layer, f in zip(model.layers, fused, strict=True):
+        layer.fused = f
+    assert calls == [[2] * (n_layers // 2) + [1] * (n_layers - n_layers // 2)]
+    assert torch.equal(results[0], results[1]) and torch.equal(caches[0], caches[1])
+    assert rel(results[0], results[2]) < 1e-5 and rel(caches[0], caches[2]) < 1e-5
+
+
+@needs
+def test_decode_layers_refuses_what_it_cannot_run(tiny_dir: Path) -> None:
+    model = models.load(tiny_dir, device="cpu")
+    model.pack()
+    assert model.layer_stack is not None
+    n_layers, c = model.num_layers, model.cfg
+    cache, seqs = _cache_with_rows([9, 3], n_layers, c.num_kv_heads, c.head_dim)
+    kv = PagedAttention(cache, seqs, [n_layers] * 2, [9, 3], 1).paged(0)
+    assert kv is not None
+    h, cs = torch.randn(2, c.hidden_size), torch.randn(2, c.head_dim)
+    with pytest.raises(RuntimeError, match="soft_decode_layers failed"):  # 3 rows of 2
+        kernels.decode_layers(h, model.layer_stack, 0, [3] * n_layers, cs, cs, kv)
+    with pytest.raises(AssertionError):  # past the last layer
+        kernels.decode_layers(h, model.layer_stack, 1, [2] * n_layers, cs, cs, kv)

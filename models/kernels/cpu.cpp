@@ -8,9 +8,13 @@
 // calling thread's team is the one torch's own kernels run on.
 //
 // The product loop: for a chunk of activation rows (kept in L2), every thread takes a
-// contiguous range of output rows, 4 at a time, and for each pair of activation rows
-// runs the K loop with 8 accumulators; weights are loaded and widened to fp32 once per
-// pair. At one activation row (decode) the K loop is unrolled twice instead.
+// contiguous range of output rows, 4 at a time, and runs the K loop with 8 accumulators:
+// over pairs of activation rows for fp32 (bf16 tiles widened to fp32 once per tile for
+// that), unrolled twice at one activation row (decode).
+//
+// A decode step runs whole: soft_decode_layers takes every layer of a step in one parallel
+// region (the team functions below share its threads and meet at barriers), so Python
+// and OpenMP's fork / join are paid once per step, not once per product.
 
 #include <immintrin.h>
 #include <math.h>
@@ -32,7 +36,7 @@ struct Weight {
   const float* minimum; // Q4: (n, k / 32) block minimums m (w = q * d + m)
 };
 
-int soft_abi_version(void) { return 1; }
+int soft_abi_version(void) { return 2; }
 
 }  // extern "C"
 
@@ -55,6 +59,35 @@ inline float hsum(__m256 v) {
 inline void put(float* y, int n, float v, const float* bias, bool acc) {
   if (bias) v += bias[n];
   y[n] = acc ? y[n] + v : v;
+}
+
+// e^x for 8 floats (Cephes' polynomial after range reduction, ~2 ulp; -inf gives 0)
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// the sums of 8 vectors, one per lane
+inline __m256 hsum8(const __m256* a) {
+  const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+  // lanes: [0 1 2 3 | 0 1 2 3] halves of s0123, same for s4567
+  const __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20);
+  const __m256 hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+  return _mm256_add_ps(lo, hi);
 }
 
 // bf16 rows: 16 values at a time, split into the even ones (bits shifted up) and the odd
@@ -144,12 +177,9 @@ void tile_int(const int8_t* qx, const float* dx, const float* xsum, int mrows, i
   }
 }
 
-void tile_f32(const float* x, int ldx, int mrows, const Weight& w, int n0, int nr, float* y,
-                int ldy, bool acc, const float* bias) {
-  const int K = w.k;
-  const float* base = static_cast<const float*>(w.data);
-  const float* rows[R];
-  for (int r = 0; r < R; r++) rows[r] = base + (size_t)K * (n0 + (r < nr ? r : 0));
+// fp32 rows rows[0 .. R) (K values each) of output rows n0 .. n0 + nr
+void tile_f32_rows(const float* x, int ldx, int mrows, const float* const* rows, int K, int n0,
+                   int nr, float* y, int ldy, bool acc, const float* bias) {
   float out[2][R];
   int m = 0;
   if (mrows == 1) {
@@ -196,6 +226,41 @@ void tile_f32(const float* x, int ldx, int mrows, const Weight& w, int n0, int n
   }
 }
 
+void tile_f32(const float* x, int ldx, int mrows, const Weight& w, int n0, int nr, float* y,
+              int ldy, bool acc, const float* bias) {
+  const float* base = static_cast<const float*>(w.data);
+  const float* rows[R];
+  for (int r = 0; r < R; r++) rows[r] = base + (size_t)w.k * (n0 + (r < nr ? r : 0));
+  tile_f32_rows(x, ldx, mrows, rows, w.k, n0, nr, y, ldy, acc, bias);
+}
+
+// bf16 rows against several activation rows (in their own order, not permuted): the
+// tile's rows widened to fp32 once, into this thread's buffer (L1), then the fp32 tile
+// over them: the widening is paid once per tile instead of once per activation row.
+void tile_bf16_rows(const float* x, int ldx, int mrows, const Weight& w, int n0, int nr,
+                    float* y, int ldy, bool acc, const float* bias) {
+  static thread_local float* wide = nullptr;
+  static thread_local int cap = 0;
+  const int K = w.k;
+  if (R * K > cap) {
+    free(wide);
+    cap = R * K;
+    wide = static_cast<float*>(aligned_alloc(64, sizeof(float) * ((size_t)cap + 16)));
+  }
+  const uint16_t* base = static_cast<const uint16_t*>(w.data);
+  const float* rows[R];
+  for (int r = 0; r < R; r++) {
+    const uint16_t* src = base + (size_t)K * (n0 + (r < nr ? r : 0));
+    float* dst = wide + (size_t)r * K;
+    for (int k = 0; k < K; k += 8) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k));
+      _mm256_store_ps(dst + k, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)));
+    }
+    rows[r] = dst;
+  }
+  tile_f32_rows(x, ldx, mrows, rows, K, n0, nr, y, ldy, acc, bias);
+}
+
 // this thread's share [lo, hi) of `count` items split evenly over the team
 inline void share(int count, int& lo, int& hi) {
   const int t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -203,19 +268,24 @@ inline void share(int count, int& lo, int& hi) {
   hi = (int)((long)count * (t + 1) / nt);
 }
 
-inline float silu(float g) { return g / (1.f + expf(-g)); }
-
-// one activation row as the product reads it: f(src) into dst (fp32, K values)
-void input_row(const float* src, int K, int mode, const float* norm, float eps, float* dst) {
+// values [lo, hi) of one activation row as the product reads it: f(src) into dst (fp32,
+// a row of K values; lo, hi multiples of 8). RMSNorm sums the whole row's squares.
+void input_part(const float* src, int K, int lo, int hi, int mode, const float* norm, float eps,
+                float* dst) {
   if (mode == 1) {
     float ss = 0.f;
     for (int k = 0; k < K; k++) ss += src[k] * src[k];
     const float inv = 1.f / sqrtf(ss / K + eps);
-    for (int k = 0; k < K; k++) dst[k] = norm[k] * (src[k] * inv);
-  } else if (mode == 2) {
-    for (int k = 0; k < K; k++) dst[k] = silu(src[k]) * src[K + k];
+    for (int k = lo; k < hi; k++) dst[k] = norm[k] * (src[k] * inv);
+  } else if (mode == 2) {  // silu(g) u = g u / (1 + e^-g)
+    const __m256 one = _mm256_set1_ps(1.f), neg = _mm256_set1_ps(-0.f);
+    for (int k = lo; k < hi; k += 8) {
+      const __m256 g = _mm256_loadu_ps(src + k), u = _mm256_loadu_ps(src + K + k);
+      const __m256 e = exp8(_mm256_xor_ps(g, neg));
+      _mm256_storeu_ps(dst + k, _mm256_div_ps(_mm256_mul_ps(g, u), _mm256_add_ps(one, e)));
+    }
   } else {
-    memcpy(dst, src, sizeof(float) * K);
+    memcpy(dst + lo, src + lo, sizeof(float) * (hi - lo));
   }
 }
 
@@ -263,6 +333,189 @@ void quantize_row(const float* v, int K, int8_t* q, float* d, float* sum) {
   }
 }
 
+
+// The activation rows' scratch of a product (one chunk of rows): f(x) in fp32, and for
+// int8 / Q4 weights its int8 rounding with a scale and a sum per 32 values.
+struct Scratch {
+  float* buf = nullptr;
+  int8_t* qx = nullptr;
+  float* dx = nullptr;
+  float* xsum = nullptr;
+
+  // room for `rows` rows of up to K values; false when out of memory
+  bool reserve(int rows, int K) {
+    const size_t n = (size_t)rows * K, nb = n / 32 + 16;
+    buf = static_cast<float*>(aligned_alloc(64, sizeof(float) * (n + 16)));
+    qx = static_cast<int8_t*>(aligned_alloc(64, n + 64));
+    dx = static_cast<float*>(aligned_alloc(64, sizeof(float) * nb));
+    xsum = static_cast<float*>(aligned_alloc(64, sizeof(float) * nb));
+    return buf && qx && dx && xsum;
+  }
+  ~Scratch() { free(buf), free(qx), free(dx), free(xsum); }
+};
+
+bool bad_shape(const Weight& w, int M) {
+  const bool integer = w.type == W_I8 || w.type == W_Q4;
+  return M <= 0 || w.k <= 0 || w.n <= 0 || w.k % (integer ? 32 : 16);
+}
+
+// soft_linear's work for the calling thread of a parallel region: every thread of the
+// team calls it (it has barriers); the scratch holds min(M, M_CHUNK) rows of w.k values.
+void linear_team(const float* x, int M, int ldx, const Weight& w, const float* bias, float* y,
+                 int ldy, int mode, const float* norm, float eps, bool add, const Scratch& s) {
+  const int K = w.k, T = w.type;
+  const bool integer = T == W_I8 || T == W_Q4;
+  const bool scratch_in = mode != 0 || T != W_F32;
+  const int nb = K / 32;
+  const int chunk = M < M_CHUNK ? M : M_CHUNK;
+  const int tiles = (w.n + R - 1) / R;
+  const size_t row_bytes = T == W_F32 ? 4 * (size_t)K : T == W_BF16 ? 2 * (size_t)K
+                           : T == W_I8 ? (size_t)K : (size_t)K / 2;
+  const size_t tile_bytes = R * row_bytes;
+  for (int m0 = 0; m0 < M; m0 += chunk) {
+    const int mrows = M - m0 < chunk ? M - m0 : chunk;
+    const float* xin = x + (size_t)m0 * ldx;
+    int ld = ldx;
+    if (scratch_in) {  // many rows: a share of the rows each; few: a share of each row
+      const int unit = integer ? 32 : 16;  // quantized blocks, permuted groups
+      int lo = 0, hi = mrows, klo = 0, khi = K / unit;
+      if (mrows >= 8) share(mrows, lo, hi);
+      else share(K / unit, klo, khi);
+      klo *= unit, khi *= unit;
+      for (int m = lo; m < hi && klo < khi; m++) {
+        float* row = s.buf + (size_t)m * K;
+        input_part(xin + (size_t)m * ldx, K, klo, khi, mode, norm, eps, row);
+        if (T == W_BF16 && mrows == 1) permute16(row + klo, khi - klo);  // tile_bf16's order
+        if (integer)
+          quantize_row(row + klo, khi - klo, s.qx + (size_t)m * K + klo, s.dx + (size_t)m * nb + klo / 32,
+                       s.xsum + (size_t)m * nb + klo / 32);
+      }
+#pragma omp barrier
+      xin = s.buf;
+      ld = K;
+    }
+    int lo, hi;
+    share(tiles, lo, hi);
+    float* yout = y + (size_t)m0 * ldy;
+    for (int t = lo; t < hi; t++) {
+      const int n0 = t * R, nr = w.n - n0 < R ? w.n - n0 : R;
+      {
+        const char* p = static_cast<const char*>(w.data) + tile_bytes * t + PREFETCH_BYTES;
+        const char* end = static_cast<const char*>(w.data) + tile_bytes * hi;
+        for (size_t o = 0; o < tile_bytes && p + o < end; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+      }
+      if (T == W_F32) tile_f32(xin, ld, mrows, w, n0, nr, yout, ldy, add, bias);
+      else if (T == W_BF16 && mrows == 1) tile_bf16(xin, ld, mrows, w, n0, nr, yout, ldy, add, bias);
+      else if (T == W_BF16) tile_bf16_rows(xin, ld, mrows, w, n0, nr, yout, ldy, add, bias);
+      else if (T == W_I8) tile_int<W_I8>(s.qx, s.dx, s.xsum, mrows, K, w, n0, nr, yout, ldy, add, bias);
+      else tile_int<W_Q4>(s.qx, s.dx, s.xsum, mrows, K, w, n0, nr, yout, ldy, add, bias);
+    }
+#pragma omp barrier
+  }
+}
+
+// soft_rope's work for the calling thread of a parallel region (ends with a barrier)
+void rope_team(float* x, int M, int ld, int heads, int D, const float* cos, const float* sin) {
+  const int h = D / 2;
+#pragma omp for schedule(static)
+  for (int task = 0; task < M * heads; task++) {
+    const int m = task / heads, hd = task % heads;
+    const float* c = cos + (size_t)m * D;
+    const float* s = sin + (size_t)m * D;
+    float* v = x + (size_t)m * ld + (size_t)hd * D;
+    for (int i = 0; i < h; i++) {
+      const float a = v[i], b = v[i + h];
+      v[i] = a * c[i] - b * s[i];
+      v[i + h] = b * c[i + h] + a * s[i + h];
+    }
+  }
+}
+
+// soft_attend_decode's work for the calling thread of a parallel region (ends with a
+// barrier). A task is one row's kv head, or, when there are too few of those to keep the
+// team busy, one of its query heads: scores 8 tokens at a time (one horizontal sum for
+// all 8), softmax with a vectorized exp, then the values.
+void attend_team(const float* q, int ldq, const float* k, int ldk, const float* v, int ldv, int n,
+                 int hq, int hkv, int d, float* cache_k, float* cache_v, int block_size,
+                 const int64_t* table, int max_blocks, const int64_t* write_block,
+                 const int64_t* write_offset, const int64_t* length, float scale, float* out) {
+  const int rep = hq / hkv;
+  const int parts = n * hkv >= 4 * omp_get_num_threads() ? 1 : rep;  // query heads per task
+  const int per = rep / parts;
+  // every row's new key and value first: a row's tasks may be split across threads
+#pragma omp for schedule(static)
+  for (int task = 0; task < n * hkv; task++) {
+    const int r = task / hkv, g = task % hkv;
+    const size_t slot = ((size_t)write_block[r] * block_size + write_offset[r]) * hkv + g;
+    memcpy(cache_k + slot * d, k + (size_t)r * ldk + (size_t)g * d, sizeof(float) * d);
+    memcpy(cache_v + slot * d, v + (size_t)r * ldv + (size_t)g * d, sizeof(float) * d);
+  }
+  float* scores = nullptr;
+  size_t cap = 0;
+#pragma omp for schedule(dynamic)
+  for (int task = 0; task < n * hkv * parts; task++) {
+    const int r = task / (hkv * parts), g = task / parts % hkv, j0 = task % parts * per;
+    const int L = (int)length[r];
+    const int Lp = (L + 7) & ~7;
+    if ((size_t)Lp * per > cap) {
+      free(scores);
+      cap = (size_t)Lp * per;
+      scores = static_cast<float*>(aligned_alloc(64, sizeof(float) * cap));
+    }
+    const int64_t* tab = table + (size_t)r * max_blocks;
+    auto key = [&](const float* cache, int t) {
+      return cache + (((size_t)tab[t / block_size] * block_size + t % block_size) * hkv + g) * d;
+    };
+    for (int j = 0; j < per; j++) {
+      const float* qj = q + (size_t)r * ldq + ((size_t)g * rep + j0 + j) * d;
+      float* sj = scores + (size_t)j * Lp;
+      __m256 best = _mm256_set1_ps(-INFINITY);
+      for (int t0 = 0; t0 < L; t0 += 8) {
+        __m256 a[8];
+        for (int u = 0; u < 8; u++) {
+          a[u] = _mm256_setzero_ps();
+          if (t0 + u >= L) continue;
+          const float* kp = key(cache_k, t0 + u);
+          for (int e = 0; e < d; e += 8)
+            a[u] = _mm256_fmadd_ps(_mm256_loadu_ps(qj + e), _mm256_loadu_ps(kp + e), a[u]);
+        }
+        __m256 sc = _mm256_mul_ps(hsum8(a), _mm256_set1_ps(scale));
+        if (t0 + 8 > L) {  // past the last token: -inf, which exp makes 0
+          const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+          const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(L - t0), idx);
+          sc = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), sc, _mm256_castsi256_ps(live));
+        }
+        _mm256_store_ps(sj + t0, sc);
+        best = _mm256_max_ps(best, sc);
+      }
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(best), _mm256_extractf128_ps(best, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+      const __m256 mx = _mm256_set1_ps(_mm_cvtss_f32(m4));
+      __m256 total = _mm256_setzero_ps();
+      for (int t0 = 0; t0 < Lp; t0 += 8) {
+        const __m256 p = exp8(_mm256_sub_ps(_mm256_load_ps(sj + t0), mx));
+        _mm256_store_ps(sj + t0, p);
+        total = _mm256_add_ps(total, p);
+      }
+      const float inv = 1.f / hsum(total);
+      float* o = out + ((size_t)r * hq + (size_t)g * rep + j0 + j) * d;
+      for (int e0 = 0; e0 < d; e0 += 64) {  // 8 registers of the output at a time
+        const int w = d - e0 < 64 ? (d - e0) / 8 : 8;
+        __m256 acc[8];
+        for (int u = 0; u < 8; u++) acc[u] = _mm256_setzero_ps();
+        for (int t = 0; t < L; t++) {
+          const __m256 p = _mm256_set1_ps(sj[t]);
+          const float* vp = key(cache_v, t) + e0;
+          for (int u = 0; u < w; u++) acc[u] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 8 * u), acc[u]);
+        }
+        for (int u = 0; u < w; u++) _mm256_storeu_ps(o + e0 + 8 * u, _mm256_mul_ps(acc[u], _mm256_set1_ps(inv)));
+      }
+    }
+  }
+  free(scores);
+}
+
 }  // namespace
 
 extern "C" {
@@ -276,67 +529,11 @@ extern "C" {
 int soft_linear(const float* x, int M, int ldx, const Weight* wp, const float* bias, float* y,
                 int ldy, int mode, const float* norm, float eps, int accumulate, int threads) {
   const Weight& w = *wp;
-  const int K = w.k, T = w.type;
-  const bool integer = T == W_I8 || T == W_Q4;
-  if (M <= 0 || K <= 0 || w.n <= 0 || K % (integer ? 32 : 16)) return -1;
-  const bool scratch_in = mode != 0 || T != W_F32;
-  const int nb = K / 32;
-  const int chunk = M < M_CHUNK ? M : M_CHUNK;
-  float* buf = nullptr;
-  int8_t* qx = nullptr;
-  float *dx = nullptr, *xsum = nullptr;
-  if (scratch_in) {
-    buf = static_cast<float*>(aligned_alloc(64, sizeof(float) * ((size_t)chunk * K + 16)));
-    qx = static_cast<int8_t*>(aligned_alloc(64, (size_t)chunk * K + 64));
-    dx = static_cast<float*>(aligned_alloc(64, sizeof(float) * ((size_t)chunk * nb + 16)));
-    xsum = static_cast<float*>(aligned_alloc(64, sizeof(float) * ((size_t)chunk * nb + 16)));
-    if (!buf || !qx || !dx || !xsum) {
-      free(buf), free(qx), free(dx), free(xsum);
-      return -2;
-    }
-  }
-  const int tiles = (w.n + R - 1) / R;
-  const size_t row_bytes = T == W_F32 ? 4 * (size_t)K : T == W_BF16 ? 2 * (size_t)K
-                           : T == W_I8 ? (size_t)K : (size_t)K / 2;
-  const size_t tile_bytes = R * row_bytes;
+  if (bad_shape(w, M)) return -1;
+  Scratch s;
+  if ((mode != 0 || w.type != W_F32) && !s.reserve(M < M_CHUNK ? M : M_CHUNK, w.k)) return -2;
 #pragma omp parallel num_threads(threads)
-  for (int m0 = 0; m0 < M; m0 += chunk) {
-    const int mrows = M - m0 < chunk ? M - m0 : chunk;
-    const float* xin = x + (size_t)m0 * ldx;
-    int ld = ldx;
-    if (scratch_in) {
-      int lo = 0, hi = mrows;
-      if (mrows >= 8) share(mrows, lo, hi);
-      else if (omp_get_thread_num() != 0) hi = 0;
-      for (int m = lo; m < hi; m++) {
-        float* row = buf + (size_t)m * K;
-        input_row(xin + (size_t)m * ldx, K, mode, norm, eps, row);
-        if (T == W_BF16) permute16(row, K);
-        if (integer) quantize_row(row, K, qx + (size_t)m * K, dx + (size_t)m * nb, xsum + (size_t)m * nb);
-      }
-#pragma omp barrier
-      xin = buf;
-      ld = K;
-    }
-    int lo, hi;
-    share(tiles, lo, hi);
-    float* yout = y + (size_t)m0 * ldy;
-    const bool add = accumulate != 0;
-    for (int t = lo; t < hi; t++) {
-      const int n0 = t * R, nr = w.n - n0 < R ? w.n - n0 : R;
-      {
-        const char* p = static_cast<const char*>(w.data) + tile_bytes * t + PREFETCH_BYTES;
-        const char* end = static_cast<const char*>(w.data) + tile_bytes * hi;
-        for (size_t o = 0; o < tile_bytes && p + o < end; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
-      }
-      if (T == W_F32) tile_f32(xin, ld, mrows, w, n0, nr, yout, ldy, add, bias);
-      else if (T == W_BF16) tile_bf16(xin, ld, mrows, w, n0, nr, yout, ldy, add, bias);
-      else if (T == W_I8) tile_int<W_I8>(qx, dx, xsum, mrows, K, w, n0, nr, yout, ldy, add, bias);
-      else tile_int<W_Q4>(qx, dx, xsum, mrows, K, w, n0, nr, yout, ldy, add, bias);
-    }
-#pragma omp barrier
-  }
-  free(buf), free(qx), free(dx), free(xsum);
+  linear_team(x, M, ldx, w, bias, y, ldy, mode, norm, eps, accumulate != 0, s);
   return 0;
 }
 
@@ -344,20 +541,8 @@ int soft_linear(const float* x, int M, int ldx, const Weight* wp, const float* b
 // x1, x2 = halves of a head; x <- (x1 cos - x2 sin, x2 cos + x1 sin), cos/sin (M, D).
 void soft_rope(float* x, int M, int ld, int heads, int D, const float* cos, const float* sin,
                int threads) {
-  const int h = D / 2;
-#pragma omp parallel for num_threads(threads) schedule(static) if (M * heads > 64)
-  for (int m = 0; m < M; m++) {
-    const float* c = cos + (size_t)m * D;
-    const float* s = sin + (size_t)m * D;
-    for (int hd = 0; hd < heads; hd++) {
-      float* v = x + (size_t)m * ld + (size_t)hd * D;
-      for (int i = 0; i < h; i++) {
-        const float a = v[i], b = v[i + h];
-        v[i] = a * c[i] - b * s[i];
-        v[i + h] = b * c[i + h] + a * s[i + h];
-      }
-    }
-  }
+#pragma omp parallel num_threads(threads) if (M * heads > 64)
+  rope_team(x, M, ld, heads, D, cos, sin);
 }
 
 // Decode attention over a paged KV cache, one new token per row: row r writes its key
@@ -370,67 +555,16 @@ void soft_attend_decode(const float* q, int ldq, const float* k, int ldk, const 
                         const int64_t* table, int max_blocks, const int64_t* write_block,
                         const int64_t* write_offset, const int64_t* length, float scale,
                         float* out, int threads) {
-  const int rep = hq / hkv;
 #pragma omp parallel num_threads(threads)
-  {
-    float* scores = nullptr;
-    size_t cap = 0;
-#pragma omp for schedule(dynamic)
-    for (int task = 0; task < n * hkv; task++) {
-      const int r = task / hkv, g = task % hkv;
-      const size_t slot = ((size_t)write_block[r] * block_size + write_offset[r]) * hkv + g;
-      memcpy(cache_k + slot * d, k + (size_t)r * ldk + (size_t)g * d, sizeof(float) * d);
-      memcpy(cache_v + slot * d, v + (size_t)r * ldv + (size_t)g * d, sizeof(float) * d);
-      const int L = (int)length[r];
-      if ((size_t)L * rep > cap) {
-        free(scores);
-        cap = (size_t)L * rep;
-        scores = static_cast<float*>(malloc(sizeof(float) * cap));
-      }
-      const float* qr = q + (size_t)r * ldq + (size_t)g * rep * d;
-      const int64_t* tab = table + (size_t)r * max_blocks;
-      float best[64];
-      for (int j = 0; j < rep; j++) best[j] = -INFINITY;
-      for (int t = 0; t < L; t++) {
-        const float* kp = cache_k + (((size_t)tab[t / block_size] * block_size + t % block_size) * hkv + g) * d;
-        for (int j = 0; j < rep; j++) {
-          __m256 acc = _mm256_setzero_ps();
-          for (int e = 0; e < d; e += 8)
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr + j * d + e), _mm256_loadu_ps(kp + e), acc);
-          const float sc = hsum(acc) * scale;
-          scores[(size_t)j * L + t] = sc;
-          best[j] = fmaxf(best[j], sc);
-        }
-      }
-      for (int j = 0; j < rep; j++) {
-        float total = 0.f;
-        float* sj = scores + (size_t)j * L;
-        for (int t = 0; t < L; t++) total += (sj[t] = expf(sj[t] - best[j]));
-        const float inv = 1.f / total;
-        for (int t = 0; t < L; t++) sj[t] *= inv;
-      }
-      float* o = out + ((size_t)r * hq + (size_t)g * rep) * d;
-      for (int j = 0; j < rep; j++)
-        for (int e = 0; e < d; e++) o[j * d + e] = 0.f;
-      for (int t = 0; t < L; t++) {
-        const float* vp = cache_v + (((size_t)tab[t / block_size] * block_size + t % block_size) * hkv + g) * d;
-        for (int j = 0; j < rep; j++) {
-          const __m256 p = _mm256_set1_ps(scores[(size_t)j * L + t]);
-          for (int e = 0; e < d; e += 8)
-            _mm256_storeu_ps(o + j * d + e, _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + e),
-                                                            _mm256_loadu_ps(o + j * d + e)));
-        }
-      }
-    }
-    free(scores);
-  }
+  attend_team(q, ldq, k, ldk, v, ldv, n, hq, hkv, d, cache_k, cache_v, block_size, table,
+              max_blocks, write_block, write_offset, length, scale, out);
 }
 
 // One decoder layer for n rows of one new token each, in place on the residual stream
 // h (n, hidden): RMSNorm -> q|k|v (+ bias) -> rotary on q, k -> decode attention over the
 // paged cache -> o-projection added to h -> RMSNorm -> gate|up -> SwiGLU -> down added
 // to h. The same arithmetic as the calls above one by one (the model's fallback path),
-// without a return to Python between them. Returns 0 or soft_linear's error.
+// without a return to Python between them.
 struct Layer {
   const Weight* qkv;
   const Weight* o;
@@ -454,31 +588,96 @@ struct Paged {
   float scale;
 };
 
+}  // extern "C"
+
+namespace {
+
+// A decode step's activations: q|k|v, attention output, gate|up for n rows, and the
+// products' scratch.
+struct StepBuffers {
+  float* qkv = nullptr;
+  float* att = nullptr;
+  float* gu = nullptr;
+  Scratch s;
+
+  bool reserve(int n, const Layer& L) {
+    const int nq = L.heads * L.head_dim, inter = L.down->k;
+    const Weight* ws[] = {L.qkv, L.o, L.gate_up, L.down};
+    int K = 0;
+    for (const Weight* w : ws) K = w->k > K ? w->k : K;
+    qkv = static_cast<float*>(malloc(sizeof(float) * (size_t)n * L.qkv->n));
+    att = static_cast<float*>(malloc(sizeof(float) * (size_t)n * nq));
+    gu = static_cast<float*>(malloc(sizeof(float) * (size_t)n * 2 * inter));
+    return qkv && att && gu && s.reserve(n < M_CHUNK ? n : M_CHUNK, K);
+  }
+  ~StepBuffers() { free(qkv), free(att), free(gu); }
+};
+
+bool bad_layer(const Layer& L, int n) {
+  return bad_shape(*L.qkv, n) || bad_shape(*L.o, n) || bad_shape(*L.gate_up, n) ||
+         bad_shape(*L.down, n) || L.kv_heads <= 0 || L.heads % L.kv_heads ||
+         L.heads / L.kv_heads > 64 || L.head_dim % 8;
+}
+
+// soft_decode_layer's work for the calling thread of a parallel region
+void decode_layer_team(float* h, int n, const Layer& L, const float* cos, const float* sin,
+                       const Paged& P, const StepBuffers& b) {
+  const int hidden = L.o->n, d = L.head_dim;
+  const int nq = L.heads * d, nkv = L.kv_heads * d, nqkv = L.qkv->n;
+  const int inter = L.down->k;
+  linear_team(h, n, hidden, *L.qkv, L.qkv_bias, b.qkv, nqkv, 1, L.input_norm, L.eps, false, b.s);
+  rope_team(b.qkv, n, nqkv, L.heads + L.kv_heads, d, cos, sin);
+  attend_team(b.qkv, nqkv, b.qkv + nq, nqkv, b.qkv + nq + nkv, nqkv, n, L.heads, L.kv_heads, d,
+              P.k, P.v, P.block_size, P.table, P.max_blocks, P.write_block, P.write_offset,
+              P.length, P.scale, b.att);
+  linear_team(b.att, n, nq, *L.o, nullptr, h, hidden, 0, nullptr, 0.f, true, b.s);
+  linear_team(h, n, hidden, *L.gate_up, nullptr, b.gu, 2 * inter, 1, L.post_norm, L.eps, false, b.s);
+  linear_team(b.gu, n, 2 * inter, *L.down, nullptr, h, hidden, 2, nullptr, 0.f, true, b.s);
+}
+
+}  // namespace
+
+extern "C" {
+
+// Returns 0, -1 for a bad shape or -2 out of memory.
 int soft_decode_layer(float* h, int n, const Layer* L, const float* cos, const float* sin,
                       const Paged* P, int threads) {
-  const int hidden = L->o->n, d = L->head_dim;
-  const int nq = L->heads * d, nkv = L->kv_heads * d, nqkv = L->qkv->n;
-  const int inter = L->down->k;
-  float* qkv = static_cast<float*>(malloc(sizeof(float) * (size_t)n * nqkv));
-  float* att = static_cast<float*>(malloc(sizeof(float) * (size_t)n * nq));
-  float* gu = static_cast<float*>(malloc(sizeof(float) * (size_t)n * 2 * inter));
-  int rc = -2;
-  if (qkv && att && gu) {
-    rc = soft_linear(h, n, hidden, L->qkv, L->qkv_bias, qkv, nqkv, 1, L->input_norm, L->eps, 0, threads);
-    if (rc == 0) {
-      soft_rope(qkv, n, nqkv, L->heads + L->kv_heads, d, cos, sin, threads);
-      soft_attend_decode(qkv, nqkv, qkv + nq, nqkv, qkv + nq + nkv, nqkv, n, L->heads,
-                         L->kv_heads, d, P->k, P->v, P->block_size, P->table, P->max_blocks,
-                         P->write_block, P->write_offset, P->length, P->scale, att, threads);
-      rc = soft_linear(att, n, nq, L->o, nullptr, h, hidden, 0, nullptr, 0.f, 1, threads);
-    }
-    if (rc == 0)
-      rc = soft_linear(h, n, hidden, L->gate_up, nullptr, gu, 2 * inter, 1, L->post_norm, L->eps, 0, threads);
-    if (rc == 0)
-      rc = soft_linear(gu, n, 2 * inter, L->down, nullptr, h, hidden, 2, nullptr, 0.f, 1, threads);
+  if (bad_layer(*L, n)) return -1;
+  StepBuffers b;
+  if (!b.reserve(n, *L)) return -2;
+#pragma omp parallel num_threads(threads)
+  decode_layer_team(h, n, *L, cos, sin, *P, b);
+  return 0;
+}
+
+// A decode step through `count` layers in one parallel region: layer i runs on the first
+// rows[i] rows of h (n, hidden; rows deepest first, so a row that left at its exit keeps
+// its residual stream from there), at cache layer first + i: its block table and write
+// blocks are P's advanced by i * table_stride and i * write_stride values. Every layer has
+// the same shapes. Returns 0, -1 for a bad shape or -2 out of memory.
+int soft_decode_layers(float* h, int n, int count, const Layer* layers, const int* rows,
+                       const float* cos, const float* sin, const Paged* P, int64_t table_stride,
+                       int64_t write_stride, int threads) {
+  if (count <= 0) return 0;
+  const Layer& first = layers[0];
+  for (int i = 0; i < count; i++) {
+    const Layer& L = layers[i];
+    if (rows[i] < 0 || rows[i] > n || bad_layer(L, n)) return -1;
+    if (L.qkv->n != first.qkv->n || L.o->k != first.o->k || L.down->k != first.down->k ||
+        L.qkv->k != first.qkv->k || L.heads != first.heads || L.head_dim != first.head_dim)
+      return -1;  // the step's buffers are sized by the first layer
   }
-  free(qkv), free(att), free(gu);
-  return rc;
+  StepBuffers b;
+  if (!b.reserve(n, layers[0])) return -2;
+#pragma omp parallel num_threads(threads)
+  for (int i = 0; i < count; i++) {
+    if (rows[i] <= 0) continue;
+    Paged p = *P;
+    p.table += i * table_stride;
+    p.write_block += i * write_stride;
+    decode_layer_team(h, rows[i], layers[i], cos, sin, p, b);
+  }
+  return 0;
 }
 
 }  // extern "C"

@@ -78,7 +78,8 @@ class PagedAttention:
             return None
         return kernels.PagedKV(self.cache.k, self.cache.v, self.table[layer],
                                self.write_blocks[layer, :, 0], self.write_offsets[:, 0],
-                               self.lengths, self.cache.k.shape[-1] ** -0.5)  # fmt: skip
+                               self.lengths, self.cache.k.shape[-1] ** -0.5,
+                               (self.table.stride(0), self.write_blocks.stride(0)))  # fmt: skip
 
     def rows(self, start: int, end: int) -> PagedRows:
         """This forward's view for rows [start, end) (an exit layer runs on those)."""
