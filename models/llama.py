@@ -41,11 +41,11 @@ LAYER_MATRICES = ("wqkv", "wo", "w_gate_up", "w_down")
 HEAD_QUANTIZATION = {"int8": "int8", "int4": "int8", "bf16": "bf16"}
 # products over at most this many rows run on soft-serve's kernels (models.kernels) where
 # the matrix has one: fp32 ones beat oneDNN's packed GEMM up to batch 4 on this project's
-# CPUs; bf16 ones up to 64 rows (beyond, widening the matrix to fp32 for oneDNN pays off:
-# prefill); int8 / int4 ones beat torch's weight-only kernels at every batch (2x at
-# 16-256 rows), so they always run there, and a row's numbers then do not depend on what
-# shares its batch (docs/performance.md, benchmarks/kernels.py)
-KERNEL_ROWS = {kernels.F32: 4, kernels.BF16: 64, kernels.I8: 1 << 30, kernels.Q4: 1 << 30}
+# CPUs; bf16 ones (k-major panels past one row) beat widening the matrix to fp32 for
+# oneDNN at every batch (1.2-1.9x at 64-256 rows), int8 / int4 ones torch's weight-only
+# kernels (2x at 16-256 rows), so those always run there, and a row's numbers then do not
+# depend on what shares its batch (docs/performance.md, benchmarks/kernels.py)
+KERNEL_ROWS = {kernels.F32: 4, kernels.BF16: 1 << 30, kernels.I8: 1 << 30, kernels.Q4: 1 << 30}
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 # rope variants whose frequencies do not depend on the sequence length at run time

@@ -90,7 +90,7 @@ def test_no_rows_is_an_empty_product() -> None:
 
 
 @needs
-@pytest.mark.parametrize("kind", ["f32", "int8"])
+@pytest.mark.parametrize("kind", ["f32", "bf16", "int8"])
 def test_fused_norm_swiglu_and_residual_modes(kind: str) -> None:
     n, k = 20, 64
     w = weights(kind, n, k)

@@ -30,11 +30,12 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
-ABI_VERSION = 2
+ABI_VERSION = 3
 FLAGS = ("-O3", "-std=c++17", "-march=native", "-fopenmp", "-shared", "-fPIC")
 # what the weight types are called in cpu.cpp
 F32, BF16, I8, Q4 = 0, 1, 2, 3
 Q4_BLOCK = 32  # values per (scale, minimum): GGUF's Q4_0 / Q4_1 block
+BF16_PANEL = 16  # output rows per panel of a bf16 matrix's k-major copy
 # the input modes of soft_linear
 PLAIN, RMS_NORM, SWIGLU = 0, 1, 2
 
@@ -47,6 +48,7 @@ class _Weight(ctypes.Structure):
         ("data", ctypes.c_void_p),
         ("scale", ctypes.c_void_p),
         ("minimum", ctypes.c_void_p),
+        ("panels", ctypes.c_void_p),
     ]
 
 
@@ -202,7 +204,9 @@ def _ptr(t: Tensor | None) -> int | None:
 class KernelWeight:
     """An (out, in) matrix in the layout cpu.cpp reads; `linear` multiplies by it.
 
-    fp32 / bf16: the matrix itself (row-major). int8: values + one fp32 scale per row
+    fp32 / bf16: the matrix itself (row-major); bf16 keeps a k-major copy in panels of 16
+    output rows beside it for products over several rows (its bytes are counted once in
+    `nbytes`: a product reads one or the other). int8: values + one fp32 scale per row
     (w = q * scale). Q4: GGUF's block layout, 32 values per block in 16 bytes (byte j holds
     value j in its low nibble, j + 16 in its high one), w = q * scale + minimum per block.
     """
@@ -212,11 +216,17 @@ class KernelWeight:
     shape: torch.Size
     scale: Tensor | None = None
     minimum: Tensor | None = None
+    # bf16: the matrix again in panels of BF16_PANEL output rows, (ceil(out / 16), in, 16),
+    # zero-padded: what products over several rows read (made when missing)
+    panels: Tensor | None = None
     _c: _Weight = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         n, k = self.shape
-        self._c = _Weight(self.kind, n, k, _ptr(self.data), _ptr(self.scale), _ptr(self.minimum))
+        if self.kind == BF16 and self.panels is None:
+            self.panels = _panels(self.data)
+        self._c = _Weight(self.kind, n, k, _ptr(self.data), _ptr(self.scale), _ptr(self.minimum),
+                          _ptr(self.panels))  # fmt: skip
 
     @property
     def nbytes(self) -> int:
@@ -255,6 +265,15 @@ class KernelWeight:
         b = self.data.view(n, k // Q4_BLOCK, Q4_BLOCK // 2)
         q = torch.stack([b & 0xF, b >> 4], dim=2).reshape(n, k // Q4_BLOCK, Q4_BLOCK).float()
         return (q * self.scale[..., None] + self.minimum[..., None]).reshape(n, k)
+
+
+def _panels(w: Tensor) -> Tensor:
+    """(out, in) -> (ceil(out / BF16_PANEL), in, BF16_PANEL): each panel's weights k-major."""
+    n, k = w.shape
+    p = -(-n // BF16_PANEL)
+    padded = w.new_zeros(p * BF16_PANEL, k)
+    padded[:n] = w
+    return padded.view(p, BF16_PANEL, k).transpose(1, 2).contiguous()
 
 
 def supports(shape: torch.Size | tuple[int, ...], kind: int) -> bool:

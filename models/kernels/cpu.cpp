@@ -9,8 +9,8 @@
 //
 // The product loop: for a chunk of activation rows (kept in L2), every thread takes a
 // contiguous range of output rows, 4 at a time, and runs the K loop with 8 accumulators:
-// over pairs of activation rows for fp32 (bf16 tiles widened to fp32 once per tile for
-// that), unrolled twice at one activation row (decode).
+// over pairs of activation rows for fp32, unrolled twice at one activation row (decode).
+// bf16 over several rows reads a second, k-major copy of the matrix instead (panel_bf16).
 //
 // A decode step runs whole: soft_decode_layers takes every layer of a step in one parallel
 // region (the team functions below share its threads and meet at barriers), so Python
@@ -34,9 +34,11 @@ struct Weight {
   const void* data;     // (n, k) f32 / bf16 / int8, or (n, k / 2) Q4 nibbles
   const float* scale;   // int8: (n,); Q4: (n, k / 32) block scales d
   const float* minimum; // Q4: (n, k / 32) block minimums m (w = q * d + m)
+  const void* panels;   // bf16, or null: the same matrix in panels of 16 output rows,
+                        // (ceil(n / 16), k, 16) zero-padded, for products over several rows
 };
 
-int soft_abi_version(void) { return 2; }
+int soft_abi_version(void) { return 3; }
 
 }  // extern "C"
 
@@ -44,6 +46,8 @@ namespace {
 
 constexpr int R = 4;          // output rows per tile
 constexpr int M_CHUNK = 64;   // activation rows per pass over the weights
+constexpr int P = 16;         // output rows per bf16 panel
+constexpr int PM = 6;         // activation rows per pass over a panel
 // how far ahead of its tile a thread prefetches the weights into L1: a tile's rows are
 // short streams (576 bytes of int8) that the hardware prefetchers pick up too late
 constexpr size_t PREFETCH_BYTES = 16384;
@@ -234,31 +238,50 @@ void tile_f32(const float* x, int ldx, int mrows, const Weight& w, int n0, int n
   tile_f32_rows(x, ldx, mrows, rows, w.k, n0, nr, y, ldy, acc, bias);
 }
 
-// bf16 rows against several activation rows (in their own order, not permuted): the
-// tile's rows widened to fp32 once, into this thread's buffer (L1), then the fp32 tile
-// over them: the widening is paid once per tile instead of once per activation row.
-void tile_bf16_rows(const float* x, int ldx, int mrows, const Weight& w, int n0, int nr,
-                    float* y, int ldy, bool acc, const float* bias) {
-  static thread_local float* wide = nullptr;
-  static thread_local int cap = 0;
-  const int K = w.k;
-  if (R * K > cap) {
-    free(wide);
-    cap = R * K;
-    wide = static_cast<float*>(aligned_alloc(64, sizeof(float) * ((size_t)cap + 16)));
-  }
-  const uint16_t* base = static_cast<const uint16_t*>(w.data);
-  const float* rows[R];
-  for (int r = 0; r < R; r++) {
-    const uint16_t* src = base + (size_t)K * (n0 + (r < nr ? r : 0));
-    float* dst = wide + (size_t)r * K;
-    for (int k = 0; k < K; k += 8) {
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k));
-      _mm256_store_ps(dst + k, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)));
+// bf16 panel p (16 output rows, k-major: the 16 weights of each input column together)
+// against several activation rows, 6 at a time: per column one load, widened by a shift
+// (even outputs) and a mask (odd ones), times each row's value broadcast: 12 accumulators,
+// two weight vectors and one broadcast in registers, no horizontal sums.
+void panel_bf16(const float* x, int ldx, int mrows, const Weight& w, int p, float* y, int ldy,
+                bool acc, const float* bias) {
+  const int K = w.k, n0 = p * P, nr = w.n - n0 < P ? w.n - n0 : P;
+  const uint16_t* panel = static_cast<const uint16_t*>(w.panels) + (size_t)p * K * P;
+  const __m256i odd = _mm256_set1_epi32((int)0xFFFF0000u);
+  for (int m = 0; m < mrows; m += PM) {
+    const float* xr[PM];  // past the last row: the last row again, computed and dropped
+    for (int u = 0; u < PM; u++) xr[u] = x + (size_t)(m + u < mrows ? m + u : mrows - 1) * ldx;
+    // twelve named accumulators: GCC keeps an array of them in memory, storing each one
+    // back on every column
+    __m256 e0 = _mm256_setzero_ps(), e1 = e0, e2 = e0, e3 = e0, e4 = e0, e5 = e0;
+    __m256 o0 = e0, o1 = e0, o2 = e0, o3 = e0, o4 = e0, o5 = e0;
+    const float *x0 = xr[0], *x1 = xr[1], *x2 = xr[2], *x3 = xr[3], *x4 = xr[4], *x5 = xr[5];
+    for (int k = 0; k < K; k++) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + (size_t)k * P));
+      const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+      const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
+      __m256 b = _mm256_broadcast_ss(x0 + k);
+      e0 = _mm256_fmadd_ps(we, b, e0), o0 = _mm256_fmadd_ps(wo, b, o0);
+      b = _mm256_broadcast_ss(x1 + k);
+      e1 = _mm256_fmadd_ps(we, b, e1), o1 = _mm256_fmadd_ps(wo, b, o1);
+      b = _mm256_broadcast_ss(x2 + k);
+      e2 = _mm256_fmadd_ps(we, b, e2), o2 = _mm256_fmadd_ps(wo, b, o2);
+      b = _mm256_broadcast_ss(x3 + k);
+      e3 = _mm256_fmadd_ps(we, b, e3), o3 = _mm256_fmadd_ps(wo, b, o3);
+      b = _mm256_broadcast_ss(x4 + k);
+      e4 = _mm256_fmadd_ps(we, b, e4), o4 = _mm256_fmadd_ps(wo, b, o4);
+      b = _mm256_broadcast_ss(x5 + k);
+      e5 = _mm256_fmadd_ps(we, b, e5), o5 = _mm256_fmadd_ps(wo, b, o5);
     }
-    rows[r] = dst;
+    const __m256 e[PM] = {e0, e1, e2, e3, e4, e5}, o[PM] = {o0, o1, o2, o3, o4, o5};
+    const int mm = mrows - m < PM ? mrows - m : PM;
+    for (int u = 0; u < mm; u++) {
+      float ev[8], ov[8];
+      _mm256_storeu_ps(ev, e[u]);
+      _mm256_storeu_ps(ov, o[u]);
+      float* yr = y + (size_t)(m + u) * ldy;
+      for (int r = 0; r < nr; r++) put(yr, n0 + r, r % 2 ? ov[r / 2] : ev[r / 2], bias, acc);
+    }
   }
-  tile_f32_rows(x, ldx, mrows, rows, K, n0, nr, y, ldy, acc, bias);
 }
 
 // this thread's share [lo, hi) of `count` items split evenly over the team
@@ -356,7 +379,8 @@ struct Scratch {
 
 bool bad_shape(const Weight& w, int M) {
   const bool integer = w.type == W_I8 || w.type == W_Q4;
-  return M <= 0 || w.k <= 0 || w.n <= 0 || w.k % (integer ? 32 : 16);
+  return M <= 0 || w.k <= 0 || w.n <= 0 || w.k % (integer ? 32 : 16) ||
+         (w.type == W_BF16 && !w.panels);
 }
 
 // soft_linear's work for the calling thread of a parallel region: every thread of the
@@ -395,8 +419,14 @@ void linear_team(const float* x, int M, int ldx, const Weight& w, const float* b
       ld = K;
     }
     int lo, hi;
-    share(tiles, lo, hi);
     float* yout = y + (size_t)m0 * ldy;
+    if (T == W_BF16 && w.panels && mrows > 1) {
+      share((w.n + P - 1) / P, lo, hi);
+      for (int p = lo; p < hi; p++) panel_bf16(xin, ld, mrows, w, p, yout, ldy, add, bias);
+#pragma omp barrier
+      continue;
+    }
+    share(tiles, lo, hi);
     for (int t = lo; t < hi; t++) {
       const int n0 = t * R, nr = w.n - n0 < R ? w.n - n0 : R;
       {
@@ -405,8 +435,7 @@ void linear_team(const float* x, int M, int ldx, const Weight& w, const float* b
         for (size_t o = 0; o < tile_bytes && p + o < end; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
       }
       if (T == W_F32) tile_f32(xin, ld, mrows, w, n0, nr, yout, ldy, add, bias);
-      else if (T == W_BF16 && mrows == 1) tile_bf16(xin, ld, mrows, w, n0, nr, yout, ldy, add, bias);
-      else if (T == W_BF16) tile_bf16_rows(xin, ld, mrows, w, n0, nr, yout, ldy, add, bias);
+      else if (T == W_BF16) tile_bf16(xin, ld, mrows, w, n0, nr, yout, ldy, add, bias);
       else if (T == W_I8) tile_int<W_I8>(s.qx, s.dx, s.xsum, mrows, K, w, n0, nr, yout, ldy, add, bias);
       else tile_int<W_Q4>(s.qx, s.dx, s.xsum, mrows, K, w, n0, nr, yout, ldy, add, bias);
     }
