@@ -7,7 +7,10 @@ decode step) and each weight format:
      oneDNN's packed fp32 GEMM (what the engine ran before) and torch's weight-only
      int8 / int4 kernels;
   2) 1 to 256 rows on one gate|up matrix: where ours stop beating theirs (the row counts
-     up to which models.llama.KERNEL_ROWS sends products to ours).
+     up to which models.llama.KERNEL_ROWS sends products to ours);
+  3) a whole decode step's 30 layers of the default model (context 64) in one call
+     (kernels.decode_layers, what the engine runs) against one call per layer with
+     Python between (kernels.decode_layer), at 1 and 16 rows.
 Each figure is the best of --trials. Writes JSON (--out) and prints markdown tables.
 """
 
@@ -103,6 +106,63 @@ def batches(trials: int) -> list[dict[str, Any]]:
     return out
 
 
+STEP_FORMATS = ("none", "bf16", "int8", "int4")
+STEP_ROWS = (1, 16)
+STEP_CONTEXT = 64
+
+
+def step(trials: int) -> list[dict[str, Any]]:
+    """ms per decode step through the default model's layers, one call or one per layer."""
+    import models
+
+    out = []
+    for q in STEP_FORMATS:
+        model = models.load("default", quantization=None if q == "none" else q)
+        model.pack()
+        assert model.layer_stack is not None, "every layer has kernel layouts here"
+        for n in STEP_ROWS:
+            if n <= model.layer_stack.max_rows:  # fp32 past 4 rows: oneDNN's products instead
+                one, per = step_times(model, n, trials)
+                out.append({"format": q if q != "none" else "fp32", "rows": n,
+                            "one_call_ms": one * 1e3, "per_layer_ms": per * 1e3})  # fmt: skip
+        del model
+    return out
+
+
+def step_times(model: Any, n: int, trials: int) -> tuple[float, float]:
+    """Seconds per decode step of n rows at context STEP_CONTEXT: the stack in one call,
+    and one call per layer."""
+    from server.engine.attention import PagedAttention
+    from server.engine.kv_cache import KVCacheConfig, KVCacheManager
+    from server.engine.scheduler import Sequence
+    from server.engine.types import GenerationRequest, SamplingParams
+
+    c, n_layers, stack = model.cfg, model.num_layers, model.layer_stack
+    shape = {"num_kv_heads": c.num_kv_heads, "head_dim": c.head_dim, "block_size": 16}
+    blocks = n_layers * n * -(-(STEP_CONTEXT + 1) // 16) + 8  # one pool for every layer
+    cache = KVCacheManager(KVCacheConfig(num_layers=n_layers, num_blocks=blocks, **shape))
+    seqs = []
+    for j in range(n):
+        req = GenerationRequest(f"s{j}", (5,) * STEP_CONTEXT, SamplingParams(), n_layers)
+        seqs.append(Sequence(req, [5] * STEP_CONTEXT, n_layers))
+        assert cache.allocate(seqs[-1], n_layers, STEP_CONTEXT + 1)
+    kv = PagedAttention(cache, seqs, [n_layers] * n, [STEP_CONTEXT] * n, 1)
+    h = torch.randn(n, c.hidden_size)
+    cos, sin = (t.reshape(n, -1) for t in model.rope(torch.full((n, 1), STEP_CONTEXT), h.dtype))
+    paged = [p for i in range(n_layers) if (p := kv.paged(i)) is not None]
+    assert len(paged) == n_layers, "a paged fp32 cache on CPU"
+    layers = [layer.fused[0] for layer in model.layers]
+
+    def one_call() -> None:
+        kernels.decode_layers(h, stack, 0, [n] * n_layers, cos, sin, paged[0])
+
+    def per_layer() -> None:
+        for layer, p in zip(layers, paged, strict=True):
+            kernels.decode_layer(h, layer, cos, sin, p)
+
+    return best(one_call, trials, 5), best(per_layer, trials, 5)
+
+
 def tables(r: dict[str, Any]) -> str:
     lines = ["| format | ms per 30 layers (batch 1) | weights MB | GB/s |", "|---|---:|---:|---:|"]
     for row in r["stream"]:
@@ -112,6 +172,13 @@ def tables(r: dict[str, Any]) -> str:
     lines += ["", "| rows | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
     for row in r["batches"]:
         lines.append(f"| {row['rows']} | " + " | ".join(f"{row[n]:.0f}" for n in names) + " |")
+    lines += ["", "| weights | rows | one call per step, ms | one call per layer, ms | ratio |",
+              "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for row in r["step"]:
+        one, per = row["one_call_ms"], row["per_layer_ms"]
+        lines.append(
+            f"| {row['format']} | {row['rows']} | {one:.2f} | {per:.2f} | {per / one:.2f}x |"
+        )
     return "\n".join(lines)
 
 
@@ -139,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         "stream": stream(args.trials),
         "batches": batches(args.trials),
         "batches_unit": "microseconds per product, 3072 x 576",
+        "step": step(args.trials),
+        "step_context": STEP_CONTEXT,
     }
     r["load_average_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
