@@ -488,7 +488,7 @@ void attend_team(const float* q, int ldq, const float* k, int ldk, const float* 
     const int Lp = (L + 7) & ~7;
     if ((size_t)Lp * per > cap) {
       free(scores);
-      cap = (size_t)Lp * per;
+      cap = ((size_t)Lp * per + 15) & ~(size_t)15;  // aligned_alloc: a multiple of 64 bytes
       scores = static_cast<float*>(aligned_alloc(64, sizeof(float) * cap));
     }
     const int64_t* tab = table + (size_t)r * max_blocks;
