@@ -444,13 +444,21 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    # colour: the weights' precision (equal weights side by side); line: the server;
+    # marker: which of a server's rows at that precision (depths, the Q4_1 file)
     styles = {"soft-serve": "-", "llama.cpp": "--", "vllm": ":"}
+    colours = {"f32": "tab:blue", "bf16": "tab:orange", "q8_0": "tab:green", "q4_1": "tab:red"}
+    markers = "os^Dv"
+    seen: dict[tuple[str, str], int] = {}
     for r in results:
         pts = [(lv["concurrency"], lv["aggregate_tok_s"]) for lv in r["levels"] if lv["ok"]]
         if pts:
             xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, ys, styles.get(r["server"], "-"), marker="o", label=r["name"])
+            key = (r["server"], r.get("precision", ""))
+            k = seen[key] = seen.get(key, -1) + 1
+            ax.plot(xs, ys, styles.get(r["server"], "-"), marker=markers[k % len(markers)],
+                    color=colours.get(key[1], "tab:gray"), label=r["name"])  # fmt: skip
     ax.set_xscale("log", base=2)
     levels = sorted({lv["concurrency"] for r in results for lv in r["levels"]})
     ax.set_xticks(levels, [str(c) for c in levels])
