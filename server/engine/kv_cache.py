@@ -191,7 +191,8 @@ class KVCacheManager:
 
     def bytes_per_layer(self) -> tuple[int, ...]:
         """Bytes held in each cache layer: the decoder's, then the exit layers'."""
-        return tuple(n * self.cfg.block_bytes for n in self._layer_blocks)
+        block = self.cfg.block_bytes  # once: it builds a tensor to read the element size
+        return tuple(n * block for n in self._layer_blocks)
 
     def seq_bytes(self, seq: Hashable) -> int:
         tables = self._tables.get(seq) or {}
