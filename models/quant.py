@@ -18,7 +18,8 @@ activations and scales, so x is cast to bf16 and the output rounded once to bf16
   to bf16 (torch's kernel's dtype), the only change to the file's values.
 - bf16: the matrix rounded to bfloat16 with fp32 activations (what llama.cpp's BF16 files
   do on CPUs without AVX512-BF16, where bf16 arithmetic is emulated); soft-serve's
-  kernels only: over more than 64 rows it is widened to fp32 for each product.
+  kernels only (they keep a k-major copy for products over several rows); torch's path
+  (rows needing gradients) widens it to fp32 for each product.
 """
 
 from __future__ import annotations

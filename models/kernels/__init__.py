@@ -30,7 +30,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
-ABI_VERSION = 3
+ABI_VERSION = 4
 FLAGS = ("-O3", "-std=c++17", "-march=native", "-fopenmp", "-shared", "-fPIC")
 # what the weight types are called in cpu.cpp
 F32, BF16, I8, Q4 = 0, 1, 2, 3
@@ -177,8 +177,6 @@ def _lib() -> ctypes.CDLL | None:
         i,
     ]
     lib.soft_attend_decode.restype = None
-    lib.soft_decode_layer.argtypes = [p, i, ctypes.POINTER(_Layer), p, p, ctypes.POINTER(_Paged), i]
-    lib.soft_decode_layer.restype = i
     lib.soft_decode_layers.argtypes = [p, i, i, p, p, p, p, ctypes.POINTER(_Paged),
                                        ctypes.c_int64, ctypes.c_int64, i]  # fmt: skip
     lib.soft_decode_layers.restype = i
@@ -342,7 +340,6 @@ def attends(q: Tensor, cache_k: Tensor) -> bool:
     return (
         available() and q.dtype == cache_k.dtype == torch.float32 and q.shape[1] == 1
         and q.is_cpu and cache_k.is_contiguous() and d % 8 == 0 and hq % hkv == 0
-        and hq // hkv <= 64
     )  # fmt: skip
 
 
@@ -429,15 +426,6 @@ class LayerStack:
         self._c = (_Layer * len(self.layers))(*(layer._c for layer in self.layers))
 
 
-def _paged(kv: PagedKV) -> _Paged:
-    for t in (kv.write_block, kv.write_offset, kv.length):
-        assert t.dtype == torch.int64 and t.stride(0) == 1
-    assert kv.table.dtype == torch.int64 and kv.table.is_contiguous()
-    return _Paged(kv.k.data_ptr(), kv.v.data_ptr(), kv.k.shape[1], kv.table.shape[1],
-                  kv.table.data_ptr(), kv.write_block.data_ptr(), kv.write_offset.data_ptr(),
-                  kv.length.data_ptr(), kv.scale)  # fmt: skip
-
-
 def decode_layers(
     h: Tensor,
     stack: LayerStack,
@@ -451,34 +439,34 @@ def decode_layers(
     call, in place on the residual stream h (n, hidden) fp32 contiguous: layer first + i
     runs `decode_layer` on rows [0, rows[i]) (deepest first: a row past its exit keeps
     its h from there). `kv` is the cache at layer `first`, with its `layer_strides`."""
-    lib = _lib()
-    assert lib is not None, unavailable_reason()
-    n = h.shape[0]
-    assert h.is_contiguous() and h.dtype == torch.float32 and cos.is_contiguous()
-    assert sin.is_contiguous() and kv.table.shape[0] >= n
     assert 0 <= first and first + len(rows) <= len(stack.layers), (first, len(rows))
-    paged = _paged(kv)
-    counts = (ctypes.c_int * len(rows))(*rows)
     layers = ctypes.byref(stack._c, first * ctypes.sizeof(_Layer))
-    rc = lib.soft_decode_layers(h.data_ptr(), n, len(rows), layers, counts, cos.data_ptr(),
-                                sin.data_ptr(), ctypes.byref(paged), *kv.layer_strides,
-                                torch.get_num_threads())  # fmt: skip
-    if rc != 0:
-        raise RuntimeError(f"soft_decode_layers failed ({rc}) for {n} rows, {len(rows)} layers")
+    _decode(h, layers, rows, cos, sin, kv)
 
 
 def decode_layer(h: Tensor, layer: LayerKernels, cos: Tensor, sin: Tensor, kv: PagedKV) -> None:
     """One decoder layer for n rows of one token each, in place on the residual stream h
     (n, hidden) fp32 contiguous: the fused calls of `linear`, `rope_` and `attend_decode`
     in one, cos / sin (n, head_dim)."""
+    _decode(h, ctypes.byref(layer._c), [h.shape[0]], cos, sin, kv)
+
+
+def _decode(h: Tensor, layers: object, rows: list[int], cos: Tensor, sin: Tensor,
+            kv: PagedKV) -> None:  # fmt: skip
     lib = _lib()
     assert lib is not None, unavailable_reason()
     n = h.shape[0]
     assert h.is_contiguous() and h.dtype == torch.float32 and cos.is_contiguous()
     assert sin.is_contiguous() and kv.table.shape[0] >= n
-    paged = _paged(kv)
-    rc = lib.soft_decode_layer(h.data_ptr(), n, ctypes.byref(layer._c), cos.data_ptr(),
-                               sin.data_ptr(), ctypes.byref(paged),
-                               torch.get_num_threads())  # fmt: skip
+    for t in (kv.write_block, kv.write_offset, kv.length):
+        assert t.dtype == torch.int64 and t.stride(0) == 1
+    assert kv.table.dtype == torch.int64 and kv.table.is_contiguous()
+    paged = _Paged(kv.k.data_ptr(), kv.v.data_ptr(), kv.k.shape[1], kv.table.shape[1],
+                   kv.table.data_ptr(), kv.write_block.data_ptr(), kv.write_offset.data_ptr(),
+                   kv.length.data_ptr(), kv.scale)  # fmt: skip
+    counts = (ctypes.c_int * len(rows))(*rows)
+    rc = lib.soft_decode_layers(h.data_ptr(), n, len(rows), layers, counts, cos.data_ptr(),
+                                sin.data_ptr(), ctypes.byref(paged), *kv.layer_strides,
+                                torch.get_num_threads())  # fmt: skip
     if rc != 0:
-        raise RuntimeError(f"soft_decode_layer failed ({rc}) for {n} rows")
+        raise RuntimeError(f"soft_decode_layers failed ({rc}) for {n} rows, {len(rows)} layers")

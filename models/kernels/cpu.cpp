@@ -38,7 +38,7 @@ struct Weight {
                         // (ceil(n / 16), k, 16) zero-padded, for products over several rows
 };
 
-int soft_abi_version(void) { return 3; }
+int soft_abi_version(void) { return 4; }
 
 }  // extern "C"
 
@@ -181,9 +181,12 @@ void tile_int(const int8_t* qx, const float* dx, const float* xsum, int mrows, i
   }
 }
 
-// fp32 rows rows[0 .. R) (K values each) of output rows n0 .. n0 + nr
-void tile_f32_rows(const float* x, int ldx, int mrows, const float* const* rows, int K, int n0,
-                   int nr, float* y, int ldy, bool acc, const float* bias) {
+void tile_f32(const float* x, int ldx, int mrows, const Weight& w, int n0, int nr, float* y,
+              int ldy, bool acc, const float* bias) {
+  const int K = w.k;
+  const float* base = static_cast<const float*>(w.data);
+  const float* rows[R];
+  for (int r = 0; r < R; r++) rows[r] = base + (size_t)K * (n0 + (r < nr ? r : 0));
   float out[2][R];
   int m = 0;
   if (mrows == 1) {
@@ -228,14 +231,6 @@ void tile_f32_rows(const float* x, int ldx, int mrows, const float* const* rows,
       for (int r = 0; r < nr; r++) put(yr, n0 + r, out[u][r], bias, acc);
     }
   }
-}
-
-void tile_f32(const float* x, int ldx, int mrows, const Weight& w, int n0, int nr, float* y,
-              int ldy, bool acc, const float* bias) {
-  const float* base = static_cast<const float*>(w.data);
-  const float* rows[R];
-  for (int r = 0; r < R; r++) rows[r] = base + (size_t)w.k * (n0 + (r < nr ? r : 0));
-  tile_f32_rows(x, ldx, mrows, rows, w.k, n0, nr, y, ldy, acc, bias);
 }
 
 // bf16 panel p (16 output rows, k-major: the 16 weights of each input column together)
@@ -589,11 +584,11 @@ void soft_attend_decode(const float* q, int ldq, const float* k, int ldk, const 
               max_blocks, write_block, write_offset, length, scale, out);
 }
 
-// One decoder layer for n rows of one new token each, in place on the residual stream
-// h (n, hidden): RMSNorm -> q|k|v (+ bias) -> rotary on q, k -> decode attention over the
-// paged cache -> o-projection added to h -> RMSNorm -> gate|up -> SwiGLU -> down added
-// to h. The same arithmetic as the calls above one by one (the model's fallback path),
-// without a return to Python between them.
+// A decoder layer as soft_decode_layers reads it. For n rows of one new token each, in
+// place on the residual stream h (n, hidden): RMSNorm -> q|k|v (+ bias) -> rotary on q, k
+// -> decode attention over the paged cache -> o-projection added to h -> RMSNorm ->
+// gate|up -> SwiGLU -> down added to h: the same arithmetic as the calls above one by one
+// (the model's fallback path), without a return to Python between them.
 struct Layer {
   const Weight* qkv;
   const Weight* o;
@@ -644,11 +639,10 @@ struct StepBuffers {
 
 bool bad_layer(const Layer& L, int n) {
   return bad_shape(*L.qkv, n) || bad_shape(*L.o, n) || bad_shape(*L.gate_up, n) ||
-         bad_shape(*L.down, n) || L.kv_heads <= 0 || L.heads % L.kv_heads ||
-         L.heads / L.kv_heads > 64 || L.head_dim % 8;
+         bad_shape(*L.down, n) || L.kv_heads <= 0 || L.heads % L.kv_heads || L.head_dim % 8;
 }
 
-// soft_decode_layer's work for the calling thread of a parallel region
+// one layer of soft_decode_layers for the calling thread of its parallel region
 void decode_layer_team(float* h, int n, const Layer& L, const float* cos, const float* sin,
                        const Paged& P, const StepBuffers& b) {
   const int hidden = L.o->n, d = L.head_dim;
@@ -667,17 +661,6 @@ void decode_layer_team(float* h, int n, const Layer& L, const float* cos, const 
 }  // namespace
 
 extern "C" {
-
-// Returns 0, -1 for a bad shape or -2 out of memory.
-int soft_decode_layer(float* h, int n, const Layer* L, const float* cos, const float* sin,
-                      const Paged* P, int threads) {
-  if (bad_layer(*L, n)) return -1;
-  StepBuffers b;
-  if (!b.reserve(n, *L)) return -2;
-#pragma omp parallel num_threads(threads)
-  decode_layer_team(h, n, *L, cos, sin, *P, b);
-  return 0;
-}
 
 // A decode step through `count` layers in one parallel region: layer i runs on the first
 // rows[i] rows of h (n, hidden; rows deepest first, so a row that left at its exit keeps
