@@ -6,10 +6,17 @@ exit layer e → the model's own final norm and LM head, and full depth is the b
 for bit. The exit layers learn by self-distillation: KL(full model ‖ exit) per token.
 
 The base never changes, so its forward runs once per sequence, not once per epoch: a
-`TeacherCache` keeps, for every token, the residual stream entering each exit layer and
-the teacher's next-token distribution as its top-k log-probabilities plus the log of the
-mass outside them (KL over the k + 1 outcomes: a faithful coarsening of the full KL).
-Training then runs only the exit layers, the frozen norm and head, and the KL.
+`TeacherCache` keeps, for every token, the residual stream entering each exit layer, the
+teacher's final normed hidden state (its logits over any set of tokens are one small
+product away), its log-normaliser and its top-k token ids. Caches are built in shards of
+~64 k tokens, each complete on its own, so a long build resumes where it stopped.
+
+The loss is the full-vocabulary KL(teacher ‖ exit), estimated without the vocabulary-sized
+product (`sampled_kl`): every token of an exact set (the most frequent tokens of the data
+plus the teacher's top-k of every token in the chunk) is computed exactly, the rest of the
+vocabulary (the tail, where the teacher puts little mass) by a uniform sample of it with
+importance weights, for the student's normaliser and for the KL's own tail terms. Both
+estimates are unbiased for the tail's sums; `--head full` computes them exactly.
 """
 
 from __future__ import annotations
@@ -18,20 +25,23 @@ import hashlib
 import json
 import math
 import time
+from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.training.data import Example
+from models.training.data import IGNORE, Example
 
-CACHE_FORMAT = "soft-teacher-cache/1"
-HEAD_CHUNK = 1024  # tokens per head + KL chunk: bounds the (chunk, V) logits alive at once
+CACHE_FORMAT = "soft-teacher-cache/2"
+HEAD_CHUNK = 256  # tokens per head + KL chunk: fewer tokens, fewer distinct teacher top-k columns
+SHARD_TOKENS = 65536  # tokens per cache shard (each shard is built and kept on its own)
+CURVE = "curve.json"  # OUT/curve.json: held-out CE per exit against CPU-hours
 
 
 # -- the teacher cache ----------------------------------------------------------------
@@ -55,15 +65,22 @@ def cache_key(base_sha: str, examples: Sequence[Example], exits: Sequence[int], 
     return h.hexdigest()[:24]
 
 
+def bytes_per_token(hidden_size: int, num_exits: int, k: int) -> int:
+    """Disk a cache spends per token: fp16 residuals per exit and the final hidden state,
+    k int32 ids, the token and the log-normaliser."""
+    return 2 * hidden_size * (num_exits + 1) + 4 * k + 4 + 4
+
+
 @dataclass
 class TeacherCache:
-    """Memory-mapped per-token arrays of one data set under one base model.
+    """Memory-mapped per-token arrays of one shard of data under one base model.
 
     Arrays (N tokens over all sequences, in order): `tokens` (N,) int32; `offsets` (S+1,)
     int64, sequence s is tokens[offsets[s]:offsets[s+1]]; `hidden[e]` (N, H) float16, the
-    residual stream after base layer e-1 (what exit layer e reads); `top_ids` (N, k) int32
-    and `top_logp` (N, k) float16, the teacher's k most likely next tokens and their
-    log-probabilities; `rest_logp` (N,) float32, log of the teacher's remaining mass.
+    residual stream after base layer e-1 (what exit layer e reads); `final` (N, H) float16,
+    the base's final normed hidden state (teacher logits = final @ head.T); `logz` (N,)
+    float32, the log-normaliser of those logits; `top_ids` (N, k) int32, the teacher's k
+    most likely next tokens.
     """
 
     directory: Path
@@ -71,20 +88,28 @@ class TeacherCache:
     tokens: np.ndarray
     offsets: np.ndarray
     hidden: dict[int, np.ndarray]
+    final: np.ndarray
+    logz: np.ndarray
     top_ids: np.ndarray
-    top_logp: np.ndarray
-    rest_logp: np.ndarray
+    cpu_s: float = 0.0  # CPU time (all threads) the teacher spent building it
 
     @property
     def num_sequences(self) -> int:
         return len(self.offsets) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
 
     def sequence(self, s: int) -> slice:
         return slice(int(self.offsets[s]), int(self.offsets[s + 1]))
 
     @classmethod
     def open(cls, directory: Path) -> TeacherCache:
-        meta = json.loads((directory / "meta.json").read_text())
+        try:
+            meta = json.loads((directory / "meta.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{directory}: unreadable cache ({e}); delete it to rebuild") from e
         if meta.get("format") != CACHE_FORMAT or not meta.get("complete"):
             raise ValueError(f"{directory}: not a complete {CACHE_FORMAT} (delete it to rebuild)")
         n, hsz, k = meta["tokens"], meta["hidden_size"], meta["k"]
@@ -99,10 +124,60 @@ class TeacherCache:
             tokens=arr("tokens", np.int32, (n,)),
             offsets=np.asarray(meta["offsets"], dtype=np.int64),
             hidden={e: arr(f"hidden_{e}", np.float16, (n, hsz)) for e in exits},
+            final=arr("final", np.float16, (n, hsz)),
+            logz=arr("logz", np.float32, (n,)),
             top_ids=arr("top_ids", np.int32, (n, k)),
-            top_logp=arr("top_logp", np.float16, (n, k)),
-            rest_logp=arr("rest_logp", np.float32, (n,)),
+            cpu_s=float(meta.get("cpu_s", 0.0)),
         )
+
+
+@dataclass
+class ShardedCache:
+    """Several `TeacherCache` shards read as one: sequence s of the whole data set lives in
+    the shard whose first sequence is the largest one <= s."""
+
+    shards: list[TeacherCache]
+    starts: list[int]  # first global sequence of each shard
+
+    @property
+    def exits(self) -> tuple[int, ...]:
+        return self.shards[0].exits
+
+    @property
+    def num_sequences(self) -> int:
+        return self.starts[-1] + self.shards[-1].num_sequences
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.shards)
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(s.cpu_s for s in self.shards)
+
+    def locate(self, s: int) -> tuple[TeacherCache, int]:
+        j = bisect_right(self.starts, s) - 1
+        return self.shards[j], s - self.starts[j]
+
+    def token_counts(self, vocab: int) -> np.ndarray:
+        """How often each token id occurs in the cached data (for the exact head set)."""
+        counts = np.zeros(vocab, dtype=np.int64)
+        for sh in self.shards:
+            counts += np.bincount(np.asarray(sh.tokens), minlength=vocab)[:vocab]
+        return counts
+
+
+def shard_bounds(examples: Sequence[Example], shard_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive [lo, hi) example ranges of about `shard_tokens` tokens each."""
+    bounds, lo, acc = [], 0, 0
+    for i, e in enumerate(examples):
+        acc += len(e.input_ids)
+        if acc >= shard_tokens:
+            bounds.append((lo, i + 1))
+            lo, acc = i + 1, 0
+    if lo < len(examples):
+        bounds.append((lo, len(examples)))
+    return bounds
 
 
 def build_cache(
@@ -111,31 +186,52 @@ def build_cache(
     exits: Sequence[int],
     k: int,
     root: Path,
-    batch_tokens: int = 2048,
+    batch_tokens: int = 4096,
     progress: bool = True,
-) -> TeacherCache:
+    shard_tokens: int = SHARD_TOKENS,
+) -> ShardedCache:
     """Run the frozen base once over `examples` and store what the exit layers train on.
 
     Args:
         causal_lm: the transformers model (frozen, eval mode).
         examples: token sequences, in the order the cache keeps them.
         exits: the exit depths that get an exit layer (each < the model's depth).
-        k: teacher log-probabilities kept per token.
-        root: caches live in root/<key>/, key = base checksum + data + exits + k;
-            an existing complete cache with that key is reused.
+        k: teacher top-k token ids kept per token.
+        root: shards live in root/<key>/, key = base checksum + the shard's data + exits +
+            k; an existing complete shard with that key is reused, so an interrupted build
+            resumes at its first missing shard.
+        shard_tokens: about how many tokens a shard holds.
     Returns:
-        The opened cache.
+        The shards, opened as one cache.
     """
     from tqdm import tqdm
 
-    key = cache_key(model_checksum(causal_lm), examples, exits, k)
-    directory = Path(root) / key
-    if (directory / "meta.json").exists():
+    base_sha = model_checksum(causal_lm)
+    bounds = shard_bounds(examples, shard_tokens)
+    total = sum(len(e.input_ids) for e in examples)
+    bar = tqdm(total=total, unit="tok", desc="teacher cache", disable=not progress,
+               dynamic_ncols=True)  # fmt: skip
+    shards = []
+    for lo, hi in bounds:
+        part = examples[lo:hi]
+        directory = Path(root) / cache_key(base_sha, part, exits, k)
         try:
-            return TeacherCache.open(directory)
+            shard = TeacherCache.open(directory)
         except ValueError:
-            pass  # an interrupted build: start again
+            shard = _build_shard(causal_lm, part, exits, k, directory, batch_tokens, bar)
+        else:
+            bar.update(shard.num_tokens)
+        shards.append(shard)
+    bar.close()
+    return ShardedCache(shards, [lo for lo, _ in bounds])
+
+
+@torch.inference_mode()
+def _build_shard(causal_lm: Any, examples: Sequence[Example], exits: Sequence[int], k: int,
+                 directory: Path, batch_tokens: int, bar: Any) -> TeacherCache:  # fmt: skip
+    spent = time.process_time()
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / "meta.json").unlink(missing_ok=True)  # incomplete until the end
     lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     n, hsz = int(offsets[-1]), int(causal_lm.config.hidden_size)
@@ -145,8 +241,9 @@ def build_cache(
 
     tokens = arr("tokens", np.int32, (n,))
     hidden = {e: arr(f"hidden_{e}", np.float16, (n, hsz)) for e in exits}
-    top_ids, top_logp = arr("top_ids", np.int32, (n, k)), arr("top_logp", np.float16, (n, k))
-    rest_logp = arr("rest_logp", np.float32, (n,))
+    final, logz = arr("final", np.float16, (n, hsz)), arr("logz", np.float32, (n,))
+    top_ids = arr("top_ids", np.int32, (n, k))
+    head_w = causal_lm.lm_head.weight.float()
     order = np.argsort(lengths, kind="stable")  # similar lengths together: little padding
     batches: list[list[int]] = []
     cur: list[int] = []
@@ -156,38 +253,41 @@ def build_cache(
             cur = []
         cur.append(int(s))
     batches.append(cur)
-    bar = tqdm(total=n, unit="tok", desc="teacher cache", disable=not progress)
-    with torch.inference_mode():
-        for batch in batches:
-            t = int(lengths[batch].max())
-            ids = torch.zeros(len(batch), t, dtype=torch.long)
-            mask = torch.zeros(len(batch), t, dtype=torch.long)
-            for j, s in enumerate(batch):
-                ids[j, : lengths[s]] = torch.tensor(examples[s].input_ids)
-                mask[j, : lengths[s]] = 1
-            dev = causal_lm.device
-            out = causal_lm(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                            output_hidden_states=True)  # fmt: skip
-            logp = F.log_softmax(out.logits.float(), dim=-1)  # (B, T, V)
-            top_v, top_i = (x.cpu() for x in logp.topk(k, dim=-1))
-            rest = log1mexp(torch.logsumexp(top_v, dim=-1))
-            states = {e: out.hidden_states[e].float().cpu() for e in exits}
-            for j, s in enumerate(batch):
-                lo, hi, m = int(offsets[s]), int(offsets[s + 1]), int(lengths[s])
-                tokens[lo:hi] = ids[j, :m].numpy()
-                for e in exits:
-                    h = states[e][j, :m]
-                    assert torch.isfinite(h.half()).all(), f"exit {e}: residual overflows fp16"
-                    hidden[e][lo:hi] = h.half().numpy()
-                top_ids[lo:hi] = top_i[j, :m].numpy()
-                top_logp[lo:hi] = top_v[j, :m].half().numpy()
-                rest_logp[lo:hi] = rest[j, :m].numpy()
-            bar.update(int(lengths[batch].sum()))
-    bar.close()
-    for a in (tokens, top_ids, top_logp, rest_logp, *hidden.values()):
+    dev = causal_lm.device
+    for batch in batches:
+        t = int(lengths[batch].max())
+        ids = torch.zeros(len(batch), t, dtype=torch.long)
+        mask = torch.zeros(len(batch), t, dtype=torch.long)
+        for j, s in enumerate(batch):
+            ids[j, : lengths[s]] = torch.tensor(examples[s].input_ids)
+            mask[j, : lengths[s]] = 1
+        out = causal_lm.model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                              output_hidden_states=True)  # fmt: skip
+        # the head runs on the fp16-rounded state training will read: logits, normaliser
+        # and top-k agree with what the loss recomputes from the cache
+        fin = out.last_hidden_state.half()
+        if not torch.isfinite(fin).all():
+            raise ValueError("the base's final hidden state overflows fp16")
+        states = {e: out.hidden_states[e].half() for e in exits}
+        for e, h in states.items():
+            if not torch.isfinite(h).all():
+                raise ValueError(f"exit {e}: the residual stream overflows fp16")
+        for j, s in enumerate(batch):
+            m = int(lengths[s])
+            lo, hi = int(offsets[s]), int(offsets[s + 1])
+            logits = F.linear(fin[j, :m].float(), head_w)  # (m, V)
+            tokens[lo:hi] = ids[j, :m].numpy()
+            final[lo:hi] = fin[j, :m].cpu().numpy()
+            logz[lo:hi] = torch.logsumexp(logits, dim=-1).cpu().numpy()
+            top_ids[lo:hi] = logits.topk(k, dim=-1).indices.cpu().numpy()
+            for e in exits:
+                hidden[e][lo:hi] = states[e][j, :m].cpu().numpy()
+        bar.update(int(lengths[batch].sum()))
+    for a in (tokens, final, logz, top_ids, *hidden.values()):
         a.flush()  # type: ignore[attr-defined]  # an np.memmap
     meta = {"format": CACHE_FORMAT, "complete": True, "tokens": n, "hidden_size": hsz, "k": k,
-            "exits": list(exits), "offsets": offsets.tolist()}  # fmt: skip
+            "exits": list(exits), "offsets": offsets.tolist(),
+            "cpu_s": round(time.process_time() - spent, 1)}  # fmt: skip
     (directory / "meta.json").write_text(json.dumps(meta))
     return TeacherCache.open(directory)
 
@@ -201,50 +301,85 @@ def log1mexp(x: Tensor) -> Tensor:
 # -- the loss ---------------------------------------------------------------------------
 
 
-def topk_kl(student_logits: Tensor, top_ids: Tensor, top_logp: Tensor, rest_logp: Tensor) -> Tensor:
-    """Per-token KL(teacher ‖ student) over the teacher's top-k tokens and "the rest".
+@dataclass(frozen=True)
+class HeadColumns:
+    """The vocabulary columns a chunk's loss evaluates: `ids[:exact]` exactly, the rest a
+    uniform sample (without replacement) of the `tail` tokens outside them, each standing
+    for tail / (len(ids) - exact) tokens (`log_weight`). ids None: the whole vocabulary."""
+
+    ids: Tensor | None
+    exact: int
+    log_weight: Tensor | None  # (len(ids),): 0 on exact columns, log(tail / samples) else
+
+
+def head_columns(vocab: int, exact: Tensor | None, top_ids: Tensor, samples: int,
+                 generator: torch.Generator | None = None) -> HeadColumns:  # fmt: skip
+    """Columns for one chunk: `exact` (e.g. the data's most frequent tokens) plus every
+    token's teacher top-k, exactly; `samples` uniform draws of the remaining tail.
 
     Args:
-        student_logits: (N, V).
-        top_ids: (N, k) the teacher's top tokens; top_logp: (N, k) their log-probabilities;
-        rest_logp: (N,) log of the teacher's mass outside them.
-    Returns:
-        (N,) KL in nats.
+        vocab: the vocabulary size.
+        exact: 1-D ids always computed exactly, or None for the full vocabulary.
+        top_ids: (N, k) the chunk's teacher top-k ids.
+        samples: tail tokens drawn for the estimate (0: the tail is ignored, biased).
     """
-    logq = F.log_softmax(student_logits.float(), dim=-1)
-    q_top = logq.gather(-1, top_ids)  # (N, k)
-    q_rest = log1mexp(torch.logsumexp(q_top, dim=-1))
-    p_top, p_rest = top_logp.float(), rest_logp.float()
-    kl = (p_top.exp() * (p_top - q_top)).sum(-1)
-    return kl + p_rest.exp() * (p_rest - q_rest)
+    if exact is None:
+        return HeadColumns(None, vocab, None)
+    keep = torch.zeros(vocab, dtype=torch.bool)
+    keep[exact] = True
+    keep[top_ids.reshape(-1).cpu()] = True
+    exact_ids = keep.nonzero().squeeze(1)
+    tail = (~keep).nonzero().squeeze(1)
+    m = min(samples, tail.numel())
+    drawn = tail[torch.randperm(tail.numel(), generator=generator)[:m]]
+    log_w = torch.zeros(exact_ids.numel() + m)
+    if m:
+        log_w[exact_ids.numel() :] = math.log(tail.numel() / m)
+    return HeadColumns(torch.cat([exact_ids, drawn]), exact_ids.numel(), log_w)
 
 
-class HeadKL(torch.autograd.Function):
-    """Summed `topk_kl` of `linear(h, head_w)`, with its gradient wrt h computed in the
-    forward pass: dKL/dz = q - t, t = the teacher's probability on its top k and
-    p_rest * q_v / q_rest elsewhere. Two head products per token (logits, then the
-    gradient) instead of three with recomputation, and no (N, V) tensor kept for the
-    backward pass — the head is most of a step's cost."""
+def sampled_kl(x: Tensor, head_w: Tensor, teacher_logp: Tensor, log_weight: Tensor | None
+               ) -> Tensor:  # fmt: skip
+    """Per-token KL(teacher ‖ student) over the vocabulary, from the chosen columns.
+
+    Args:
+        x: (N, H) the student's normed hidden states (requires grad).
+        head_w: (C, H) the head's rows of the chosen columns (frozen).
+        teacher_logp: (N, C) the teacher's exact log-probabilities on those columns.
+        log_weight: (C,) log of how many tokens each column stands for (None: all 1).
+    Returns:
+        (N,) the estimate: exact where every column is exact, else sum_c w_c p_c
+        (log p_c - log q_c) with log q = z - log(sum_c w_c exp z_c) — the tail's sums
+        estimated by importance weights, unbiased for each sum.
+    """
+    return cast(Tensor, _SampledKL.apply(x, head_w, teacher_logp, log_weight))
+
+
+class _SampledKL(torch.autograd.Function):
+    """`sampled_kl` with its gradient wrt x computed in the forward pass: with
+    q~_c = w_c exp(z_c) / sum w exp z and P = sum_c w_c p_c, dKL/dz_c = P q~_c - w_c p_c.
+    One (N, C) buffer reused in place, no (N, C) tensor kept for backward."""
 
     @staticmethod
-    def forward(ctx: Any, h: Tensor, head_w: Tensor, top_ids: Tensor, top_logp: Tensor,
-                rest_logp: Tensor) -> Tensor:  # fmt: skip
-        logq = F.log_softmax(F.linear(h, head_w).float(), dim=-1)  # (N, V)
-        q_top = logq.gather(-1, top_ids)
-        q_rest = log1mexp(torch.logsumexp(q_top, dim=-1))  # (N,)
-        p_top, p_rest = top_logp.float(), rest_logp.float()
-        kl = (p_top.exp() * (p_top - q_top)).sum(-1) + p_rest.exp() * (p_rest - q_rest)
-        # gradient wrt the logits, in place of logq: q - t
-        q = logq.exp_()
-        grad = q.mul_(1.0 - (p_rest - q_rest).exp()[:, None])  # rest tokens: q (1 - p_r/q_r)
-        grad.scatter_(-1, top_ids, q_top.exp() - p_top.exp())  # top-k tokens: q - p
-        ctx.save_for_backward(grad.to(h.dtype) @ head_w)  # (N, H)
-        return kl.sum()
+    def forward(ctx: Any, x: Tensor, head_w: Tensor, teacher_logp: Tensor,
+                log_weight: Tensor | None) -> Tensor:  # fmt: skip
+        z = F.linear(x.detach(), head_w).float()  # (N, C)
+        if log_weight is not None:
+            z.add_(log_weight.to(z.device))  # z + log w: the weighted logits
+        logz = torch.logsumexp(z, dim=-1, keepdim=True)  # log sum w exp z
+        lw = 0.0 if log_weight is None else log_weight.to(z.device)
+        pw = (teacher_logp + lw).exp()  # w p
+        # log q_c = z_c - logZ = (z_c + log w_c) - log w_c - logZ
+        kl = (pw * (teacher_logp + lw - z + logz)).sum(-1)  # sum w p (log p - log q)
+        big_p = pw.sum(-1, keepdim=True)
+        grad = z.sub_(logz).exp_().mul_(big_p).sub_(pw)  # P q~ - w p
+        ctx.save_for_backward(grad.to(x.dtype) @ head_w)  # (N, H)
+        return kl
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        (grad_h,) = ctx.saved_tensors
-        return grad_out * grad_h, None, None, None, None
+        (grad_x,) = ctx.saved_tensors
+        return grad_out[:, None] * grad_x, None, None, None
 
 
 class ExitLayers(nn.Module):
@@ -268,27 +403,43 @@ class ExitLayers(nn.Module):
         # frozen, shared with the base (not parameters of this module: never saved or trained)
         self._frozen = (base.norm, causal_lm.lm_head, base.rotary_emb)
 
-    def forward(self, batch: CachedBatch) -> tuple[Tensor, dict[int, float]]:
-        """Sum over exits of the mean per-token KL, and each exit's summed KL (a float).
-        Every exit's layer sees the same tokens; the head runs in chunks (`HeadKL`), so
-        no more than one chunk's (HEAD_CHUNK, V) logits live."""
-        norm, lm_head, rotary = self._frozen
+    def normed(self, batch: CachedBatch) -> dict[int, Tensor]:
+        """Each exit's final-normed hidden state of the batch's real tokens, (N, H)."""
+        norm, _, rotary = self._frozen
         valid = batch.mask.reshape(-1).bool()
         cos_sin = rotary(batch.hidden[self.exits[0]], batch.positions)
-        total = batch.hidden[self.exits[0]].new_zeros(())
-        per_exit = {}
+        out = {}
         for e in self.exits:
             h = self.layers[str(e)](batch.hidden[e], attention_mask=batch.attn_mask,
                                     position_embeddings=cos_sin)  # fmt: skip
-            flat = h.reshape(-1, h.shape[-1])[valid]  # (N, H) real tokens only
-            x = norm(flat)
-            kl = flat.new_zeros(())
-            for lo in range(0, flat.shape[0], HEAD_CHUNK):
-                sl = slice(lo, lo + HEAD_CHUNK)
-                kl = kl + HeadKL.apply(x[sl], lm_head.weight, batch.top_ids[sl],
-                                       batch.top_logp[sl], batch.rest_logp[sl])  # fmt: skip
-            per_exit[e] = float(kl.detach())
-            total = total + kl / batch.normaliser
+            out[e] = norm(h.reshape(-1, h.shape[-1])[valid])
+        return out
+
+    def forward(self, batch: CachedBatch, exact: Tensor | None = None, samples: int = 0,
+                generator: torch.Generator | None = None
+                ) -> tuple[Tensor, dict[int, float]]:  # fmt: skip
+        """Sum over exits of the mean per-token KL, and each exit's summed KL (a float).
+
+        The head runs in chunks of HEAD_CHUNK tokens on the columns `head_columns` picks
+        (`exact` None: the whole vocabulary, the exact KL); the columns and the teacher's
+        log-probabilities on them are shared by every exit of the chunk.
+        """
+        _, lm_head, _ = self._frozen
+        xs = self.normed(batch)
+        w = lm_head.weight
+        n = batch.final.shape[0]
+        total = batch.final.new_zeros(())
+        per_exit = dict.fromkeys(self.exits, 0.0)
+        for lo in range(0, n, HEAD_CHUNK):
+            sl = slice(lo, lo + HEAD_CHUNK)
+            cols = head_columns(w.shape[0], exact, batch.top_ids[sl], samples, generator)
+            wc = w if cols.ids is None else w[cols.ids.to(w.device)]
+            with torch.no_grad():
+                t_logp = F.linear(batch.final[sl], wc).float() - batch.logz[sl, None]
+            for e in self.exits:
+                kl = sampled_kl(xs[e][sl], wc, t_logp, cols.log_weight).sum()
+                per_exit[e] += float(kl.detach())
+                total = total + kl / batch.normaliser
         return total, per_exit
 
 
@@ -300,26 +451,28 @@ class CachedBatch:
     positions: Tensor  # (B, T)
     mask: Tensor  # (B, T) 1 on real tokens
     attn_mask: Tensor  # (B, 1, T, T) bool: causal and real keys only
-    top_ids: Tensor  # (N, k) for the real tokens, row-major over (B, T)
-    top_logp: Tensor
-    rest_logp: Tensor
+    final: Tensor  # (N, H) the teacher's final normed state, real tokens row-major over (B, T)
+    logz: Tensor  # (N,)
+    top_ids: Tensor  # (N, k)
     normaliser: float  # tokens of the whole optimizer step (the loss is a per-token mean)
 
 
-def read_batch(cache: TeacherCache, seqs: Sequence[int], normaliser: float,
+def read_batch(cache: ShardedCache, seqs: Sequence[int], normaliser: float,
                device: torch.device | str = "cpu") -> CachedBatch:  # fmt: skip
-    lens = [cache.sequence(s).stop - cache.sequence(s).start for s in seqs]
+    parts = [cache.locate(s) for s in seqs]
+    lens = [sh.sequence(i).stop - sh.sequence(i).start for sh, i in parts]
     b, t = len(seqs), max(lens)
     mask = torch.zeros(b, t, dtype=torch.long)
-    hidden = {e: torch.zeros(b, t, cache.hidden[e].shape[1]) for e in cache.exits}
-    rows = []
-    for j, s in enumerate(seqs):
-        sl = cache.sequence(s)
+    hidden = {e: torch.zeros(b, t, cache.shards[0].hidden[e].shape[1]) for e in cache.exits}
+    final, logz, top = [], [], []
+    for j, (sh, i) in enumerate(parts):
+        sl = sh.sequence(i)
         mask[j, : lens[j]] = 1
         for e in cache.exits:
-            hidden[e][j, : lens[j]] = torch.from_numpy(np.asarray(cache.hidden[e][sl])).float()
-        rows.append(np.arange(sl.start, sl.stop))
-    idx = np.concatenate(rows)
+            hidden[e][j, : lens[j]] = torch.from_numpy(np.asarray(sh.hidden[e][sl])).float()
+        final.append(torch.from_numpy(np.asarray(sh.final[sl])).float())
+        logz.append(torch.from_numpy(np.asarray(sh.logz[sl])))
+        top.append(torch.from_numpy(np.asarray(sh.top_ids[sl])).long())
     causal = torch.ones(t, t, dtype=torch.bool).tril()
     attn = causal[None, None] & mask.bool()[:, None, None, :]
     return CachedBatch(
@@ -327,9 +480,9 @@ def read_batch(cache: TeacherCache, seqs: Sequence[int], normaliser: float,
         positions=torch.arange(t).expand(b, t).to(device),
         mask=mask.to(device),
         attn_mask=attn.to(device),
-        top_ids=torch.from_numpy(np.asarray(cache.top_ids[idx])).long().to(device),
-        top_logp=torch.from_numpy(np.asarray(cache.top_logp[idx])).to(device),
-        rest_logp=torch.from_numpy(np.asarray(cache.rest_logp[idx])).to(device),
+        final=torch.cat(final).to(device),
+        logz=torch.cat(logz).to(device),
+        top_ids=torch.cat(top).to(device),
         normaliser=normaliser,
     )
 
@@ -343,7 +496,126 @@ def exit_layer_tensors(layers: ExitLayers, dtype: torch.dtype) -> dict[str, Tens
     return out
 
 
+def load_exit_layers(layers: ExitLayers, directory: Path) -> dict[str, Any]:
+    """Start `layers` from a balcony checkpoint's exit layers (e.g. the committed default),
+    returning its soft.json `training` record (whose curve and CPU-hours a run continues).
+    Raises ValueError naming what does not fit."""
+    from models.checkpoint import EXIT_LAYERS, read_soft_json, read_tensors
+
+    directory = Path(directory)
+    path = directory / EXIT_LAYERS
+    if not path.is_file():
+        raise ValueError(f"--init-from {directory}: no {EXIT_LAYERS} (a balcony checkpoint?)")
+    tensors = read_tensors(path)
+    for e, layer in layers.layers.items():
+        prefix = f"exits.{e}."
+        sd = {k[len(prefix) :]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
+        if not sd:
+            have = sorted({k.split(".")[1] for k in tensors})
+            raise ValueError(f"--init-from {directory}: no exit layer {e} (it has {have})")
+        try:
+            layer.load_state_dict(sd)
+        except RuntimeError as err:
+            raise ValueError(f"--init-from {directory}: exit {e} does not fit: {err}") from err
+    soft = read_soft_json(directory, None)
+    return dict(soft.training or {}) if soft else {}
+
+
+# -- held-out cross-entropy during training --------------------------------------------
+
+
+@dataclass
+class HeldOut:
+    """A held-out set's cache and its response targets: CE per exit without the base."""
+
+    cache: ShardedCache
+    examples: list[Example]
+
+    def targets(self, seqs: Sequence[int]) -> Tensor:
+        """(N,) the next token at every real position of `seqs` (IGNORE off the response)."""
+        rows = []
+        for s in seqs:
+            labels = list(self.examples[s].labels)
+            rows.append(torch.tensor(labels[1:] + [IGNORE]))
+        return torch.cat(rows)
+
+
+@torch.no_grad()
+def heldout_ce(layers: ExitLayers, held: HeldOut, batch: int = 8) -> dict[int, float]:
+    """Response CE per exit (and at full depth, key = the base's depth) on `held`."""
+    _, lm_head, _ = layers._frozen
+    sums: dict[int, float] = {}
+    count = 0
+    was_training = layers.training
+    layers.eval()
+    for lo in range(0, held.cache.num_sequences, batch):
+        seqs = list(range(lo, min(lo + batch, held.cache.num_sequences)))
+        b = read_batch(held.cache, seqs, 1.0)
+        tgt = held.targets(seqs)
+        sel = tgt != IGNORE
+        count += int(sel.sum())
+        outs = {**layers.normed(b), -1: b.final}
+        for e, x in outs.items():
+            logits = F.linear(x[sel], lm_head.weight).float()
+            sums[e] = sums.get(e, 0.0) + float(F.cross_entropy(logits, tgt[sel], reduction="sum"))
+    layers.train(was_training)
+    return {e: v / max(count, 1) for e, v in sums.items()}
+
+
+@dataclass
+class Curve:
+    """Held-out CE per exit against the CPU time spent on the run (teacher and training),
+    across sessions: `offset_s` is what earlier runs spent, `points` every measurement."""
+
+    offset_s: float = 0.0
+    points: list[dict[str, Any]] = field(default_factory=list)
+
+    def cpu_s(self) -> float:
+        return self.offset_s + time.process_time()
+
+    def add(self, step: int, tokens: int, ce: dict[int, float], load: float) -> dict[str, Any]:
+        point = {"cpu_hours": round(self.cpu_s() / 3600, 4), "step": step,
+                 "train_tokens": tokens, "load": round(load, 2),
+                 "ce": {str(e): round(v, 4) for e, v in ce.items() if e >= 0},
+                 "base_ce": round(ce[-1], 4) if -1 in ce else None}  # fmt: skip
+        self.points.append(point)
+        return point
+
+
+def plot_curve(points: list[dict[str, Any]], path: Path, base_ce: float | None = None) -> None:
+    """Held-out CE per exit against CPU-hours (log x), the base's full depth as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    exits = sorted({int(e) for p in points for e in p["ce"]})
+    for e in exits:
+        xs = [p["cpu_hours"] for p in points if str(e) in p["ce"]]
+        ys = [p["ce"][str(e)] for p in points if str(e) in p["ce"]]
+        ax.plot(xs, ys, marker="o", ms=3, label=f"exit {e}")
+    if base_ce is not None:
+        ax.axhline(base_ce, color="k", ls="--", lw=1, label="base, full depth")
+        for f, style in ((1.5, ":"), (1.15, "-.")):
+            ax.axhline(base_ce * f, color="grey", ls=style, lw=0.8, label=f"{f}x base")
+    ax.set_xlabel("CPU-hours (teacher cache + training, all threads)")
+    ax.set_ylabel("held-out response CE (nats/token)")
+    ax.set_title("Exit layers: held-out CE vs compute")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # -- the training run -------------------------------------------------------------------
+
+
+def machine_load() -> float:
+    import os
+
+    return os.getloadavg()[0]
 
 
 def train_balcony(args: Any, parser: Any, causal_lm: Any, tokenizer: Any, base_name: str,
@@ -352,11 +624,9 @@ def train_balcony(args: Any, parser: Any, causal_lm: Any, tokenizer: Any, base_n
     exit layer per exit below full depth on it. Returns a TrainResult."""
     from tqdm import tqdm
 
-    from models.checkpoint import EXIT_LAYERS, SoftConfig, write_soft_json
     from models.loader import cache_dir
-    from models.training.data import step_batches
-    from models.training.resume import save_resume, start
-    from models.training.train import TrainResult, final_loss
+    from models.training.data import load_mixture, step_batches
+    from models.training.resume import TrainResult, final_loss, save_resume, start
 
     num_layers = causal_lm.config.num_hidden_layers
     trained = [e for e in exits if e < num_layers]
@@ -365,19 +635,100 @@ def train_balcony(args: Any, parser: Any, causal_lm: Any, tokenizer: Any, base_n
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     causal_lm.requires_grad_(False).eval().to(device)
     root = Path(args.cache_dir) if args.cache_dir else cache_dir() / "teacher"
-    t_cache = time.time()
+    layers = ExitLayers(causal_lm, trained, args.exit_init)
+    curve = Curve()
+    if args.init_from:
+        try:
+            before = load_exit_layers(layers, Path(args.init_from))
+        except ValueError as err:
+            parser.error(str(err))
+        curve.offset_s = float(before.get("cpu_hours", 0.0)) * 3600
+        curve.points = list(before.get("curve", []))
+    t_cache, cpu_cache = time.time(), time.process_time()
     cache = build_cache(causal_lm, data.examples, trained, args.teacher_k, root,
                         progress=not args.no_progress)  # fmt: skip
-    cache_s = time.time() - t_cache
-    layers = ExitLayers(causal_lm, trained, args.exit_init)
+    cache_s, cpu_cache = time.time() - t_cache, time.process_time() - cpu_cache
+    # the teacher's work is part of the run's cost: shards built by an earlier process
+    # count what their build spent (this process's own CPU time counts by itself)
+    reused_cpu_s = max(cache.cpu_s - cpu_cache, 0.0)
+    held = None
+    if args.eval_data:
+        spent = time.process_time()
+        try:
+            ev = load_mixture(args.eval_data, tokenizer, args.eval_max_length)
+        except ValueError as err:
+            parser.error(f"--eval-data: {err}")
+        held = HeldOut(build_cache(causal_lm, ev.examples, trained, 1, root,
+                                   progress=not args.no_progress), ev.examples)  # fmt: skip
+        curve.offset_s -= time.process_time() - spent  # measuring is not training
+    exact = None
+    if args.head == "sampled":
+        counts = cache.token_counts(causal_lm.config.vocab_size)
+        exact = torch.from_numpy(np.argsort(-counts, kind="stable")[: args.head_exact].copy())
     layers.train()
     params = [p for p in layers.parameters() if p.requires_grad]
     out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
     opt, sched, step, history, commands = start(args, parser, layers)
+    state_extra = out / "resume" / "balcony.json"
+    tokens_seen = 0
+    if step and state_extra.exists():  # the run's own curve and CPU time, resumed
+        saved = json.loads(state_extra.read_text())
+        curve.offset_s, curve.points = saved["cpu_s"], saved["curve"]
+        tokens_seen = int(saved.get("tokens", 0))
+    else:
+        curve.offset_s += reused_cpu_s
+    gen = torch.Generator().manual_seed(args.seed + step)
     position = {id(e): s for s, e in enumerate(data.examples)}  # example -> cache sequence
+
+    def record(step: int) -> None:
+        if held is None:
+            return
+        spent = time.process_time()
+        ce = heldout_ce(layers, held)
+        curve.offset_s -= time.process_time() - spent  # measuring is not training
+        point = curve.add(step, tokens_seen, ce, machine_load())
+        (out / CURVE).write_text(json.dumps(curve.points, indent=1))
+        tqdm.write(f"held-out CE at {point['cpu_hours']:.3f} CPU-h, step {step}: "
+                   + " ".join(f"{e}:{v:.3f}" for e, v in point["ce"].items())
+                   + f" (base {point['base_ce']})")  # fmt: skip
+
+    def save(step: int) -> None:
+        save_resume(out, layers, opt, sched, step, history, commands)
+        state_extra.write_text(json.dumps({"cpu_s": curve.cpu_s(), "curve": curve.points,
+                                           "tokens": tokens_seen}))  # fmt: skip
+        write_checkpoint(step)
+
     bar = tqdm(total=args.steps, initial=step, desc="balcony", dynamic_ncols=True,
                disable=args.no_progress)  # fmt: skip
-    t0, first_step, tokens_seen = time.time(), step, 0
+    t0, first_step, t_train_tokens = time.time(), step, 0
+    next_eval = curve.cpu_s() + args.eval_every * 60
+
+    def write_checkpoint(step: int) -> None:
+        elapsed = time.time() - t0
+        final = {e: final_loss(history, e) for e in trained}
+        training = {
+            "method": "balcony", "exits": exits, "base_model": base_name,
+            "data": [str(d) for d in args.data], "data_sha256": data.sha256,
+            "examples": len(data.examples), "tokens": cache.num_tokens,
+            "bad_records": len(data.bad), "command": args.command, "commands": commands,
+            "steps": step, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+            "lr": args.lr, "max_length": args.max_length, "teacher_k": args.teacher_k,
+            "head": args.head, "head_exact": args.head_exact, "head_samples": args.head_samples,
+            "exit_init": args.exit_init, "teacher_cache_seconds": round(cache_s, 1),
+            "cache_bytes_per_token": bytes_per_token(causal_lm.config.hidden_size,
+                                                     len(trained), args.teacher_k),
+            "seconds_per_step": round(elapsed / max(step - first_step, 1), 3),
+            "train_tokens_per_second": round(t_train_tokens / max(elapsed, 1e-9), 1),
+            "train_tokens": tokens_seen, "cpu_hours": round(curve.cpu_s() / 3600, 4),
+            "curve": curve.points,
+            "final_kl": {str(e): round(v, 4) for e, v in final.items()},
+        }  # fmt: skip
+        save_checkpoint(out, layers, tokenizer, exits, base_name, training)
+
+    if step == 0 and not curve.points:
+        record(0)
+    t0 = time.time()
     while step < args.steps:
         micro = step_batches(data.examples, step, args.batch_size, args.grad_accum,
                              seed=args.seed)  # fmt: skip
@@ -385,7 +736,7 @@ def train_balcony(args: Any, parser: Any, causal_lm: Any, tokenizer: Any, base_n
         sums = dict.fromkeys(trained, 0.0)
         for mb in micro:
             batch = read_batch(cache, [position[id(e)] for e in mb], float(n_tok), device)
-            loss, per_exit = layers(batch)
+            loss, per_exit = layers(batch, exact, args.head_samples, gen)
             loss.backward()
             for e, v in per_exit.items():
                 sums[e] += v
@@ -395,32 +746,39 @@ def train_balcony(args: Any, parser: Any, causal_lm: Any, tokenizer: Any, base_n
         opt.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += n_tok
+        t_train_tokens += n_tok
         history.append({str(e): sums[e] / n_tok for e in trained})
         bar.update(1)
-        bar.set_postfix_str(" ".join(f"{e}:{sums[e] / n_tok:.2f}" for e in trained))
+        rate = t_train_tokens / max(time.time() - t0, 1e-9)
+        bar.set_postfix_str(" ".join(f"{e}:{sums[e] / n_tok:.2f}" for e in trained)
+                            + f" {rate:.0f} tok/s")  # fmt: skip
+        if curve.cpu_s() >= next_eval or step == args.steps:
+            record(step)
+            next_eval = curve.cpu_s() + args.eval_every * 60
         if args.save_every and (step % args.save_every == 0 or step == args.steps):
-            save_resume(out, layers, opt, sched, step, history, commands)
+            save(step)
     bar.close()
-    elapsed = time.time() - t0
+    if step == first_step:
+        write_checkpoint(step)
+    if held is not None and curve.points:
+        plot_curve(curve.points, out / "curve.png", curve.points[-1].get("base_ce"))
     final = {e: final_loss(history, e) for e in trained}
-    training = {
-        "method": "balcony", "exits": exits, "base_model": base_name,
-        "data": [str(d) for d in args.data], "data_sha256": data.sha256,
-        "examples": len(data.examples), "tokens": int(cache.offsets[-1]),
-        "bad_records": len(data.bad), "command": args.command, "commands": commands,
-        "steps": step, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
-        "lr": args.lr, "max_length": args.max_length, "teacher_k": args.teacher_k,
-        "exit_init": args.exit_init, "teacher_cache_seconds": round(cache_s, 1),
-        "seconds_per_step": round(elapsed / max(step - first_step, 1), 3),
-        "train_tokens_per_second": round(tokens_seen / max(elapsed, 1e-9), 1),
-        "final_kl": {str(e): round(v, 4) for e, v in final.items()},
-    }  # fmt: skip
+    return TrainResult(out, step, tuple(exits), final)
+
+
+def save_checkpoint(out: Path, layers: ExitLayers, tokenizer: Any, exits: Sequence[int],
+                    base_name: str, training: dict[str, Any]) -> None:  # fmt: skip
+    """A balcony checkpoint: fp16 exit layers, the tokenizer and soft.json (with the run's
+    record: its commands, curve and CPU-hours), written whole or not at all."""
     from safetensors.torch import save_file
 
+    from models.checkpoint import EXIT_LAYERS, SoftConfig, write_soft_json
+
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.cpu() for k, v in exit_layer_tensors(layers, torch.bfloat16).items()},
-              str(out / EXIT_LAYERS))  # fmt: skip
+    tmp = out / (EXIT_LAYERS + ".tmp")
+    save_file({k: v.cpu() for k, v in exit_layer_tensors(layers, torch.float16).items()},
+              str(tmp))  # fmt: skip
+    tmp.replace(out / EXIT_LAYERS)
     tokenizer.save_pretrained(str(out))
     write_soft_json(out, SoftConfig(method="balcony", exits=tuple(exits), base_model=base_name,
                                     training=training))  # fmt: skip
-    return TrainResult(out, step, tuple(exits), final)

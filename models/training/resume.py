@@ -1,8 +1,11 @@
 """Resumable training state: `OUT/resume/` holds the trainable weights (safetensors), the
-optimizer, the scheduler, the step, the RNG, the per-step losses and the commands so far."""
+optimizer, the scheduler, the step, the RNG, the per-step losses and the commands so far;
+and what every trainer returns (`TrainResult`)."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,23 @@ from torch import nn
 from models.checkpoint import read_soft_json
 
 RESUME_DIR = "resume"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a `soft-train` run leaves: where, how many steps, which exits, and the loss of
+    each exit over its last steps."""
+
+    out: Path
+    steps: int
+    exits: tuple[int, ...]
+    final_losses: dict[int, float]  # mean loss per exit over the last steps
+
+
+def final_loss(history: list[dict[str, float]], exit: int, last: int = 20) -> float:
+    """Mean loss of `exit` over the last `last` steps that trained it (nan when none did)."""
+    seen = [h[str(exit)] for h in history if str(exit) in h][-last:]
+    return sum(seen) / len(seen) if seen else math.nan
 
 
 def save_resume(out: Path, wrapper: nn.Module, opt: Any, sched: Any, step: int,

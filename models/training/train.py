@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import shlex
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -41,19 +39,11 @@ from models.checkpoint import (
 )
 from models.training import resume
 from models.training.data import DataError, collate, load_mixture, parse_range, step_batches
-from models.training.resume import RESUME_DIR, save_resume
+from models.training.resume import RESUME_DIR, TrainResult, final_loss, save_resume
 from models.training.sorted_loss import ExitHeadModule, FrozenTeacher, SortedLoss, default_exits
 
 log = logging.getLogger("soft-train")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    out: Path
-    steps: int
-    exits: tuple[int, ...]
-    final_losses: dict[int, float]  # mean response CE per exit over the last steps
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--teacher-k",
         type=int,
         default=32,
-        help="balcony: teacher log-probabilities cached per token (plus the rest's mass)",
+        help="balcony: the teacher's top-k token ids cached per token (computed exactly by\n"
+        "the sampled head)",
     )
     p.add_argument(
         "--exit-init",
@@ -115,6 +106,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="balcony: each exit layer starts as a copy of the base's last layer, or of\n"
         "the layer that follows the exit (layer e)",
     )
+    p.add_argument(
+        "--head",
+        choices=("sampled", "full"),
+        default="sampled",
+        help="balcony: the KL's vocabulary: `sampled` computes the --head-exact most frequent\n"
+        "tokens and every token's teacher top-k exactly and estimates the rest from\n"
+        "--head-samples uniform draws per chunk (unbiased sums); `full` every token",
+    )
+    p.add_argument("--head-exact", type=int, default=512,
+                   help="balcony: most frequent tokens always computed exactly")  # fmt: skip
+    p.add_argument("--head-samples", type=int, default=512,
+                   help="balcony: tail tokens drawn per chunk for the estimate")  # fmt: skip
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="balcony: start the exit layers from this balcony checkpoint (e.g.\n"
+        "models/default) and continue its CE-vs-CPU-hours curve",
+    )
+    p.add_argument(
+        "--eval-data",
+        nargs="+",
+        default=None,
+        help="balcony: held-out data (PATH[@START:END] ...): response CE per exit every\n"
+        "--eval-every CPU-minutes, written to OUT/curve.json and OUT/curve.png",
+    )
+    p.add_argument("--eval-every", type=float, default=10.0,
+                   help="balcony: CPU-minutes (all threads) between held-out CEs")  # fmt: skip
+    p.add_argument("--eval-max-length", type=int, default=256,
+                   help="balcony: truncate held-out sequences (tokens)")  # fmt: skip
     p.add_argument(
         "--cache-dir",
         default=None,
@@ -351,12 +371,6 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainRes
     return TrainResult(out, step, tuple(exits), final)
 
 
-def final_loss(history: list[dict[str, float]], exit: int, last: int = 20) -> float:
-    """Mean CE of `exit` over the last `last` steps that trained it (nan when none did)."""
-    seen = [h[str(exit)] for h in history if str(exit) in h][-last:]
-    return sum(seen) / len(seen) if seen else math.nan
-
-
 def save_output(args: argparse.Namespace, out: Path, wrapper: Any, peft_model: Any,
                 tokenizer: Any, soft: SoftConfig) -> None:  # fmt: skip
     from safetensors.torch import save_file
@@ -405,6 +419,15 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(
             "--method balcony trains exit layers only: drop --lora-rank/--distill/--save-delta"
         )
+    if args.method != "balcony" and (args.init_from or args.eval_data):
+        parser.error("--init-from and --eval-data belong to --method balcony")
+    if args.head_exact < 0 or args.head_samples < 0 or args.teacher_k < 1:
+        parser.error("--head-exact and --head-samples must be >= 0, --teacher-k >= 1")
+    if not args.eval_every > 0 or args.eval_max_length < 2:
+        parser.error("--eval-every must be > 0 and --eval-max-length >= 2")
+    for spec in args.eval_data or []:
+        if not split_spec(spec)[0].is_file():
+            parser.error(f"--eval-data {spec}: no such file (try `make data`)")
     try:
         loader.resolve(args.model)
     except (FileNotFoundError, ValueError) as e:

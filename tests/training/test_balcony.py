@@ -1,6 +1,7 @@
-"""soft-train --method balcony: the teacher cache, the top-k KL against a naive reference,
-the checkpoint through models.load (full depth = the base, exits = a hand-built forward),
---resume, and bad input."""
+"""soft-train --method balcony: the sharded teacher cache, the sampled KL against the full
+KL (exact with every column, close on average with a sample), the checkpoint through
+models.load (full depth = the base, exits = a hand-built forward), --resume, continuing
+from committed exit weights with the CE-vs-CPU-hours curve, and bad input."""
 
 from __future__ import annotations
 
@@ -18,15 +19,15 @@ import models
 from models.checkpoint import EXIT_LAYERS, read_tensors
 from models.training.balcony import (
     ExitLayers,
-    HeadKL,
     TeacherCache,
     build_cache,
+    head_columns,
     read_batch,
-    topk_kl,
+    sampled_kl,
 )
 from models.training.data import collate, load_dataset
 from models.training.evaluate import response_ce
-from tests.training.test_data import make_tokenizer
+from tests.training.test_data import make_tokenizer, write_alpaca
 from tests.training.test_train import run_train
 
 
@@ -41,83 +42,128 @@ def naive_exit_logits(hf: torch.nn.Module, exit_layer: torch.nn.Module, ids: tor
     return sub(input_ids=ids).logits
 
 
-def test_topk_kl_is_the_kl_of_the_coarsened_distributions() -> None:
+def full_kl(x: torch.Tensor, w: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """The reference: per-token KL(teacher || softmax(x W^T)) over the whole vocabulary."""
+    student = F.log_softmax(F.linear(x, w), dim=-1)
+    return F.kl_div(student, teacher_logp, log_target=True, reduction="none").sum(-1)
+
+
+def test_sampled_kl_with_every_column_is_the_full_kl_and_its_gradient() -> None:
     torch.manual_seed(0)
-    n, v, k = 5, 40, 6
-    teacher = F.log_softmax(torch.randn(n, v) * 3, dim=-1)
-    student = torch.randn(n, v) * 2
-    top_v, top_i = teacher.topk(k, dim=-1)
-    rest = torch.log1p(-top_v.exp().sum(-1))
-    got = topk_kl(student, top_i, top_v, rest)
-    # naive: the k top tokens and one "other" outcome, both distributions coarsened alike
-    q = F.softmax(student, dim=-1)
-    for r in range(n):
-        p_c = torch.cat([top_v[r].exp(), rest[r].exp()[None]])
-        q_top = q[r, top_i[r]]
-        q_c = torch.cat([q_top, (1 - q_top.sum())[None]])
-        want = (p_c * (p_c.log() - q_c.log())).sum()
-        assert got[r].item() == pytest.approx(want.item(), rel=1e-4, abs=1e-6)
-    # with k = V it is the full KL
-    full_v, full_i = teacher.topk(v, dim=-1)
-    exact = F.kl_div(F.log_softmax(student, -1), teacher, log_target=True, reduction="none").sum(-1)
-    got_full = topk_kl(student, full_i, full_v, torch.full((n,), -60.0))
-    assert torch.allclose(got_full, exact, atol=1e-4)
-
-
-def test_head_kl_gradient_matches_autograd() -> None:
-    torch.manual_seed(1)
-    n, h, v, k = 6, 8, 30, 4
+    n, h, v = 6, 8, 40
     x = torch.randn(n, h, requires_grad=True)
     w = torch.randn(v, h)
-    teacher = F.log_softmax(torch.randn(n, v) * 2, dim=-1)
-    top_v, top_i = teacher.topk(k, dim=-1)
-    rest = torch.log1p(-top_v.exp().sum(-1))
-    got = HeadKL.apply(x, w, top_i, top_v, rest)
-    (g_got,) = torch.autograd.grad(got, x)
+    teacher = F.log_softmax(torch.randn(n, v) * 3, dim=-1)
+    got = sampled_kl(x, w, teacher, None)
+    (g_got,) = torch.autograd.grad(got.sum(), x)
     x2 = x.detach().clone().requires_grad_(True)
-    want = topk_kl(F.linear(x2, w), top_i, top_v, rest).sum()
-    (g_want,) = torch.autograd.grad(want, x2)
-    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    want = full_kl(x2, w, teacher)
+    (g_want,) = torch.autograd.grad(want.sum(), x2)
+    assert torch.allclose(got, want, atol=1e-5)
     assert torch.allclose(g_got, g_want, atol=1e-5)
+    # every tail token drawn: the weights are 1 and the estimate is exact again
+    top = teacher.topk(3, dim=-1).indices
+    cols = head_columns(v, torch.tensor([0, 1]), top, samples=v)
+    assert cols.ids is not None and sorted(cols.ids.tolist()) == list(range(v))
+    assert cols.log_weight is not None and torch.equal(cols.log_weight, torch.zeros(v))
+    got_all = sampled_kl(x, w[cols.ids], teacher[:, cols.ids], cols.log_weight)
+    assert torch.allclose(got_all, want, atol=1e-5)
 
 
-def test_cache_round_trips_and_is_reused(tiny_base: Path, data_file: Path, tmp_path: Path
-                                         ) -> None:  # fmt: skip
+def test_head_columns_hold_the_exact_set_and_every_top_token_once() -> None:
+    v = 50
+    top = torch.tensor([[3, 4, 40], [4, 9, 41]])
+    cols = head_columns(v, torch.tensor([0, 1, 3]), top, samples=10,
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert cols.ids is not None and cols.log_weight is not None
+    exact = cols.ids[: cols.exact].tolist()
+    assert sorted(exact) == [0, 1, 3, 4, 9, 40, 41]
+    drawn = cols.ids[cols.exact :].tolist()
+    assert len(drawn) == 10 and len(set(drawn)) == 10 and not set(drawn) & set(exact)
+    # each drawn column stands for (tail size / draws) tokens
+    assert cols.log_weight[cols.exact :].allclose(torch.full((10,), math.log((v - 7) / 10)))
+    assert cols.log_weight[: cols.exact].eq(0).all()
+
+
+def test_sampled_kl_is_close_to_the_full_kl_and_its_gradient_on_average() -> None:
+    """The tail is estimated from a sample: over many draws the normaliser's estimate is
+    unbiased, and the KL and its gradient come close to the full ones (the log of an
+    estimate is biased by Jensen's inequality; with the teacher's top tokens exact the
+    bias is small)."""
+    torch.manual_seed(2)
+    n, h, v = 4, 16, 400
+    w = torch.randn(v, h) * 0.5
+    teacher = F.log_softmax(F.linear(torch.randn(n, h), w) * 1.5, dim=-1)
+    x = (torch.randn(n, h) * 0.5).requires_grad_(True)  # a student still far from it
+    want = full_kl(x, w, teacher)
+    (g_want,) = torch.autograd.grad(want.sum(), x)
+    top = teacher.topk(8, dim=-1).indices
+    gen = torch.Generator().manual_seed(0)
+    draws, kls, grads, zs = 400, [], [], []
+    z_full = torch.logsumexp(F.linear(x, w), -1).detach()
+    for _ in range(draws):
+        c = head_columns(v, torch.arange(16), top, samples=64, generator=gen)
+        assert c.ids is not None and c.log_weight is not None
+        est = sampled_kl(x, w[c.ids], teacher[:, c.ids], c.log_weight)
+        (g,) = torch.autograd.grad(est.sum(), x)
+        kls.append(est.detach())
+        grads.append(g)
+        zs.append(torch.logsumexp(F.linear(x, w[c.ids]) + c.log_weight, -1).exp().detach())
+    z_mean = torch.stack(zs).mean(0)
+    assert torch.allclose(z_mean, z_full.exp(), rtol=0.03)  # unbiased normaliser
+    assert torch.allclose(torch.stack(kls).mean(0), want.detach(), rtol=0.05, atol=0.02)
+    g_mean = torch.stack(grads).mean(0)
+    assert (g_mean - g_want).norm() < 0.1 * g_want.norm()
+
+
+def test_cache_round_trips_in_shards_and_is_reused(tiny_base: Path, data_file: Path,
+                                                   tmp_path: Path) -> None:  # fmt: skip
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(str(tiny_base)).eval()
     data = load_dataset(data_file, make_tokenizer(), 64)
-    cache = build_cache(hf, data.examples, [1, 3], 5, tmp_path / "tc", progress=False)
-    assert cache.num_sequences == len(data.examples)
-    s = 3
-    ids = torch.tensor([data.examples[s].input_ids])
-    with torch.no_grad():
-        out = hf(input_ids=ids, output_hidden_states=True)
-    sl = cache.sequence(s)
-    assert cache.tokens[sl].tolist() == list(data.examples[s].input_ids)
-    for e in (1, 3):
-        got = torch.from_numpy(np.asarray(cache.hidden[e][sl])).float()
-        assert torch.allclose(got, out.hidden_states[e][0], atol=2e-3, rtol=1e-3)
-    logp = F.log_softmax(out.logits[0], dim=-1)
-    top_v, top_i = logp.topk(5, dim=-1)
-    assert torch.equal(torch.from_numpy(np.asarray(cache.top_ids[sl])).long(), top_i)
-    assert torch.allclose(torch.from_numpy(np.asarray(cache.top_logp[sl])).float(), top_v,
-                          atol=1e-2)  # fmt: skip
-    rest = torch.from_numpy(np.asarray(cache.rest_logp[sl]))
-    assert torch.allclose(rest.exp() + top_v.exp().sum(-1), torch.ones(len(rest)), atol=1e-4)
-    # the same base, data, exits and k: the same directory, opened, not rebuilt
-    mtime = (cache.directory / "meta.json").stat().st_mtime_ns
-    again = build_cache(hf, data.examples, [1, 3], 5, tmp_path / "tc", progress=False)
-    assert again.directory == cache.directory
-    assert (cache.directory / "meta.json").stat().st_mtime_ns == mtime
+    cache = build_cache(hf, data.examples, [1, 3], 5, tmp_path / "tc", progress=False,
+                        shard_tokens=100)  # fmt: skip
+    assert len(cache.shards) > 2 and cache.num_sequences == len(data.examples)
+    assert cache.num_tokens == sum(len(e.input_ids) for e in data.examples)
+    for s in (0, 3, len(data.examples) - 1):
+        shard, i = cache.locate(s)
+        sl = shard.sequence(i)
+        ids = torch.tensor([data.examples[s].input_ids])
+        with torch.no_grad():
+            out = hf.model(input_ids=ids, output_hidden_states=True)
+        assert shard.tokens[sl].tolist() == list(data.examples[s].input_ids)
+        for e in (1, 3):
+            got = torch.from_numpy(np.asarray(shard.hidden[e][sl])).float()
+            assert torch.allclose(got, out.hidden_states[e][0], atol=2e-3, rtol=1e-3)
+        fin = torch.from_numpy(np.asarray(shard.final[sl])).float()
+        assert torch.allclose(fin, out.last_hidden_state[0], atol=2e-3, rtol=1e-3)
+        logits = F.linear(fin, hf.lm_head.weight)
+        logz = torch.from_numpy(np.asarray(shard.logz[sl]))
+        assert torch.allclose(logz, torch.logsumexp(logits, -1), atol=1e-4)
+        top = torch.from_numpy(np.asarray(shard.top_ids[sl])).long()
+        assert torch.equal(top, logits.topk(5, dim=-1).indices)
+    # the same base, data, exits and k: the same shards, opened, not rebuilt
+    first = cache.shards[0].directory / "meta.json"
+    mtime = first.stat().st_mtime_ns
+    again = build_cache(hf, data.examples, [1, 3], 5, tmp_path / "tc", progress=False,
+                        shard_tokens=100)  # fmt: skip
+    assert [s.directory for s in again.shards] == [s.directory for s in cache.shards]
+    assert first.stat().st_mtime_ns == mtime
+    # an interrupted shard is not mistaken for a cache, and a build resumes by redoing it
+    last = cache.shards[-1].directory / "meta.json"
+    meta = json.loads(last.read_text())
+    last.write_text(json.dumps({**meta, "complete": False}))
+    with pytest.raises(ValueError, match="not a complete"):
+        TeacherCache.open(last.parent)
+    resumed = build_cache(hf, data.examples, [1, 3], 5, tmp_path / "tc", progress=False,
+                          shard_tokens=100)  # fmt: skip
+    assert first.stat().st_mtime_ns == mtime  # untouched
+    assert json.loads(last.read_text())["complete"] is True  # rebuilt
+    assert resumed.num_tokens == cache.num_tokens
     # another k is another cache
     other = build_cache(hf, data.examples, [1, 3], 4, tmp_path / "tc", progress=False)
-    assert other.directory != cache.directory
-    # an interrupted build is not mistaken for a cache
-    meta = json.loads((other.directory / "meta.json").read_text())
-    (other.directory / "meta.json").write_text(json.dumps({**meta, "complete": False}))
-    with pytest.raises(ValueError, match="not a complete"):
-        TeacherCache.open(other.directory)
+    assert other.shards[0].directory != cache.shards[0].directory
 
 
 def test_exit_layers_loss_is_the_naive_per_exit_kl(tiny_base: Path, data_file: Path,
@@ -127,12 +173,12 @@ def test_exit_layers_loss_is_the_naive_per_exit_kl(tiny_base: Path, data_file: P
     hf = AutoModelForCausalLM.from_pretrained(str(tiny_base)).eval()
     hf.requires_grad_(False)
     data = load_dataset(data_file, make_tokenizer(), 64)
-    k = hf.config.vocab_size  # every token kept: the loss is the exact KL
-    cache = build_cache(hf, data.examples, [1, 2], k, tmp_path / "tc", progress=False)
+    cache = build_cache(hf, data.examples, [1, 2], 4, tmp_path / "tc", progress=False)
     layers = ExitLayers(hf, [1, 2], "next")
     seqs = [0, 4, 7]
     n_tok = sum(len(data.examples[s].input_ids) for s in seqs)
-    loss, per_exit = layers(read_batch(cache, seqs, float(n_tok)))
+    batch = read_batch(cache, seqs, float(n_tok))
+    loss, per_exit = layers(batch)  # exact=None: the whole vocabulary, the exact KL
     with torch.no_grad():
         want_total = 0.0
         for e in (1, 2):
@@ -145,6 +191,9 @@ def test_exit_layers_loss_is_the_naive_per_exit_kl(tiny_base: Path, data_file: P
             assert per_exit[e] == pytest.approx(kl_sum, rel=2e-3)
             want_total += kl_sum / n_tok
     assert loss.item() == pytest.approx(want_total, rel=2e-3)
+    # the sampled head with every tail token drawn is the same loss
+    loss_s, per_s = layers(batch, torch.arange(5), samples=hf.config.vocab_size)
+    assert loss_s.item() == pytest.approx(loss.item(), rel=1e-4)
 
 
 def test_balcony_checkpoint_full_depth_is_the_base_and_exits_match_by_hand(
@@ -155,7 +204,8 @@ def test_balcony_checkpoint_full_depth_is_the_base_and_exits_match_by_hand(
     out = tmp_path / "balcony"
     run_train("--model", tiny_base, "--data", data_file, "--out", out, "--method", "balcony",
               "--exits", "1,2", "--steps", "3", "--batch-size", "2", "--teacher-k", "8",
-              "--lr", "1e-3", "--cache-dir", tmp_path / "tc", "--max-length", "64")  # fmt: skip
+              "--lr", "1e-3", "--cache-dir", tmp_path / "tc", "--max-length", "64",
+              "--head-exact", "16", "--head-samples", "32")  # fmt: skip
     soft = json.loads((out / "soft.json").read_text())
     assert soft["method"] == "balcony" and soft["exits"] == [1, 2, 4]
     assert soft["training"]["steps"] == 3 and set(soft["training"]["final_kl"]) == {"1", "2"}
@@ -211,6 +261,66 @@ def test_balcony_resume_continues(tiny_base: Path, data_file: Path, tmp_path: Pa
     training = json.loads((out / "soft.json").read_text())["training"]
     assert training["steps"] == 4 and len(training["commands"]) == 2
     assert math.isfinite(training["final_kl"]["2"])
+
+
+def test_balcony_continues_from_committed_exit_weights_and_their_curve(
+    tiny_base: Path, data_file: Path, tmp_path: Path
+) -> None:
+    """A later session starts from a checkpoint's exit layers (no resume state: only the
+    committed weights and soft.json), on other data, and its curve goes on from there."""
+    held = write_alpaca(tmp_path / "held.json", 4)
+    common = ("--model", tiny_base, "--method", "balcony", "--exits", "1,2",
+              "--batch-size", "2", "--cache-dir", tmp_path / "tc", "--max-length", "64",
+              "--eval-data", held, "--head-exact", "8", "--head-samples", "16")  # fmt: skip
+    first = tmp_path / "first"
+    run_train(*common, "--data", f"{data_file}@:6", "--out", first, "--steps", "3",
+              "--lr", "1e-3")  # fmt: skip
+    t1 = json.loads((first / "soft.json").read_text())["training"]
+    curve1 = json.loads((first / "curve.json").read_text())
+    assert [p["step"] for p in curve1] == [0, 3] and set(curve1[0]["ce"]) == {"1", "2"}
+    assert all(math.isfinite(v) for p in curve1 for v in p["ce"].values())
+    assert t1["cpu_hours"] >= curve1[-1]["cpu_hours"] > 0
+    assert (first / "curve.png").stat().st_size > 0
+    # a new run with a zero learning rate keeps the committed weights exactly
+    second = tmp_path / "second"
+    run_train(*common, "--data", f"{data_file}@6:", "--out", second, "--steps", "1",
+              "--lr", "0", "--init-from", first)  # fmt: skip
+    a, b = read_tensors(first / EXIT_LAYERS), read_tensors(second / EXIT_LAYERS)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    t2 = json.loads((second / "soft.json").read_text())["training"]
+    curve2 = t2["curve"]
+    assert curve2[: len(curve1)] == curve1  # the committed curve, then this run's points
+    assert len(curve2) == len(curve1) + 1 and curve2[-1]["cpu_hours"] > curve1[-1]["cpu_hours"]
+    for e, v in curve1[-1]["ce"].items():  # the same weights (saved as fp16): the same CE
+        assert curve2[-1]["ce"][e] == pytest.approx(v, abs=2e-3)
+
+
+def test_balcony_init_from_a_checkpoint_without_exit_layers_exits_2(
+    tiny_base: Path, data_file: Path, tmp_path: Path, capsys
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        run_train("--model", tiny_base, "--data", data_file, "--out", tmp_path / "o",
+                  "--method", "balcony", "--exits", "1", "--steps", "1",
+                  "--cache-dir", tmp_path / "tc", "--init-from", tiny_base)  # fmt: skip
+    assert e.value.code == 2
+    assert "exit_layers.safetensors" in capsys.readouterr().err
+
+
+def test_balcony_bad_data_is_reported_with_its_line(tiny_base: Path, tmp_path: Path,
+                                                    capsys, caplog) -> None:  # fmt: skip
+    good = json.dumps({"instruction": "say hi", "output": "hi"})
+    bad = tmp_path / "d.jsonl"
+    bad.write_text("\n".join([good, "{not json", good, good]) + "\n")
+    common = ("--model", tiny_base, "--data", bad, "--method", "balcony", "--exits", "1",
+              "--steps", "1", "--batch-size", "2", "--cache-dir", tmp_path / "tc",
+              "--max-length", "64")  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        run_train(*common, "--out", tmp_path / "o", "--on-bad-record", "error")
+    assert e.value.code == 2 and "d.jsonl:line 2" in capsys.readouterr().err
+    run_train(*common, "--out", tmp_path / "o2")  # skipped, named, and the run goes on
+    assert "d.jsonl:line 2" in caplog.text
+    training = json.loads((tmp_path / "o2" / "soft.json").read_text())["training"]
+    assert training["bad_records"] == 1 and training["examples"] == 3
 
 
 @pytest.mark.parametrize(
