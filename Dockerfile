@@ -1,20 +1,32 @@
 # syntax=docker/dockerfile:1
-# soft-serve for a CUDA GPU node. Build from the repo root:
+# soft-serve for a CUDA GPU node, and for CPU-only ones (compose's `cpu` profile, the k8s
+# `cpu` overlay). Build from the repo root:
 #   docker build -t soft-serve:0.1.0 .
 # The base image already holds a CUDA build of torch, so `pip install` only adds our
-# pure-Python dependencies; no compiler is installed in either stage.
+# pure-Python dependencies. Only the build stage has a compiler: it compiles soft-serve's
+# CPU kernels (models/kernels/cpu.cpp) once, for any x86-64 CPU with AVX2 + FMA, into the
+# wheel (models/kernels/build.py). The runtime stage has none and loads that build, so on
+# a CPU the default `--quantization auto` serves int8 weights on our kernels; the log says
+# "soft-serve CPU kernels: on (...soft_cpu-<hash>.so)".
 ARG BASE_IMAGE=pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime
 
-# 1) build: turn the source tree into a wheel (setuptools lives only in this stage)
+# 1) build: the kernels, then the source tree as a wheel (g++ and setuptools live only here)
 FROM ${BASE_IMAGE} AS build
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY models ./models
 COPY server ./server
 COPY loadtest ./loadtest
-RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+# the kernels are x86-64 code: on another architecture the image serves on torch's
+RUN if [ "$(uname -m)" = x86_64 ]; then python models/kernels/build.py; fi \
+    && python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
-# 2) runtime: the wheel, its dependencies and the embedded default model's GGUF
+# 2) runtime: the wheel (with the compiled kernels), its dependencies and the embedded
+# default model's GGUF; no compiler
 FROM ${BASE_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

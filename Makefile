@@ -28,14 +28,15 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 # The OpenAI-compatible server on the embedded default model at 127.0.0.1:8000; more flags
-# (they win) with e.g. `make serve SERVE_ARGS="--policy fixed --port 9000"`. Weights are
-# int8 on CPU, the fastest setting there at a held-out CE within 0.2 % of fp32
-# (docs/performance.md); QUANTIZATION=none serves the fp32 weights as they are.
+# (they win) with e.g. `make serve SERVE_ARGS="--policy fixed --port 9000"`. The weights'
+# format is soft-serve's own default, `auto` (server/settings.py): int8 on a CPU where
+# soft-serve's kernels build, fp32 elsewhere; QUANTIZATION=none serves the fp32 weights
+# as they are.
 SERVE_ARGS ?=
-QUANTIZATION ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo none || echo int8)
+QUANTIZATION ?=
 serve: install
 	$(VENV)/bin/soft-serve --model default --host 127.0.0.1 --port 8000 \
-	  --quantization $(QUANTIZATION) $(SERVE_ARGS)
+	  $(if $(QUANTIZATION),--quantization $(QUANTIZATION)) $(SERVE_ARGS)
 
 # Offline checks of Dockerfile, compose, k8s manifests, Prometheus rules, Grafana dashboard.
 # promtool comes from Debian's prometheus package (installed here when missing and root).

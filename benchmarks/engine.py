@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 import models
-from models.llama import linear, pack
 from models.loader import resolve
+from models.weights import linear, pack
 from server.engine.core import Engine, EngineConfig, on_own_thread
 from server.engine.types import GenerationRequest, SamplingParams
 

@@ -7,7 +7,7 @@ decode step) and each weight format:
      oneDNN's packed fp32 GEMM (what the engine ran before) and torch's weight-only
      int8 / int4 kernels;
   2) 1 to 256 rows on one gate|up matrix: where ours stop beating theirs (the row counts
-     up to which models.llama.KERNEL_ROWS sends products to ours);
+     up to which models.weights.KERNEL_ROWS sends products to ours);
   3) a whole decode step's 30 layers of the default model (context 64) in one call
      (kernels.decode_layers, what the engine runs) against one call per layer with
      Python between (kernels.decode_layer), at 1 and 16 rows.
@@ -31,8 +31,7 @@ import torch
 
 from models import kernels
 from models.kernels import KernelWeight
-from models.llama import pack
-from models.quant import Bf16Weight, Int4Weight, Int8Weight
+from models.weights import Bf16Weight, Int4Weight, Int8Weight, pack
 
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # one SmolLM2 layer
 ROWS = (1, 2, 4, 8, 16, 64, 256)
@@ -117,11 +116,12 @@ def step(trials: int) -> list[dict[str, Any]]:
 
     out = []
     for q in STEP_FORMATS:
-        model = models.load("default", quantization=None if q == "none" else q)
+        model = models.load("default", quantization=q)
         model.pack()
-        assert model.layer_stack is not None, "every layer has kernel layouts here"
+        stack = model.weights.stack
+        assert stack is not None, "every layer has kernel layouts here"
         for n in STEP_ROWS:
-            if n <= model.layer_stack.max_rows:  # fp32 past 4 rows: oneDNN's products instead
+            if n <= stack.max_rows:  # fp32 past 4 rows: oneDNN's products instead
                 one, per = step_times(model, n, trials)
                 out.append({"format": q if q != "none" else "fp32", "rows": n,
                             "one_call_ms": one * 1e3, "per_layer_ms": per * 1e3})  # fmt: skip
@@ -137,7 +137,7 @@ def step_times(model: Any, n: int, trials: int) -> tuple[float, float]:
     from server.engine.scheduler import Sequence
     from server.engine.types import GenerationRequest, SamplingParams
 
-    c, n_layers, stack = model.cfg, model.num_layers, model.layer_stack
+    c, n_layers, stack = model.cfg, model.num_layers, model.weights.stack
     shape = {"num_kv_heads": c.num_kv_heads, "head_dim": c.head_dim, "block_size": 16}
     blocks = n_layers * n * -(-(STEP_CONTEXT + 1) // 16) + 8  # one pool for every layer
     cache = KVCacheManager(KVCacheConfig(num_layers=n_layers, num_blocks=blocks, **shape))
@@ -151,7 +151,8 @@ def step_times(model: Any, n: int, trials: int) -> tuple[float, float]:
     cos, sin = (t.reshape(n, -1) for t in model.rope(torch.full((n, 1), STEP_CONTEXT), h.dtype))
     paged = [p for i in range(n_layers) if (p := kv.paged(i)) is not None]
     assert len(paged) == n_layers, "a paged fp32 cache on CPU"
-    layers = [layer.fused[0] for layer in model.layers]
+    layers = [f for layer in model.weights.layers if (f := layer.fused) is not None]
+    assert len(layers) == n_layers
 
     def one_call() -> None:
         kernels.decode_layers(h, stack, 0, [n] * n_layers, cos, sin, paged[0])

@@ -9,12 +9,16 @@ row that has reached its exit simply stops being updated.
 
 Attention goes through a `KVStore` the caller owns (the engine's paged cache); the runner
 only calls it for the layers a row actually runs, so nothing is ever touched at layers >= d.
+
+The model holds the checkpoint's float weights; the forward multiplies only by the
+matrices models.weights prepared from them (`SortedModel.weights`: fp32, or weight-only
+int8 / int4 / bf16, chosen once by `prepare`; oneDNN's and soft-serve's kernels' layouts
+added once by `pack`), and never chooses a format itself.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,28 +28,17 @@ from torch import Tensor, nn
 
 from models import kernels
 from models.checkpoint import SoftConfig, base_config
-from models.kernels import KernelWeight, LayerKernels, LayerStack, PagedKV
-from models.quant import (
-    Bf16Weight,
-    Int4Weight,
-    Int8Weight,
+from models.kernels import PagedKV
+from models.quantization import Quantization
+from models.weights import (
+    LAYER_MATRICES,
+    LayerWeights,
+    ModelWeights,
     QuantizedWeight,
-    quantization_mode,
-    quantize,
+    head_weight,
+    nbytes,
+    project,
 )
-
-# the matrices of a decoder layer that `pack` and `quantize` replace
-LAYER_MATRICES = ("wqkv", "wo", "w_gate_up", "w_down")
-# the head's weights per mode: an int4 head costs SmolLM2 ~4x the logits error of its
-# int4 layers (llama.cpp's Q4 files keep the head at Q8_0 / Q6_K for the same reason)
-HEAD_QUANTIZATION = {"int8": "int8", "int4": "int8", "bf16": "bf16"}
-# products over at most this many rows run on soft-serve's kernels (models.kernels) where
-# the matrix has one: fp32 ones beat oneDNN's packed GEMM up to batch 4 on this project's
-# CPUs; bf16 ones (k-major panels past one row) beat widening the matrix to fp32 for
-# oneDNN at every batch (1.2-1.9x at 64-256 rows), int8 / int4 ones torch's weight-only
-# kernels (2x at 16-256 rows), so those always run there, and a row's numbers then do not
-# depend on what shares its batch (docs/performance.md, benchmarks/kernels.py)
-KERNEL_ROWS = {kernels.F32: 4, kernels.BF16: 1 << 30, kernels.I8: 1 << 30, kernels.Q4: 1 << 30}
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 # rope variants whose frequencies do not depend on the sequence length at run time
@@ -159,130 +152,10 @@ class KVStore(Protocol):
         ...
 
 
-@functools.cache
-def _onednn(dtype: torch.dtype = torch.float32) -> bool:
-    """oneDNN can run and pack `dtype` matrices here (fp32 everywhere it is built; packed
-    bf16 only on CPUs with AVX512-BW/VL/DQ or AVX-NE-CONVERT). Asked lazily, on the thread
-    that first computes (usually the engine's): a probe at import would give the importing
-    thread an OpenMP pool, which slows the engine's (see server/engine/)."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        x, w = torch.ones(2, 3), torch.ones(4, 3)
-        packed = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype), _PACK_HINT[dtype])
-        y = torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, None, "none", [], "")
-        return bool(torch.equal(y.float(), F.linear(x, w)))
-    except (RuntimeError, AttributeError, NotImplementedError):
-        return False
-
-
 # a forward over several groups of rows pads their tokens to a multiple of this: each
 # distinct row count is a GEMM primitive oneDNN creates and caches, and decode rows plus
 # prompt tokens would otherwise give thousands (the soak test's RSS grew by ~450 MiB)
 FUSED_ROWS = 16
-# the batch size oneDNN picks its blocked layout for: measured best for batch 1-16 decode
-_PACK_HINT = {torch.float32: 16, torch.bfloat16: 1}
-
-
-@dataclass(frozen=True, eq=False)
-class PackedWeight:
-    """A float matrix in two layouts: oneDNN's blocked one for products over many rows,
-    the plain one (`kernel`, the same storage as the checkpoint's tensor) for soft-serve's
-    kernels over a few (models.kernels). What `SortedModel.pack` makes of fp32 matrices
-    where the kernels are built."""
-
-    packed: Tensor
-    kernel: KernelWeight
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.kernel.shape
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes one product reads (one of the two layouts)."""
-        return self.kernel.nbytes
-
-    def matmul(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
-        return linear(x, self.packed, bias)
-
-
-# a matrix `linear` can multiply by: float (maybe oneDNN-packed, maybe with a plain copy
-# for soft-serve's kernels) or int8 / int4 / bf16 (models.quant)
-Weight = Tensor | QuantizedWeight | PackedWeight
-MATRIX_TYPES = (Int8Weight, Int4Weight, Bf16Weight, PackedWeight)
-
-
-def pack(w: Tensor) -> Tensor:
-    """`w` (out, in) in the CPU GEMM library's own blocked layout (oneDNN), or `w` itself
-    where that does not apply (other devices and dtypes, no oneDNN). A packed matrix is
-    opaque: only `linear` reads it. On this project's CPUs packed weights stream 1.3-2x
-    faster than plain ones at batch 1-16, bf16 most of all (docs/performance.md)."""
-    if w.is_mkldnn or w.device.type != "cpu" or w.dtype not in _PACK_HINT:
-        return w
-    if not _onednn(w.dtype):
-        return w
-    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), _PACK_HINT[w.dtype])
-
-
-def _packed(w: Tensor) -> Tensor | PackedWeight:
-    """`pack(w)`, with the plain matrix beside it where soft-serve's kernels take it."""
-    p = pack(w)
-    if w.device.type == "cpu" and w.dtype == torch.float32 and kernels.available():
-        if kernels.supports(w.shape, kernels.F32):
-            return PackedWeight(p, KernelWeight.dense(w))
-    return p
-
-
-def linear(x: Tensor, w: Weight, bias: Tensor | None = None) -> Tensor:
-    """x (..., in) @ w (out, in)^T. Quantized `w` runs its own kernel (models.quant); a
-    packed `w` and plain fp32 on CPU go through oneDNN directly (it reads fp32 weights ~2x
-    faster than the BLAS behind F.linear here); everything else is F.linear."""
-    if not isinstance(w, Tensor):
-        return w.matmul(x, bias)
-    if w.is_mkldnn or (x.dtype == torch.float32 and x.device.type == "cpu" and _onednn()):
-        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
-    return F.linear(x, w, bias)
-
-
-def project(
-    x: Tensor,
-    w: Weight,
-    bias: Tensor | None = None,
-    *,
-    norm: Tensor | None = None,
-    eps: float = 0.0,
-    swiglu: bool = False,
-    residual: Tensor | None = None,
-) -> Tensor:
-    """f(x) @ w^T (+ bias), f being RMSNorm with `norm` (and `eps`), SwiGLU over x's two
-    halves (`swiglu`: silu(gate) * up) or nothing; with `residual`, residual + that (in
-    place on the kernels' path: use the returned tensor). One fused call on soft-serve's
-    kernels where `w` has a kernel layout and x is a few fp32 rows (KERNEL_ROWS) needing no
-    gradient; torch's ops otherwise."""
-    kw: KernelWeight | None = getattr(w, "kernel", None)
-    if (
-        kw is not None
-        and x.dtype == torch.float32
-        and not x.requires_grad
-        and x.numel() <= KERNEL_ROWS[kw.kind] * x.shape[-1]
-    ):
-        mode = kernels.RMS_NORM if norm is not None else kernels.SWIGLU if swiglu else kernels.PLAIN
-        return kernels.linear(x, kw, mode=mode, norm=norm, eps=eps, bias=bias, out=residual)
-    if norm is not None:
-        x = rms_norm(x, norm, eps)
-    elif swiglu:
-        gate, up = x.chunk(2, dim=-1)
-        x = F.silu(gate) * up
-    y = linear(x, w, bias)
-    return y if residual is None else residual + y
-
-
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """One fused kernel. fp32: bit-identical to transformers' formula. Half precision: it
-    normalises in fp32 like transformers, then scales before the one rounding to x's
-    dtype (transformers rounds, then scales): within one ulp, and 8 kernels fewer."""
-    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -308,12 +181,6 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     return out.transpose(1, 2)
 
 
-class RowSpan(Protocol):
-    """A KV store that can narrow itself to rows [a, b) of its batch."""
-
-    def rows(self, start: int, end: int) -> KVStore: ...
-
-
 def _rows(kv: KVStore | None, start: int, end: int) -> KVStore | None:
     """The store for rows [start, end) of a group: the store itself when it is the whole
     group from row 0, else its `rows(start, end)` view (stores that run exit layers on a
@@ -325,43 +192,46 @@ def _rows(kv: KVStore | None, start: int, end: int) -> KVStore | None:
     return narrow(start, end)  # type: ignore[no-any-return]
 
 
-def _is_matrix(w: object) -> bool:
-    """A matrix container other than a plain tensor (models.quant, PackedWeight)."""
-    return isinstance(w, MATRIX_TYPES)
-
-
-def _nbytes(w: Weight) -> int:
-    return w.numel() * w.element_size() if isinstance(w, Tensor) else w.nbytes
-
-
 class Layer(nn.Module):
-    """One decoder block with fused projections (qkv, gate|up): fewer kernels per token."""
+    """One decoder block's float weights as the checkpoint has them, with fused projections
+    (qkv, gate|up): fewer kernels per token. The forward reads the `LayerWeights` prepared
+    from them (models.weights); once quantized or packed ones take the four matrices'
+    place, these are released (None) to free their memory."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.split = (hq * d, hkv * d, hkv * d)
+        qkv = (hq + 2 * hkv) * d
         self.input_norm = nn.Parameter(torch.empty(cfg.hidden_size), requires_grad=False)
-        self.wqkv = nn.Parameter(torch.empty(sum(self.split), cfg.hidden_size), False)
-        self.bqkv = (
-            nn.Parameter(torch.empty(sum(self.split)), False) if cfg.attention_bias else None
-        )
-        self.wo = nn.Parameter(torch.empty(cfg.hidden_size, hq * d), False)
+        self.wqkv: nn.Parameter | None = nn.Parameter(torch.empty(qkv, cfg.hidden_size), False)
+        self.bqkv = nn.Parameter(torch.empty(qkv), False) if cfg.attention_bias else None
+        self.wo: nn.Parameter | None = nn.Parameter(torch.empty(cfg.hidden_size, hq * d), False)
         self.post_norm = nn.Parameter(torch.empty(cfg.hidden_size), False)
-        self.w_gate_up = nn.Parameter(
+        self.w_gate_up: nn.Parameter | None = nn.Parameter(
             torch.empty(2 * cfg.intermediate_size, cfg.hidden_size), False
         )
-        self.w_down = nn.Parameter(torch.empty(cfg.hidden_size, cfg.intermediate_size), False)
+        self.w_down: nn.Parameter | None = nn.Parameter(
+            torch.empty(cfg.hidden_size, cfg.intermediate_size), False
+        )
+
+    def floats(self) -> dict[str, Tensor | None]:
+        """The weights by name, as `LayerWeights.prepare` reads them."""
+        return {"wqkv": self.wqkv, "wo": self.wo, "w_gate_up": self.w_gate_up,
+                "w_down": self.w_down, "bqkv": self.bqkv, "input_norm": self.input_norm,
+                "post_norm": self.post_norm}  # fmt: skip
+
+    def release_matrices(self) -> None:
+        """Drop the float matrices: quantized ones took their place."""
+        self.wqkv = self.wo = self.w_gate_up = self.w_down = None
 
 
 @dataclass(frozen=True)
 class ExitHead:
-    """An early-exit baseline's own head for one exit."""
+    """An early-exit baseline's own head for one exit (float; the forward multiplies by
+    its prepared format, `ModelWeights.exit_heads`)."""
 
     norm: Tensor  # (H,)
     weight: Tensor  # (V, H)
-    # what head() reads when set: int8 / int4 / bf16 (SortedModel.quantize) or packed (pack)
-    quantized: Weight | None = None
 
 
 class SortedModel(nn.Module):
@@ -385,11 +255,10 @@ class SortedModel(nn.Module):
         # balcony: exit depth (as a string key) -> its own decoder layer, run after base
         # layers [0, e); its KV lives at cache layer `kv_layer(e)`, past the base's layers
         self.exit_layers = nn.ModuleDict()
-        # set by pack() or quantize(): the head in oneDNN's layout or as int8/int4 weights
-        self.packed_head: Weight | None = None
-        self.quantization: str | None = None  # "int8" | "int4" once quantize() ran
-        # set by pack() where every base layer has kernel layouts: a decode step in one call
-        self.layer_stack: LayerStack | None = None
+        # the matrices the forward multiplies by, in their formats: set by `prepare`
+        # (models.load calls it), put in their serving layouts by `pack`; until then the
+        # float parameters as they are
+        self._weights: ModelWeights | None = None
         # set by models.load(): what soft.json says, the tokenizer, where it came from
         self.soft: SoftConfig = base_config(cfg.num_layers)
         self.tokenizer: Any = None
@@ -417,6 +286,16 @@ class SortedModel(nn.Module):
         return self.embed.dtype
 
     @property
+    def weights(self) -> ModelWeights:
+        """Every matrix the forward multiplies by (models.weights)."""
+        return self._weights if self._weights is not None else self._prepared(Quantization.NONE)
+
+    @property
+    def quantization(self) -> Quantization:
+        """The weights' format (never AUTO)."""
+        return self.weights.quantization
+
+    @property
     def num_kv_layers(self) -> int:
         """Layers that hold KV: the base's, then one per exit layer (balcony)."""
         return self.cfg.num_layers + len(self.exit_layers)
@@ -429,7 +308,8 @@ class SortedModel(nn.Module):
     def exit_layer(self, depth: int) -> Layer | None:
         """The exit's own decoder layer, None where sub-model `depth` has none."""
         layer = self.exit_layers[str(depth)] if str(depth) in self.exit_layers else None
-        return layer  # type: ignore[return-value]
+        assert layer is None or isinstance(layer, Layer)
+        return layer
 
     def layers_run(self, depth: int) -> int:
         """Decoder layers a token at `depth` runs: d, plus the exit's own (balcony)."""
@@ -437,105 +317,79 @@ class SortedModel(nn.Module):
 
     def layer_bytes(self) -> int:
         """Bytes of one decoder layer's weights (every layer, exit layers too, alike),
-        int8/int4 matrices at their quantized size."""
-        layer = self.layers[0]
-        plain = sum(_nbytes(p) for p in layer.parameters())
-        return plain + sum(_nbytes(w) for w in layer.__dict__.values() if _is_matrix(w))
+        quantized matrices at their quantized size."""
+        return self.weights.layers[0].nbytes
 
     def weight_bytes(self, depth: int) -> int:
         """Bytes of weights read for one token at `depth` (layers [0, d), the exit layer
-        if any, final norm + head, int8/int4 ones at their quantized size; the embedding
+        if any, final norm + head, quantized ones at their quantized size; the embedding
         row read is negligible)."""
-        eh = self.exit_heads.get(depth)
-        head: Weight = self.lm_head if eh is None else eh.quantized or eh.weight
-        if eh is None and self.packed_head is not None and _is_matrix(self.packed_head):
-            head = self.packed_head
-        return self.layers_run(depth) * self.layer_bytes() + _nbytes(head) + self.norm.numel()
+        w = self.weights
+        head = w.exit_heads.get(depth, w.head)
+        return self.layers_run(depth) * self.layer_bytes() + nbytes(head) + self.norm.numel()
 
-    def pack(self) -> None:
-        """Put every matrix a decode step reads into the layouts the CPU kernels want:
-        oneDNN's blocked one (see `pack`), plus, for fp32 where soft-serve's kernels are
-        built, the plain matrix beside it for products over a few rows (`PackedWeight`).
-
-        Layer matrices are replaced: afterwards only this runner can read them. The shared
-        head, which is also the embedding table, gets a packed copy. Idempotent; nothing
-        happens off CPU or without oneDNN; quantized matrices stay as they are (they carry
-        their own kernel layout). The serving engine calls it."""
-        for layer in [*self.layers, *self.exit_layers.values()]:
-            for name in LAYER_MATRICES:
-                w = layer._parameters.get(name)
-                if w is None:  # quantized or packed already (a plain attribute now)
-                    continue
-                p = _packed(w.data)
-                if isinstance(p, PackedWeight):
-                    delattr(layer, name)
-                    setattr(layer, name, p)
-                else:
-                    layer._parameters[name] = nn.Parameter(p, requires_grad=False)
-            layer.fused = self._layer_kernels(layer)  # type: ignore[union-attr]
-        fused = [getattr(layer, "fused", None) for layer in self.layers]
-        if all(f is not None for f in fused):  # a decode step's layers in one call
-            self.layer_stack = LayerStack(tuple(f[0] for f in fused),  # type: ignore[index]
-                                          min(f[1] for f in fused))  # type: ignore[index]  # fmt: skip
-        if self.packed_head is None:
-            self.packed_head = _packed(self.lm_head.data)
-        self.exit_heads = {
-            d: ExitHead(eh.norm, eh.weight, eh.quantized or _packed(eh.weight))
-            for d, eh in self.exit_heads.items()
-        }
-
-    def _layer_kernels(self, layer: Layer) -> tuple[LayerKernels, int] | None:
-        """The layer for `kernels.decode_layer` and the most rows it runs it for, None
-        where one of its matrices has no kernel layout (or its norms are not fp32)."""
-        ks = [getattr(getattr(layer, name), "kernel", None) for name in LAYER_MATRICES]
-        if any(k is None for k in ks) or layer.input_norm.dtype != torch.float32:
-            return None
-        c = self.cfg
-        bias = None if layer.bqkv is None else layer.bqkv.data
-        fused = LayerKernels(tuple(ks), (bias, layer.input_norm.data, layer.post_norm.data),  # type: ignore[arg-type]
-                             c.rms_norm_eps, (c.num_heads, c.num_kv_heads, c.head_dim))  # fmt: skip
-        return fused, min(KERNEL_ROWS[k.kind] for k in ks if k is not None)
-
-    def quantize(
-        self, mode: str | None, prebuilt: dict[str, QuantizedWeight] | None = None
+    # -- the weights' formats -------------------------------------------------------------
+    def prepare(
+        self, mode: Quantization, prebuilt: Mapping[str, QuantizedWeight] | None = None
     ) -> None:
-        """Replace every layer matrix (wqkv, wo, w_gate_up, w_down) with weight-only int8 /
-        int4 ones (models.quant) and the head with `HEAD_QUANTIZATION[mode]` ones; the
-        embedding stays a float table (a tied head gets a quantized copy), norms and
-        biases stay float. CPU only; call it before `pack`.
+        """Choose the weights' format, once: every layer matrix (wqkv, wo, w_gate_up,
+        w_down) in `mode`'s (weight-only int8 / int4 / bf16, models.weights; NONE: the
+        float parameters as they are) and the heads as `HEAD_QUANTIZATION[mode]` says. The
+        embedding stays a float table (a tied head gets its own copy), norms and biases
+        stay float. A quantized mode runs on the CPU only and frees the float matrices
+        it replaced; preparing such a model again (or a packed one) keeps what it has.
 
         Args:
-            mode: "int8" | "int4" | "none" / None (nothing happens).
+            mode: the format; AUTO is resolved for the model's device.
             prebuilt: containers to use as they are, by name ("layers.3.wqkv", "head"),
                 e.g. built from a GGUF's own blocks; the rest is quantized from the floats.
         """
-        mode = quantization_mode(mode)
-        if mode is None:
+        mode = mode.resolve(self.device)
+        done = self._weights
+        if done is not None and (done.quantization is not Quantization.NONE or done.is_packed):
+            assert done.quantization is mode, f"prepared as {done.quantization} already"
             return
-        if self.device.type != "cpu":
-            raise ValueError(f"{mode} weights run on torch's CPU kernels; load on CPU")
-        if self.quantization is not None:
-            assert self.quantization == mode, f"already quantized to {self.quantization}"
-            return
+        self._weights = self._prepared(mode, prebuilt)
+        if mode is not Quantization.NONE:
+            self._release_matrices()
+
+    def _release_matrices(self) -> None:
+        for layer in [*self.layers, *self.exit_layers.values()]:
+            assert isinstance(layer, Layer)
+            layer.release_matrices()
+
+    def _prepared(
+        self, mode: Quantization, prebuilt: Mapping[str, QuantizedWeight] | None = None
+    ) -> ModelWeights:
         prebuilt = prebuilt or {}
-        named = [(f"layers.{i}", w) for i, w in enumerate(self.layers)]
-        named += [(f"exit_layers.{e}", w) for e, w in self.exit_layers.items()]
-        for prefix, layer in named:
-            for name in LAYER_MATRICES:
-                w = layer._parameters[name]
-                assert w is not None and not w.is_mkldnn, "quantize() runs before pack()"
-                q = prebuilt.get(f"{prefix}.{name}") or quantize(w.data, mode)
-                assert tuple(q.shape) == tuple(w.shape), (name, q.shape, w.shape)
-                delattr(layer, name)  # a parameter no more: a plain attribute
-                setattr(layer, name, q)
-        assert self.packed_head is None, "quantize() runs before pack()"
-        head_mode = HEAD_QUANTIZATION[mode]
-        self.packed_head = prebuilt.get("head") or quantize(self.lm_head.data, head_mode)
-        self.exit_heads = {
-            d: ExitHead(eh.norm, eh.weight, quantize(eh.weight, head_mode))
-            for d, eh in self.exit_heads.items()
-        }
-        self.quantization = mode
+
+        def layer(prefix: str, module: nn.Module) -> LayerWeights:
+            assert isinstance(module, Layer)
+            own = {name: prebuilt[f"{prefix}.{name}"] for name in LAYER_MATRICES
+                   if f"{prefix}.{name}" in prebuilt}  # fmt: skip
+            return LayerWeights.prepare(module.floats(), mode, own)
+
+        return ModelWeights(
+            quantization=mode,
+            layers=tuple(layer(f"layers.{i}", m) for i, m in enumerate(self.layers)),
+            exit_layers={int(e): layer(f"exit_layers.{e}", m) for e, m in self.exit_layers.items()},
+            head=head_weight(self.lm_head, mode, prebuilt.get("head")),
+            exit_heads={d: head_weight(eh.weight, mode) for d, eh in self.exit_heads.items()},
+        )
+
+    def pack(self) -> None:
+        """Put every matrix a decode step reads into the layouts the CPU kernels want:
+        oneDNN's blocked one, plus, for fp32 where soft-serve's kernels are built, the
+        plain matrix beside it for products over a few rows, and each layer's fused decode
+        call (models.weights.ModelWeights.packed). Idempotent; nothing changes off CPU or
+        without oneDNN; quantized matrices stay as they are (they carry their own kernel
+        layout). The float layer matrices are released: the packed layouts took their
+        place (the plain one the kernels read is the same storage), so only this runner
+        reads them afterwards. The serving engine calls it."""
+        c = self.cfg
+        self._weights = self.weights.packed(c.rms_norm_eps, (c.num_heads, c.num_kv_heads,
+                                                             c.head_dim))  # fmt: skip
+        self._release_matrices()
 
     def head_weight(self, depth: int) -> Tensor:
         eh = self.exit_heads.get(depth)
@@ -555,25 +409,28 @@ class SortedModel(nn.Module):
         cos: Sequence[Tensor],
         sin: Sequence[Tensor],
         kvs: Sequence[KVStore | None],
-        w: Layer | None = None,
+        w: LayerWeights | None = None,
     ) -> list[Tensor]:
         """One decoder block over groups of rows, each group's h (n, T, H) with its own
         T, rotary tables and KV store: the matrix products run once over every group's
         tokens together (the weights are read once), attention runs per group. `w` is
         base layer i by default, or an exit layer whose cache layer is i. Returns each
         group's new residual stream."""
-        w = w if w is not None else self.layers[i]  # type: ignore[assignment]
-        assert w is not None
+        w = w if w is not None else self.weights.layers[i]
         cfg = self.cfg
-        fused: tuple[LayerKernels, int] | None = getattr(w, "fused", None)
-        if fused is not None and len(hs) == 1 and hs[0].shape[1] == 1 and len(hs[0]) <= fused[1]:
+        if (
+            w.fused is not None
+            and len(hs) == 1
+            and hs[0].shape[1] == 1
+            and len(hs[0]) <= w.max_rows
+        ):
             paged = getattr(kvs[0], "paged", None)
             cache: PagedKV | None = paged(i) if paged is not None else None
             if cache is not None:  # decode rows: the whole layer in one call (models.kernels)
                 n = len(hs[0])
                 h = hs[0].reshape(n, cfg.hidden_size).clone()
                 c, s = cos[0].reshape(n, -1), sin[0].reshape(n, -1)
-                kernels.decode_layer(h, fused[0], c, s, cache)
+                kernels.decode_layer(h, w.fused, c, s, cache)
                 return [h.view(n, 1, -1)]
         shapes = [h.shape[:2] for h in hs]
         sizes = [n * t for n, t in shapes]
@@ -599,8 +456,9 @@ class SortedModel(nn.Module):
             kernels.rope_(qkv, heads, d, *tables)
         qkvs = qkv.split([*sizes, pad])
         outs = []
+        kv_width = cfg.num_kv_heads * cfg.head_dim
         for (n, t), qkv_g, c, sn, kv in zip(shapes, qkvs[: len(hs)], cos, sin, kvs, strict=True):
-            qk, v = qkv_g.split([w.split[0] + w.split[1], w.split[2]], dim=-1)
+            qk, v = qkv_g.split([heads * cfg.head_dim, kv_width], dim=-1)
             qk = qk.view(n, t, heads, cfg.head_dim)  # (n, T, Hq + Hkv, D)
             if not fused_rope:
                 qk = rotate(qk, c, sn)
@@ -661,6 +519,7 @@ class SortedModel(nn.Module):
         groups share every matrix product (`layer_forward`). Rows at an exit with its own
         layer (balcony) run it last, unless `exit_layers` is False (then h is the base's
         residual stream at the exit, e.g. to continue it deeper). Returns each group's h."""
+        weights = self.weights
         hs = [h for h, _, _, _ in groups]
         rope = [self.rope(pos, h.dtype) for h, pos, _, _ in groups]
         active = [len(d) for _, _, d, _ in groups]
@@ -671,7 +530,8 @@ class SortedModel(nn.Module):
             assert depths[0] <= self.cfg.num_layers and depths[-1] >= start_layer, depths
         first, stop = start_layer, max(d[0] for _, _, d, _ in groups)
         if len(groups) == 1:  # a decode batch alone: every layer in one call, if it can
-            h = self._decode_stack(hs[0], *rope[0], groups[0][2], groups[0][3], first, stop)
+            h = self._decode_stack(weights, hs[0], *rope[0], groups[0][2], groups[0][3], first,
+                                   stop)  # fmt: skip
             if h is not None:
                 hs[0], first = h, stop
         for i in range(first, stop):
@@ -687,22 +547,24 @@ class SortedModel(nn.Module):
                 [rope[g][0][: active[g]] for g in run],
                 [rope[g][1][: active[g]] for g in run],
                 [groups[g][3] for g in run],
+                weights.layers[i],
             )
             for g, out in zip(run, outs, strict=True):
                 if active[g] == hs[g].shape[0]:
                     hs[g] = out
                 else:
                     hs[g][: active[g]] = out
-        if self.exit_layers and exit_layers:
-            self._run_exit_layers(groups, hs, rope)
+        if weights.exit_layers and exit_layers:
+            self._run_exit_layers(weights, groups, hs, rope)
         return hs
 
-    def _decode_stack(self, h: Tensor, cos: Tensor, sin: Tensor, depths: Sequence[int],
-                      kv: KVStore | None, start: int, stop: int) -> Tensor | None:  # fmt: skip
+    def _decode_stack(self, weights: ModelWeights, h: Tensor, cos: Tensor, sin: Tensor,
+                      depths: Sequence[int], kv: KVStore | None, start: int, stop: int
+                      ) -> Tensor | None:  # fmt: skip
         """Layers [start, stop) for decode rows h (n, 1, H) in one `kernels.decode_layers`
         call, each row to its own exit; None where that cannot run (prefill rows, no
         paged fp32 cache, a layer without kernel layouts, more rows than they take)."""
-        stack, n = self.layer_stack, len(h)
+        stack, n = weights.stack, len(h)
         if stack is None or stop <= start or h.shape[1] != 1 or n > stack.max_rows:
             return None
         paged = getattr(kv, "paged", None)
@@ -720,7 +582,7 @@ class SortedModel(nn.Module):
         (B, T, H) for rows all at `depth`, attending at cache layer `kv_layer(depth)`;
         h itself where the exit has no layer. Returns a new tensor (h is kept: the
         speculator verifies deeper from it)."""
-        layer = self.exit_layer(depth)
+        layer = self.weights.exit_layers.get(depth)
         if layer is None:
             return h
         cos, sin = self.rope(positions, h.dtype)
@@ -728,14 +590,14 @@ class SortedModel(nn.Module):
 
     def _run_exit_layers(
         self,
+        weights: ModelWeights,
         groups: Sequence[tuple[Tensor, Tensor, Sequence[int], KVStore | None]],
         hs: list[Tensor],
         rope: Sequence[tuple[Tensor, Tensor]],
     ) -> None:
         """Balcony: rows at an exit with its own layer run it, in place of hs. Rows of one
         depth are contiguous (deepest first); all groups' rows at an exit share one pass."""
-        for key, layer in self.exit_layers.items():
-            e = int(key)
+        for e, layer in weights.exit_layers.items():
             spans = []  # (group, first row, end row) of the rows at exit e
             for g, (_, _, depths, _) in enumerate(groups):
                 rows = [j for j, d in enumerate(depths) if d == e]
@@ -749,24 +611,21 @@ class SortedModel(nn.Module):
                 [rope[g][0][a:b] for g, a, b in spans],
                 [rope[g][1][a:b] for g, a, b in spans],
                 [_rows(groups[g][3], a, b) for g, a, b in spans],
-                w=layer,  # type: ignore[arg-type]
+                w=layer,
             )
             for (g, a, b), out in zip(spans, outs, strict=True):
                 hs[g][a:b] = out
 
     def head(self, h: Tensor, depths: Sequence[int]) -> Tensor:
         """Final norm + LM head at each row's exit. h: (B, T, H) -> (B, T, V) logits."""
-        shared = self.lm_head if self.packed_head is None else self.packed_head
-        eps = self.cfg.rms_norm_eps
-        if not self.exit_heads:
-            return project(h, shared, norm=self.norm, eps=eps)
+        w, eps = self.weights, self.cfg.rms_norm_eps
+        if not w.exit_heads:
+            return project(h, w.head, norm=self.norm, eps=eps)
         out = h.new_empty(*h.shape[:2], self.cfg.vocab_size)
         for d in sorted(set(depths)):
             rows = [j for j, dj in enumerate(depths) if dj == d]
             eh = self.exit_heads.get(d)
-            norm, weight = (
-                (eh.norm, eh.quantized or eh.weight) if eh is not None else (self.norm, shared)
-            )
+            norm, weight = (eh.norm, w.exit_heads[d]) if eh is not None else (self.norm, w.head)
             out[rows] = project(h[rows], weight, norm=norm, eps=eps)
         return out
 

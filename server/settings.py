@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import ByteSize, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from models.quantization import Quantization
+
 PolicyName = Literal["fixed", "budget", "load"]
 
 
@@ -50,13 +52,15 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="weights dtype; default: bfloat16 on CUDA, float32 on CPU"
     )
-    quantization: Literal["none", "int8", "int4", "bf16"] = Field(
-        "none",
-        description="weight-only quantization of the layer matrices and head, CPU only: int8 "
-        "per channel, int4 in groups of 32 (from a Q4_0/Q4_1 GGUF's own blocks when no delta "
-        "is merged; the head stays int8), bf16 (fp32 activations); on soft-serve's CPU "
-        "kernels int8/int4 multiply int8 activations like llama.cpp's Q8_0 "
-        "(docs/performance.md: int8 is the fastest here, `make serve` uses it)",
+    quantization: Quantization = Field(
+        Quantization.AUTO,
+        description="weights' format (of the layer matrices and head; CPU only but none): "
+        "auto (int8 on a CPU where soft-serve's kernels build, the fastest setting there at a "
+        "held-out CE within 0.2 percent of fp32, docs/performance.md; none elsewhere, e.g. CUDA), "
+        "int8 per channel, int4 in groups of 32 (from a Q4_0/Q4_1 GGUF's own blocks when no "
+        "delta is merged; the head stays int8), bf16 (fp32 activations, soft-serve's kernels "
+        "only), none (the checkpoint's float weights); on soft-serve's kernels int8/int4 "
+        "multiply int8 activations like llama.cpp's Q8_0",
     )
     kv_cache_memory: ByteSize = Field(
         ByteSize(1 << 30), description="bytes for KV-cache blocks, e.g. 2GiB or 512MiB"

@@ -119,7 +119,7 @@ def test_early_exit_heads_are_used(tiny_dir: Path) -> None:
     ids = torch.randint(3, 256, (1, 8))
     with torch.inference_mode():
         h = plain.hidden(ids, torch.arange(8).view(1, -1), [2])
-        from models.llama import rms_norm
+        from models.weights import rms_norm
 
         expected = rms_norm(h, torch.ones(64), plain.cfg.rms_norm_eps) @ head.T
     assert torch.allclose(plain.logits(ids, 2), expected, atol=1e-5)

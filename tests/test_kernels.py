@@ -4,6 +4,8 @@ build's fallbacks."""
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -13,9 +15,9 @@ import torch.nn.functional as F
 
 import models
 from models import kernels
-from models.kernels import KernelWeight
+from models.kernels import KernelWeight, build
 from models.llama import rotate
-from models.quant import Int4Weight, Int8Weight
+from models.weights import Int4Weight, Int8Weight
 from server.engine.attention import PagedAttention
 from server.engine.kv_cache import KVCacheConfig, KVCacheManager
 from server.engine.scheduler import Sequence
@@ -155,6 +157,43 @@ def test_a_failed_build_falls_back_with_its_reason(
     assert kernels.available()
 
 
+@needs
+def test_the_ctypes_structs_match_cpu_cpp() -> None:
+    lib = kernels._lib()
+    assert lib is not None
+    assert kernels.layout_mismatch(lib) is None
+    assert kernels._layout()[0] == ctypes.sizeof(kernels._Weight)
+
+
+@needs
+def test_without_a_compiler_the_shipped_build_runs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """What the image does: no compiler at run time, the portable build shipped in the
+    wheel beside cpu.cpp (models/kernels/build.py) is loaded instead."""
+    cxx = build.compiler()
+    assert cxx is not None
+    shipped = build.compile_to(tmp_path / "soft_cpu-test.so", cxx, build.PORTABLE)
+    monkeypatch.setattr(build, "shipped", lambda: shipped)
+    monkeypatch.setattr(build, "compiler", lambda: None)
+    monkeypatch.setenv("SOFT_CACHE_DIR", str(tmp_path / "cache"))  # nothing built here
+    kernels._lib.cache_clear()
+    try:
+        assert kernels.available(), kernels.unavailable_reason()
+        assert kernels.library() == shipped
+        w = weights("int8", 32, 64)
+        x = torch.randn(3, 64)
+        assert rel(kernels.linear(x, w), q8_activations(x) @ w.dequantize().T) < 1e-5
+        monkeypatch.setattr(build, "shipped", lambda: tmp_path / "none.so")
+        kernels._lib.cache_clear()
+        assert not kernels.available()
+        assert "no C++ compiler" in (kernels.unavailable_reason() or "")
+    finally:
+        monkeypatch.undo()
+        kernels._lib.cache_clear()
+    assert kernels.available()
+
+
 def _cache_with_rows(
     lengths: list[int], layers: int = 2, kv_heads: int = 2, head_dim: int = 16
 ) -> tuple[KVCacheManager, list[Sequence]]:
@@ -200,13 +239,16 @@ def test_decode_step_in_one_call_matches_layer_by_layer_and_torch(
     (kernels.decode_layer) and torch's ops agree, rows leaving at their own exits."""
     model = models.load(tiny_dir, device="cpu", quantization=quantization)
     model.pack()
-    assert model.layer_stack is not None
-    assert all(layer.fused is not None for layer in model.layers)
+    assert model.weights.stack is not None
+    assert all(layer.fused is not None for layer in model.weights.layers)
     n_layers, c = model.num_layers, model.cfg
     depths = [n_layers, n_layers // 2]  # deepest first; the second row leaves halfway
     h = torch.randn(2, 1, c.hidden_size)
     pos = torch.tensor([[9], [3]])
-    stack, fused = model.layer_stack, [layer.fused for layer in model.layers]
+    packed = model.weights
+    without_stack = dataclasses.replace(packed, stack=None)
+    unfused = dataclasses.replace(packed, stack=None, layers=tuple(
+        dataclasses.replace(layer, fused=None) for layer in packed.layers))  # fmt: skip
     calls: list[list[int]] = []
     one_call = kernels.decode_layers
 
@@ -220,16 +262,12 @@ def test_decode_step_in_one_call_matches_layer_by_layer_and_torch(
     results, caches = [], []
     for path in ("stack", "layer", "torch"):
         cache, seqs = _cache_with_rows([9, 3], n_layers, c.num_kv_heads, c.head_dim)
-        model.layer_stack = stack if path == "stack" else None
-        for layer, f in zip(model.layers, fused, strict=True):
-            layer.fused = f if path != "torch" else None
+        model._weights = {"stack": packed, "layer": without_stack, "torch": unfused}[path]
         kv = PagedAttention(cache, seqs, depths, [9, 3], 1)
         with torch.inference_mode():
             results.append(model.hidden(None, pos, depths, kv, h=h.clone()))
         caches.append(cache.k.clone())
-    model.layer_stack = stack
-    for layer, f in zip(model.layers, fused, strict=True):
-        layer.fused = f
+    model._weights = packed
     assert calls == [[2] * (n_layers // 2) + [1] * (n_layers - n_layers // 2)]
     assert torch.equal(results[0], results[1]) and torch.equal(caches[0], caches[1])
     assert rel(results[0], results[2]) < 1e-5 and rel(caches[0], caches[2]) < 1e-5
@@ -239,13 +277,14 @@ def test_decode_step_in_one_call_matches_layer_by_layer_and_torch(
 def test_decode_layers_refuses_what_it_cannot_run(tiny_dir: Path) -> None:
     model = models.load(tiny_dir, device="cpu")
     model.pack()
-    assert model.layer_stack is not None
+    stack = model.weights.stack
+    assert stack is not None
     n_layers, c = model.num_layers, model.cfg
     cache, seqs = _cache_with_rows([9, 3], n_layers, c.num_kv_heads, c.head_dim)
     kv = PagedAttention(cache, seqs, [n_layers] * 2, [9, 3], 1).paged(0)
     assert kv is not None
     h, cs = torch.randn(2, c.hidden_size), torch.randn(2, c.head_dim)
     with pytest.raises(RuntimeError, match="soft_decode_layers failed"):  # 3 rows of 2
-        kernels.decode_layers(h, model.layer_stack, 0, [3] * n_layers, cs, cs, kv)
+        kernels.decode_layers(h, stack, 0, [3] * n_layers, cs, cs, kv)
     with pytest.raises(AssertionError):  # past the last layer
-        kernels.decode_layers(h, model.layer_stack, 1, [2] * n_layers, cs, cs, kv)
+        kernels.decode_layers(h, stack, 1, [2] * n_layers, cs, cs, kv)

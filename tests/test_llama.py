@@ -13,7 +13,7 @@ from torch import nn
 import models
 from models import kernels
 from models.generate import DenseKVCache, greedy_generate
-from models.llama import PackedWeight, _onednn
+from models.weights import PackedWeight, _onednn
 from tests.conftest import make_hf_model, save_checkpoint
 
 
@@ -146,7 +146,7 @@ def test_packed_weights_give_the_same_logits(tiny_dir: Path, dtype: torch.dtype)
     onednn = _onednn(dtype)  # bf16 packing needs AVX512-BW/VL/DQ or AVX-NE-CONVERT
     # fp32 matrices keep their plain layout beside oneDNN's for soft-serve's kernels
     both = dtype == torch.float32 and kernels.available()
-    for w in (packed.layers[0].wqkv, packed.packed_head):
+    for w in (packed.weights.layers[0].wqkv, packed.weights.head):
         assert isinstance(w, PackedWeight) == both
         assert (w.packed if isinstance(w, PackedWeight) else w).is_mkldnn == onednn
     assert [packed.weight_bytes(d) for d in (1, 4)] == sizes

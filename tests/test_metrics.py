@@ -74,3 +74,14 @@ def test_registries_are_independent() -> None:
     a.observe(RequestRecord(depth=1, finish_reason="stop", prompt_tokens=1, generated_tokens=1,
                             latency=0.1, ttft=0.1))  # fmt: skip
     assert ("soft_requests_total", (("depth", "1"), ("finish_reason", "stop"))) not in samples(b)
+
+
+def test_draft_tokens_are_a_counter_that_follows_the_engine_total() -> None:
+    from server.engine.types import SpecCounters
+
+    m = Metrics((2, 4))
+    for drafted in (6, 6, 15):  # the engine's count since start, scraped three times
+        m.update(stats(speculation={2: SpecCounters(drafted, 3, 2, 5)}), depth_cap=4)
+    got = samples(m)
+    assert got[("soft_spec_draft_tokens_total", (("exit", "2"),))] == 15.0
+    assert got[("soft_spec_acceptance_ratio", (("exit", "2"),))] == 3 / 15

@@ -11,14 +11,8 @@ import torch
 
 import models
 from models import loader
-from models.quant import (
-    GROUP_SIZE,
-    Int4Codes,
-    Int4Weight,
-    Int8Weight,
-    quantization_mode,
-    quantize,
-)
+from models.quantization import Quantization
+from models.weights import GROUP_SIZE, Int4Codes, Int4Weight, Int8Weight, quantize
 from tests.conftest import make_hf_model
 
 
@@ -30,7 +24,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_linear_matches_dequantized_reference(mode: str) -> None:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(96, 128, generator=g) * 0.05
-    q = quantize(w, mode)
+    q = quantize(w, Quantization(mode))
     deq = q.dequantize()
     assert deq.shape == w.shape and q.shape == w.shape
     # rounding error of the weights themselves: at most half a step
@@ -43,7 +37,7 @@ def test_linear_matches_dequantized_reference(mode: str) -> None:
     for rows in (1, 5, 16):  # decode, odd and fused batch sizes; 3-d input too
         x = torch.randn(rows, 3, 128, generator=g)
         bias = torch.randn(96, generator=g)
-        y = models.llama.linear(x, q, bias)
+        y = models.weights.linear(x, q, bias)
         assert y.shape == (rows, 3, 96) and y.dtype == torch.float32
         # the same math on the same values: bf16 activations, fp32 sums, one bf16 rounding
         ref = x.bfloat16().float() @ deq.T
@@ -60,7 +54,7 @@ def test_int4_codes_survive_packing_exactly() -> None:
 
 
 def test_bad_quantization_mode_is_a_clear_error(tiny_dir: Path) -> None:
-    assert quantization_mode("none") is None and quantization_mode(None) is None
+    assert Quantization.parse("none") is Quantization.parse(None) is Quantization.NONE
     with pytest.raises(ValueError, match="int8, int4, bf16, none; got 'int3'"):
         models.load(tiny_dir, device="cpu", quantization="int3")
     with pytest.raises(ValueError, match="in % 32 == 0"):
@@ -72,11 +66,11 @@ def test_quantized_model_logits_close_to_fp32(tiny_dir: Path, mode: str) -> None
     fp32 = models.load(tiny_dir, device="cpu")
     qm = models.load(tiny_dir, device="cpu", quantization=mode)
     assert qm.quantization == mode
-    assert isinstance(qm.layers[0].wqkv, Int8Weight if mode == "int8" else Int4Weight)
-    assert isinstance(qm.packed_head, Int8Weight)  # the head is int8 in both modes
+    assert isinstance(qm.weights.layers[0].wqkv, Int8Weight if mode == "int8" else Int4Weight)
+    assert isinstance(qm.weights.head, Int8Weight)  # the head is int8 in both modes
     assert qm.embed.dtype == torch.float32  # the embedding stays a float table
     qm.pack()  # the engine packs afterwards: quantized matrices stay as they are
-    assert isinstance(qm.layers[3].w_down, Int8Weight if mode == "int8" else Int4Weight)
+    assert isinstance(qm.weights.layers[3].w_down, Int8Weight if mode == "int8" else Int4Weight)
     ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(5))
     # random gaussian weights are int4's worst case (~9 % rms error per matrix)
     bound = {"int8": 0.03, "int4": 0.3}[mode]
@@ -215,8 +209,8 @@ def test_gguf_q4_blocks_round_trip(tmp_path: Path, kind: str) -> None:
     # whole model: the file's int4 blocks vs transformers' dequantized fp32 weights
     fp32 = loader.build(cfg, hf.config, dict(theirs), str(path))
     q = loader.build(cfg, hf.config, dict(theirs), str(path))
-    q.quantize("int4", ours)
-    assert q.packed_head is ours["head"]  # a Q4 head in the file is served as it is
+    q.prepare(Quantization.INT4, ours)
+    assert q.weights.head is ours["head"]  # a Q4 head in the file is served as it is
     ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(7))
     for depth in (2, 4):  # (soft-serve's kernels: int8 activations, 1.6-1.8 % here)
         err = rel_err(q.logits(ids, depth), fp32.logits(ids, depth))
@@ -249,16 +243,16 @@ def test_delta_is_merged_before_quantizing(
     monkeypatch.setattr(loader, "gguf_int4_weights", no_blocks)
     merged = models.load(delta_dir, device="cpu").layers[0].wqkv
     for mode in ("int8", "int4"):
-        q = models.load(delta_dir, device="cpu", quantization=mode).layers[0].wqkv
-        assert torch.equal(q.dequantize(), quantize(merged, mode).dequantize())
+        q = models.load(delta_dir, device="cpu", quantization=mode).weights.layers[0].wqkv
+        assert torch.equal(q.dequantize(), quantize(merged, Quantization(mode)).dequantize())
 
 
 @pytest.mark.slow
 def test_smollm2_q4_1_gguf_served_from_its_blocks() -> None:
     fp32 = models.load(loader.BASE_NAME, device="cpu")
     q = models.load(loader.BASE_NAME, device="cpu", quantization="int4")
-    assert isinstance(q.layers[0].wqkv, Int4Weight)
-    assert isinstance(q.packed_head, Int8Weight)  # token_embd is Q8_0 in this file
+    assert isinstance(q.weights.layers[0].wqkv, Int4Weight)
+    assert isinstance(q.weights.head, Int8Weight)  # token_embd is Q8_0 in this file
     ids = fp32.tokenizer("The capital of France is", return_tensors="pt").input_ids
     for depth in (20, 30):
         assert rel_err(q.logits(ids, depth), fp32.logits(ids, depth)) < 0.05

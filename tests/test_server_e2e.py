@@ -64,8 +64,10 @@ def free_port() -> int:
 def start_server(ckpt: Path, log: Path, *args: str) -> Server:
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # fp32 unless a test asks otherwise: they check answers against the fp32 model
     cmd = [sys.executable, "-m", "server", "--model", str(ckpt), "--port", str(port),
-           "--kv-cache-memory", "4MiB", "--log-level", "warning", *args]  # fmt: skip
+           "--kv-cache-memory", "4MiB", "--log-level", "warning", "--quantization", "none",
+           *args]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

@@ -2,36 +2,36 @@
 activations, reading fp32, bf16, int8 or Q4 weights, with RMSNorm / SwiGLU / the residual
 add fused in, and rotary embeddings in place.
 
-The shared library is compiled on first use with the machine's C++ compiler (`g++`, or
-`$CXX`) for this CPU (`-march=native`, AVX2 + FMA required) and cached under
-`$SOFT_CACHE_DIR/kernels/` by source, compiler flags and CPU; a build takes ~2 s. Where
-it cannot be built (no compiler, no AVX2/FMA, not x86-64) or `SOFT_KERNELS=0` is set,
-`available()` is False and the model runs on torch's own kernels instead, with the reason
-in `unavailable_reason()`.
+The shared library is this machine's build of cpu.cpp, compiled on first use with its C++
+compiler (`g++`, or `$CXX`; `-march=native`, AVX2 + FMA required) and cached under
+`$SOFT_CACHE_DIR/kernels/` (models/kernels/build.py; a build takes ~2 s), or, where there
+is no compiler (the Docker image), the portable build shipped beside cpu.cpp
+(`SOFT_KERNELS=prebuilt` asks for that one only). Where neither loads (no compiler and
+none shipped, no AVX2/FMA, not x86-64) or `SOFT_KERNELS=0` is set, `available()` is False
+and the model runs on torch's own kernels instead, with the reason in
+`unavailable_reason()`. The ctypes structs below mirror cpu.cpp's; their sizes and
+offsets are checked against the library's own (`soft_abi_layout`) when it loads.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
 import platform
-import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from models.kernels import build
+from models.paths import cache_dir
+
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu.cpp")
-ABI_VERSION = 4
-FLAGS = ("-O3", "-std=c++17", "-march=native", "-fopenmp", "-shared", "-fPIC")
 # what the weight types are called in cpu.cpp
 F32, BF16, I8, Q4 = 0, 1, 2, 3
 Q4_BLOCK = 32  # values per (scale, minimum): GGUF's Q4_0 / Q4_1 block
@@ -83,6 +83,7 @@ class _Paged(ctypes.Structure):
 
 
 _reason: str | None = None
+_path: Path | None = None
 
 
 @functools.cache
@@ -96,33 +97,49 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def _cache_root() -> Path:
-    from models.loader import cache_dir
+def _library() -> Path:
+    """This machine's build (compiled once, cached), else the portable one shipped."""
+    shipped, cxx = build.shipped(), build.compiler()
+    if os.environ.get("SOFT_KERNELS") == "prebuilt" or cxx is None:
+        if shipped.exists():
+            return shipped
+        raise RuntimeError(
+            f"no C++ compiler (g++ or $CXX) on PATH and no {shipped.name} shipped"
+            if cxx is None
+            else f"SOFT_KERNELS=prebuilt but no {shipped.name} was shipped"
+        )
+    try:
+        return build.native(cache_dir() / "kernels", cxx, _cpu_flags())
+    except (OSError, RuntimeError, subprocess.SubprocessError):
+        if shipped.exists():
+            log.warning("could not build %s for this CPU; using %s", build.SOURCE.name, shipped)
+            return shipped
+        raise
 
-    return cache_dir() / "kernels"
+
+# cpu.cpp's structs in the order soft_abi_layout reports them
+_MIRRORS = (_Weight, _Layer, _Paged)
 
 
-def _build() -> Path:
-    """The compiled library for this source, compiler and CPU (built if missing)."""
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        raise RuntimeError("no C++ compiler (g++ or $CXX) on PATH")
-    flags = _cpu_flags()
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join([cxx, *FLAGS, *sorted(flags)]).encode()
-    ).hexdigest()[:16]
-    out = _cache_root() / key / "soft_cpu.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        part = Path(tmp) / "soft_cpu.so"
-        cmd = [cxx, *FLAGS, str(SOURCE), "-o", str(part)]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()[-2000:]}")
-        os.replace(part, out)  # atomic: a concurrent build leaves one whole file
+def _layout() -> list[int]:
+    """The ctypes structs' layout as soft_abi_layout reports cpu.cpp's: per struct, its
+    size, then each field's offset."""
+    out: list[int] = []
+    for struct in _MIRRORS:
+        out.append(ctypes.sizeof(struct))
+        out.extend(getattr(struct, name).offset for name, *_ in struct._fields_)
     return out
+
+
+def layout_mismatch(lib: ctypes.CDLL) -> str | None:
+    """How the ctypes structs differ from the library's own, None when they agree."""
+    buf = (ctypes.c_int64 * 64)()
+    n = lib.soft_abi_layout(buf, len(buf))
+    theirs, ours = list(buf[: min(n, len(buf))]), _layout()
+    if theirs == ours:
+        return None
+    return (f"the ctypes structs in {__file__} do not match {build.SOURCE.name}'s: sizes and "
+            f"offsets {ours} here, {theirs} in the library")  # fmt: skip
 
 
 @functools.cache
@@ -139,15 +156,18 @@ def _lib() -> ctypes.CDLL | None:
         _reason = f"this CPU lacks {', '.join(sorted(missing))}"
         return None
     try:
-        path = _build()
+        path = _library()
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        _reason = f"could not build {SOURCE.name}: {e}"
+        _reason = f"could not build {build.SOURCE.name}: {e}"
         log.warning("soft-serve CPU kernels unavailable, using torch's: %s", _reason)
         return None
-    if lib.soft_abi_version() != ABI_VERSION:
-        _reason = f"{path} is ABI {lib.soft_abi_version()}, expected {ABI_VERSION}"
-        return None
+    lib.soft_abi_layout.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
+    lib.soft_abi_layout.restype = ctypes.c_int
+    mismatch = layout_mismatch(lib)
+    assert mismatch is None, mismatch  # cpu.cpp and this file were edited apart
+    global _path
+    _path = path
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.soft_linear.argtypes = [p, i, i, ctypes.POINTER(_Weight), p, p, i, i, p, f, i, i]
     lib.soft_linear.restype = i
@@ -192,6 +212,13 @@ def unavailable_reason() -> str | None:
     """Why `available()` is False, None when it is True."""
     _lib()
     return _reason
+
+
+def library() -> Path | None:
+    """The shared library loaded (this machine's build or the shipped one), None when
+    `available()` is False."""
+    _lib()
+    return _path
 
 
 def _ptr(t: Tensor | None) -> int | None:

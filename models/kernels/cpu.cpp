@@ -3,9 +3,11 @@
 // weights, with the small ops around them fused in (RMSNorm before, SwiGLU on the input,
 // the residual add after) and rotary embeddings in place.
 //
-// Built on first use by models/kernels/__init__.py (g++ -O3 -march=native -fopenmp) and
-// called through ctypes. OpenMP is the libgomp torch itself loaded (same soname), so the
-// calling thread's team is the one torch's own kernels run on.
+// Built on first use by models/kernels/build.py (g++ -O3 -march=native -fopenmp; the image
+// ships a build for any AVX2 + FMA CPU) and called through ctypes from
+// models/kernels/__init__.py, whose structs mirror the ones here (soft_abi_layout checks).
+// OpenMP is the libgomp torch itself loaded (same soname), so the calling thread's team is
+// the one torch's own kernels run on.
 //
 // The product loop: for a chunk of activation rows (kept in L2), every thread takes a
 // contiguous range of output rows, 4 at a time, and runs the K loop with 8 accumulators:
@@ -19,6 +21,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,8 +40,6 @@ struct Weight {
   const void* panels;   // bf16, or null: the same matrix in panels of 16 output rows,
                         // (ceil(n / 16), k, 16) zero-padded, for products over several rows
 };
-
-int soft_abi_version(void) { return 4; }
 
 }  // extern "C"
 
@@ -690,6 +691,28 @@ int soft_decode_layers(float* h, int n, int count, const Layer* layers, const in
     decode_layer_team(h, rows[i], layers[i], cos, sin, p, b);
   }
   return 0;
+}
+
+// The structs' layout as this compiler laid them out, for the ctypes mirror in
+// models/kernels/__init__.py to be checked against at load: for Weight, Layer and Paged in
+// turn, sizeof, then each field's offsetof in declaration order. Writes at most `cap`
+// values to out; returns how many there are.
+int soft_abi_layout(int64_t* out, int cap) {
+  const int64_t v[] = {
+      sizeof(Weight), offsetof(Weight, type), offsetof(Weight, n), offsetof(Weight, k),
+      offsetof(Weight, data), offsetof(Weight, scale), offsetof(Weight, minimum),
+      offsetof(Weight, panels),
+      sizeof(Layer), offsetof(Layer, qkv), offsetof(Layer, o), offsetof(Layer, gate_up),
+      offsetof(Layer, down), offsetof(Layer, qkv_bias), offsetof(Layer, input_norm),
+      offsetof(Layer, post_norm), offsetof(Layer, eps), offsetof(Layer, heads),
+      offsetof(Layer, kv_heads), offsetof(Layer, head_dim),
+      sizeof(Paged), offsetof(Paged, k), offsetof(Paged, v), offsetof(Paged, block_size),
+      offsetof(Paged, max_blocks), offsetof(Paged, table), offsetof(Paged, write_block),
+      offsetof(Paged, write_offset), offsetof(Paged, length), offsetof(Paged, scale),
+  };
+  const int n = (int)(sizeof(v) / sizeof(v[0]));
+  for (int i = 0; i < n && i < cap; i++) out[i] = v[i];
+  return n;
 }
 
 }  // extern "C"

@@ -130,7 +130,8 @@ class Engine:
         model.pack()  # matrices in the CPU kernels' own layouts (no-op elsewhere)
         if model.device.type == "cpu":
             if kernels.available():
-                log.info("soft-serve CPU kernels: on (decode layers fused, models/kernels)")
+                log.info("soft-serve CPU kernels: on (decode layers fused; %s), weights %s",
+                         kernels.library(), model.quantization)  # fmt: skip
             else:
                 log.warning("soft-serve CPU kernels off (%s): torch's kernels only, slower "
                             "decode", kernels.unavailable_reason())  # fmt: skip
@@ -188,6 +189,11 @@ class Engine:
             self._thread.join(timeout)
             if not self._thread.is_alive():
                 self._thread = None
+
+    @property
+    def max_queue(self) -> int:
+        """Sequences queued at once before `submit` raises QueueFull."""
+        return self.config.max_queue
 
     def check(self, request: GenerationRequest) -> None:
         """Raise ValueError when the request can never run (the API answers 400)."""

@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from models.llama import SortedModel, linear, pack, rms_norm
+from models.llama import SortedModel
+from models.weights import pack, project
 from server.engine.attention import PagedAttention
 from server.engine.kv_cache import KVCacheManager
 from server.engine.sampling import distribution, draw, token_logprob
@@ -104,8 +105,8 @@ class Speculator:
         """Logits over the draft vocabulary at exit e. h: (B, 1, H) -> (B, V_draft)."""
         if self.draft_vocab == self.model.cfg.vocab_size:
             return self.model.head(h, [exit_] * h.shape[0])[:, 0]
-        x = rms_norm(h[:, 0], self.model.norm, self.model.cfg.rms_norm_eps)
-        return linear(x, self.draft_head)
+        return project(h[:, 0], self.draft_head, norm=self.model.norm,
+                       eps=self.model.cfg.rms_norm_eps)  # fmt: skip
 
     def head_bytes(self, depth: int, draft: bool) -> int:
         w = self.model.head_weight(depth)

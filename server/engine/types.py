@@ -4,7 +4,9 @@ depth) and what comes out (token events, stats). Plain frozen dataclasses, no HT
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -127,3 +129,46 @@ class QueueFull(Exception):
     def __init__(self, retry_after_s: float) -> None:
         super().__init__(f"queue full; retry after {retry_after_s:.1f}s")
         self.retry_after_s = retry_after_s
+
+
+class EngineClient(Protocol):
+    """The engine as the serving layer drives it (server/engine/core.py's `Engine`; the
+    tests' `FakeEngine`): requests of token ids in, each one's token events out."""
+
+    @property
+    def max_model_len(self) -> int:
+        """The context window served: prompt + max_tokens, at most."""
+        ...
+
+    @property
+    def max_queue(self) -> int:
+        """Sequences it queues at once; past that `submit` raises QueueFull."""
+        ...
+
+    def start(self) -> None: ...
+
+    def check(self, request: GenerationRequest) -> None:
+        """Raises ValueError for a request it could never run (too long, empty)."""
+        ...
+
+    def submit(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Queue `request`; its events until one carries a finish_reason.
+
+        Raises:
+            QueueFull: no room in the queue now; ValueError: as `check`.
+        """
+        ...
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (its KV blocks are freed); its stream ends with "abort"."""
+        ...
+
+    def lower_depth(self, request_id: str, depth: int) -> None:
+        """Continue a running request at a shallower exit (never deeper)."""
+        ...
+
+    def stats(self) -> EngineStats: ...
+
+    async def shutdown(self, drain_timeout: float) -> None:
+        """Stop accepting, let in-flight requests finish for up to `drain_timeout` s."""
+        ...

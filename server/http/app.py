@@ -13,14 +13,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
 from server.http.deps import AppState
 from server.http.errors import BodyLimit, add_error_handlers
 from server.http.openapi import describe
-from server.http.playground import page, soft
+from server.http.playground import page
 from server.http.routes import router, v1
 from server.metrics import Metrics
 from server.policy.governor import GovernorConfig
@@ -29,6 +29,10 @@ from server.policy.policies import make_policy
 from server.serving.generation import ServingOptions
 from server.serving.openai import OpenAIServing
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from models.llama import SortedModel
+    from server.engine.core import Engine
 
 log = logging.getLogger("soft_serve")
 
@@ -82,7 +86,7 @@ def serving_options(settings: Settings) -> ServingOptions:
     )
 
 
-def build_engine(settings: Settings) -> tuple[Any, Any]:
+def build_engine(settings: Settings) -> tuple[SortedModel, Engine]:
     """The model and its engine (on the caller's thread: see load_serving)."""
     import models
     from server.engine.core import Engine, EngineConfig
@@ -110,7 +114,7 @@ def build_engine(settings: Settings) -> tuple[Any, Any]:
 
 
 def load_profile(
-    settings: Settings, model: Any, engine: Any, exits: tuple[int, ...]
+    settings: Settings, model: SortedModel, engine: Engine, exits: tuple[int, ...]
 ) -> LatencyProfile:
     """--latency-profile FILE, else soft.json's, else measured through the engine itself
     before any request (which starts it)."""
@@ -166,7 +170,6 @@ def create_app(
     app.state.soft = AppState(settings, VERSION)
     app.include_router(router)
     app.include_router(v1)
-    app.include_router(soft)  # GET /v1/soft/plan, /v1/soft/stats
     app.include_router(page)  # the playground at /
     add_error_handlers(app)
     app.openapi = describe(app)  # type: ignore[method-assign]

@@ -12,7 +12,7 @@ from fastapi import Depends, Request
 
 from server.metrics import Metrics
 from server.serving.errors import APIError
-from server.serving.headers import Hints, parse_budget
+from server.serving.headers import Hints, read_hints
 from server.serving.openai import OpenAIServing
 from server.settings import Settings
 
@@ -74,26 +74,7 @@ def check_api_key(request: Request, state: State) -> None:
 
 
 def hints(request: Request) -> Hints:
-    ttft, ttft_header = slo_header(request, "ttft")
-    tpot, tpot_header = slo_header(request, "tpot")
-    return Hints(
-        arrival=getattr(request.state, "arrival", None) or time.monotonic(),
-        budget=request.headers.get("x-latency-budget"),
-        depth=request.headers.get("x-soft-depth"),
-        budget_mode=request.headers.get("x-latency-budget-mode"),
-        slo_ttft=ttft,
-        slo_tpot=tpot,
-        slo_ttft_header=ttft_header,
-        slo_tpot_header=tpot_header,
-    )
-
-
-def slo_header(request: Request, kind: str) -> tuple[str | None, str]:
-    """The value of x-slo-<kind>-ms, or of llm-d's name for it, x-llm-d-slo-<kind>-ms (the
-    first wins when both are sent, but a malformed second one is still a 400), and the
-    name it came under (for errors)."""
-    sent = [(value, name) for name in (f"x-slo-{kind}-ms", f"x-llm-d-slo-{kind}-ms")
-            if (value := request.headers.get(name)) is not None]  # fmt: skip
-    for value, name in sent[1:]:
-        parse_budget(value, name)
-    return sent[0] if sent else (None, f"x-slo-{kind}-ms")
+    """The request's hint headers, parsed (400 for a malformed one) before its body is
+    tokenized."""
+    arrival = getattr(request.state, "arrival", None) or time.monotonic()
+    return read_hints(arrival, request.headers.get)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -97,6 +97,23 @@ async def list_models(serving: Serving) -> Response:
 @v1.get("/models/{model_id:path}", responses={200: {"model": ModelCard}})
 async def get_model(model_id: str, serving: Serving) -> Response:
     return JSONResponse(serving.models.get(model_id).model_dump(mode="json"))
+
+
+# the playground's views (server/http/playground.py serves the page)
+@v1.get("/soft/plan")
+async def plan(
+    serving: Serving,
+    max_tokens: Annotated[int, Query(ge=1)] = 16,
+    prompt_tokens: Annotated[int, Query(ge=1)] = 16,
+    budget: Annotated[str | None, Query(description="like x-latency-budget: 250ms, 1.5s")] = None,
+) -> Response:
+    body = serving.soft.plan(max_tokens, prompt_tokens, budget)
+    return JSONResponse(body.model_dump(mode="json"))
+
+
+@v1.get("/soft/stats")
+async def stats(serving: Serving) -> Response:
+    return JSONResponse(serving.soft.stats().model_dump(mode="json"))
 
 
 HEALTH = {"type": "object", "required": ["status"],

@@ -5,23 +5,24 @@ shallower exit (never deeper), and the engine frees the dropped layers' KV block
 the finish (now + tokens left x the request's own recent inter-token time) and, when that
 lands past the deadline, asks the engine for the deepest shallower exit whose step,
 scaled by the latency profile, would still make it; the shallowest when none would.
-Later tokens carry the new depth in their TokenEvents.
+Later tokens carry the new depth in their TokenEvents. Nothing is projected before the
+request's own inter-token time is measured (its second token at a depth): the profile's
+step is not this request's, and a fast request would be lowered on its first token.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
 
-from server.engine.types import GenerationRequest, TokenEvent
+from server.engine.types import EngineClient, GenerationRequest, TokenEvent
 from server.policy.latency import LatencyProfile
 
 
 class DeadlineController:
     def __init__(
         self,
-        engine: Any,  # server.engine.Engine: lower_depth(request_id, depth)
+        engine: EngineClient,  # lower_depth(request_id, depth)
         exits: Sequence[int],
         profile: LatencyProfile,
         clock: Callable[[], float] = time.monotonic,
@@ -53,10 +54,9 @@ class DeadlineController:
                 gap_ms = dt if gap_ms is None else 0.5 * gap_ms + 0.5 * dt
             last = now
             left = request.params.max_tokens - n
-            if left <= 0 or asked <= self.exits[0]:
+            if left <= 0 or asked <= self.exits[0] or gap_ms is None:
                 continue
-            per_token = gap_ms if gap_ms is not None else self.profile.step_ms(depth)
-            target = self.pick(depth, per_token, left, (deadline - now) * 1000.0)
+            target = self.pick(depth, gap_ms, left, (deadline - now) * 1000.0)
             if target < asked:
                 asked = target
                 self.lowered += 1

@@ -18,11 +18,17 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import BaseModel
 
-from server.engine.types import GenerationRequest, QueueFull, SamplingParams, TokenEvent
+from server.engine.types import (
+    EngineClient,
+    GenerationRequest,
+    QueueFull,
+    SamplingParams,
+    TokenEvent,
+)
 from server.metrics import Metrics, RequestRecord
 from server.policy.deadline import DeadlineController
 from server.policy.policies import DepthChoice, Policy, PolicyError
@@ -31,6 +37,9 @@ from server.serving.errors import APIError, bad_request, engine_error
 from server.serving.headers import Hints, depth_request
 from server.serving.protocol import SamplingFields, SoftInfo, Usage, now
 from server.serving.text import TextPool
+
+if TYPE_CHECKING:
+    from models.llama import SortedModel
 
 T = TypeVar("T")
 
@@ -95,8 +104,8 @@ class ServingContext:
 
     def __init__(
         self,
-        model: Any,  # SortedModel
-        engine: Any,  # server.engine.core.Engine (or a test double with the same interface)
+        model: SortedModel,
+        engine: EngineClient,
         policy: Policy,
         metrics: Metrics,
         model_name: str,
@@ -108,7 +117,7 @@ class ServingContext:
         self.tokenizer = model.tokenizer
         self.max_n = options.max_n
         # sequences the engine ever queues at once: a request with more can never be admitted
-        self.max_queue: int = options.max_queue or int(getattr(engine, "max_queue", 256))
+        self.max_queue: int = options.max_queue or engine.max_queue
         self.text = TextPool(timeout_s=options.text_timeout_s)
         self.lengths = OutputLengths(prior=options.output_tokens_prior)
         self.max_model_len: int = engine.max_model_len

@@ -1,13 +1,15 @@
 """What a request asks of the depth policy besides its body: a pinned depth
 (`"model": "<name>@<depth>"` or `x-soft-depth`), a latency budget (`x-latency-budget:
-250ms | 1.5s | 250`, `x-latency-budget-mode`) and SLOs (`x-slo-ttft-ms`, `x-slo-tpot-ms`),
-parsed into the policy's `DepthRequest`. Malformed values are the client's to fix: 400
-naming the header."""
+250ms | 1.5s | 250`, `x-latency-budget-mode`) and SLOs (`x-slo-ttft-ms`, `x-slo-tpot-ms`).
+The headers are parsed once, into `Hints`, before the body is tokenized (`read_hints`);
+with the body's model and sizes they make the policy's `DepthRequest`. Malformed values
+are the client's to fix: 400 naming the header."""
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from server.policy.policies import DepthRequest
@@ -19,16 +21,49 @@ _DEPTH = re.compile(r"[0-9]{1,6}")  # ASCII digits only: int() of "²" or of 500
 
 @dataclass(frozen=True)
 class Hints:
-    """What the HTTP layer read from the request besides the body."""
+    """What the request asks besides its body, parsed from its headers (`read_hints`)."""
 
     arrival: float  # time.monotonic() at receipt
-    budget: str | None = None  # x-latency-budget
-    depth: str | None = None  # x-soft-depth
-    budget_mode: str | None = None  # x-latency-budget-mode: strict | best-effort
-    slo_ttft: str | None = None  # x-slo-ttft-ms (or x-llm-d-slo-ttft-ms)
-    slo_tpot: str | None = None  # x-slo-tpot-ms (or x-llm-d-slo-tpot-ms)
-    slo_ttft_header: str = "x-slo-ttft-ms"  # the name it came under, for errors
-    slo_tpot_header: str = "x-slo-tpot-ms"
+    budget_ms: float | None = None  # x-latency-budget
+    depth: int | None = None  # x-soft-depth
+    strict: bool = False  # x-latency-budget-mode: strict (else best-effort)
+    slo_ttft_ms: float | None = None  # x-slo-ttft-ms (or x-llm-d-slo-ttft-ms)
+    slo_tpot_ms: float | None = None  # x-slo-tpot-ms (or x-llm-d-slo-tpot-ms)
+
+
+def read_hints(arrival: float, header: Callable[[str], str | None]) -> Hints:
+    """Every hint a request's headers carry (`header(name)`: its value or None), parsed
+    once, before its body is tokenized.
+
+    Raises:
+        APIError: 400 for a malformed value; `param` names its header.
+    """
+    budget = header("x-latency-budget")
+    return Hints(
+        arrival=arrival,
+        depth=parse_depth_header(header("x-soft-depth")),
+        budget_ms=None if budget is None else parse_budget(budget),
+        slo_ttft_ms=parse_slo(header, "ttft"),
+        slo_tpot_ms=parse_slo(header, "tpot"),
+        strict=parse_budget_mode(header("x-latency-budget-mode")),
+    )
+
+
+def parse_slo(header: Callable[[str], str | None], kind: str) -> float | None:
+    """x-slo-<kind>-ms, or llm-d's name for it, x-llm-d-slo-<kind>-ms, in milliseconds:
+    the first wins when both are sent, but a malformed second one is still a 400."""
+    names = (f"x-slo-{kind}-ms", f"x-llm-d-slo-{kind}-ms")
+    sent = [parse_budget(value, name) for name in names if (value := header(name)) is not None]
+    return sent[0] if sent else None
+
+
+def parse_depth_header(value: str | None) -> int | None:
+    """x-soft-depth: a whole number of layers, None when not sent."""
+    if value is None:
+        return None
+    if not _DEPTH.fullmatch(value.strip()):
+        raise bad_request(f"x-soft-depth {value!r} must be a whole number", "x-soft-depth")
+    return int(value.strip())
 
 
 def parse_budget(value: str, header: str = "x-latency-budget") -> float:
@@ -76,16 +111,11 @@ def pinned_depth(model: str | None, served_name: str, hints: Hints) -> int | Non
             raise bad_request(f"{model!r}: the depth after '@' must be a whole number", "model")
         pin = int(depth)
     if hints.depth is not None:
-        value = hints.depth.strip()
-        if not _DEPTH.fullmatch(value):
+        if pin is not None and pin != hints.depth:
             raise bad_request(
-                f"x-soft-depth {hints.depth!r} must be a whole number", "x-soft-depth"
+                f"model pins depth {pin} but x-soft-depth says {hints.depth}", "x-soft-depth"
             )
-        if pin is not None and pin != int(value):
-            raise bad_request(
-                f"model pins depth {pin} but x-soft-depth says {value}", "x-soft-depth"
-            )
-        pin = int(value)
+        pin = hints.depth
     return pin
 
 
@@ -94,8 +124,5 @@ def depth_request(
 ) -> DepthRequest:
     """The policy's view of one request: its sizes, pin, budget, SLOs and mode."""
     pin = pinned_depth(model, served_name, hints)
-    budget = parse_budget(hints.budget) if hints.budget is not None else None
-    ttft = None if hints.slo_ttft is None else parse_budget(hints.slo_ttft, hints.slo_ttft_header)
-    tpot = None if hints.slo_tpot is None else parse_budget(hints.slo_tpot, hints.slo_tpot_header)
-    strict = parse_budget_mode(hints.budget_mode)
-    return DepthRequest(prompt_len, max_tokens, budget, pin, ttft, tpot, strict)
+    return DepthRequest(prompt_len, max_tokens, hints.budget_ms, pin, hints.slo_ttft_ms,
+                        hints.slo_tpot_ms, hints.strict)  # fmt: skip

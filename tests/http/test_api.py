@@ -169,6 +169,22 @@ def test_malformed_budget_is_400(client: tuple[TestClient, FakeEngine], bad: str
     assert r.json()["error"]["param"] == "x-latency-budget"
 
 
+def test_hint_headers_are_refused_before_the_prompt_is_tokenized(
+    client: tuple[TestClient, FakeEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c, _ = client
+    serving = c.app.state.soft.serving  # type: ignore[attr-defined]
+
+    async def tokenize(*args: object) -> object:
+        raise AssertionError("the prompt was tokenized")
+
+    monkeypatch.setattr(serving.text, "run", tokenize)
+    for name, bad in [("x-latency-budget", "fast"), ("x-soft-depth", "two"),
+                      ("x-llm-d-slo-ttft-ms", "soon")]:  # fmt: skip
+        r = complete(c, headers={name: bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == name
+
+
 def test_depth_pins(client: tuple[TestClient, FakeEngine]) -> None:
     c, fake = client
     r = complete(c, model="tiny@2", headers={"x-latency-budget": "10s"})

@@ -37,6 +37,32 @@ def test_pick_is_the_deepest_shallower_exit_that_makes_the_deadline() -> None:
     assert ctl.pick(16, 2.0, 10, -5.0) == 8  # already late
 
 
+def test_a_fast_request_is_not_lowered_before_its_own_step_is_measured() -> None:
+    """The profile says 4 ms a token at depth 32; this request makes 1 ms. After its first
+    token 9 are left and 19 ms: the profile's step would lower it, its own never does."""
+    now = [0.0]
+    lowered: list[int] = []
+
+    class Engine:
+        def lower_depth(self, request_id: str, depth: int) -> None:
+            lowered.append(depth)
+
+    ctl = DeadlineController(Engine(), EXITS, STEPS, clock=lambda: now[0])  # type: ignore[arg-type]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    req = GenerationRequest("fast", (5, 6), params, 32, deadline=0.020, arrival=0.0)
+
+    async def events() -> Any:
+        for k in range(10):
+            now[0] = 0.001 * (k + 1)  # a token each millisecond
+            yield TokenEvent("fast", 7, finish_reason="length" if k == 9 else None, depth=32)
+
+    async def follow() -> list[TokenEvent]:
+        return [ev async for ev in ctl.follow(req, events())]
+
+    assert len(asyncio.run(follow())) == 10
+    assert lowered == [] and ctl.lowered == 0
+
+
 def make_request(rid: str, deadline_s: float | None, max_tokens: int = 150) -> GenerationRequest:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     deadline = None if deadline_s is None else time.monotonic() + deadline_s

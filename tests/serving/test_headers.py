@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.serving.errors import APIError
-from server.serving.headers import parse_budget, parse_budget_mode
+from server.serving.headers import Hints, parse_budget, parse_budget_mode, read_hints
 
 
 @pytest.mark.parametrize(
@@ -31,3 +31,17 @@ def test_budget_mode_is_strict_or_best_effort() -> None:
     assert not parse_budget_mode(" Best-Effort ")
     with pytest.raises(APIError, match="strict"):
         parse_budget_mode("lenient")
+
+
+def test_hint_headers_are_parsed_once_into_values() -> None:
+    sent = {"x-latency-budget": "1.5s", "x-soft-depth": " 2 ", "x-llm-d-slo-ttft-ms": "40",
+            "x-slo-tpot-ms": "7", "x-llm-d-slo-tpot-ms": "9",
+            "x-latency-budget-mode": "strict"}  # fmt: skip
+    h = read_hints(1.0, sent.get)
+    assert h == Hints(arrival=1.0, budget_ms=1500.0, depth=2, strict=True, slo_ttft_ms=40.0,
+                      slo_tpot_ms=7.0)  # fmt: skip
+    assert read_hints(2.0, {}.get) == Hints(arrival=2.0)
+    for name, bad in [("x-soft-depth", "2.0"), ("x-llm-d-slo-tpot-ms", "soon")]:
+        with pytest.raises(APIError) as e:
+            read_hints(0.0, {**sent, name: bad}.get)
+        assert e.value.status == 400 and e.value.param == name
