@@ -618,15 +618,47 @@ def machine_load() -> float:
     return os.getloadavg()[0]
 
 
+@dataclass(frozen=True)
+class Caches:
+    """What a run trains and measures on: the teacher cache of its data, the held-out
+    cache (None without --eval-data), and what building them cost."""
+
+    train: ShardedCache
+    held: HeldOut | None
+    build_s: float  # wall seconds this process spent on the training cache
+    reused_cpu_s: float  # CPU seconds earlier processes spent on shards reused here
+    held_cpu_s: float  # CPU seconds this process spent on the held-out cache
+
+
+def prepare_caches(args: Any, parser: Any, causal_lm: Any, tokenizer: Any,
+                   trained: list[int], data: Any) -> Caches:  # fmt: skip
+    """Build (or reuse) the teacher cache of `data` and of --eval-data."""
+    from models.loader import cache_dir
+    from models.training.data import load_mixture
+
+    root = Path(args.cache_dir) if args.cache_dir else cache_dir() / "teacher"
+    t, cpu = time.time(), time.process_time()
+    cache = build_cache(causal_lm, data.examples, trained, args.teacher_k, root,
+                        progress=not args.no_progress)  # fmt: skip
+    t, cpu = time.time() - t, time.process_time() - cpu
+    held, held_cpu = None, time.process_time()
+    if args.eval_data:
+        try:
+            ev = load_mixture(args.eval_data, tokenizer, args.eval_max_length)
+        except ValueError as err:
+            parser.error(f"--eval-data: {err}")
+        held = HeldOut(build_cache(causal_lm, ev.examples, trained, 1, root,
+                                   progress=not args.no_progress), ev.examples)  # fmt: skip
+    # shards built by an earlier process count what their build spent; this process's
+    # own CPU time counts by itself
+    return Caches(cache, held, t, max(cache.cpu_s - cpu, 0.0), time.process_time() - held_cpu)
+
+
 def train_balcony(args: Any, parser: Any, causal_lm: Any, tokenizer: Any, base_name: str,
                   exits: list[int], data: Any) -> Any:  # fmt: skip
     """`soft-train --method balcony`: build (or reuse) the teacher cache, then train one
     exit layer per exit below full depth on it. Returns a TrainResult."""
-    from tqdm import tqdm
-
-    from models.loader import cache_dir
-    from models.training.data import load_mixture, step_batches
-    from models.training.resume import TrainResult, final_loss, save_resume, start
+    from models.training.resume import TrainResult, final_loss, start
 
     num_layers = causal_lm.config.num_hidden_layers
     trained = [e for e in exits if e < num_layers]
@@ -634,7 +666,6 @@ def train_balcony(args: Any, parser: Any, causal_lm: Any, tokenizer: Any, base_n
         parser.error("--method balcony needs at least one exit below full depth")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     causal_lm.requires_grad_(False).eval().to(device)
-    root = Path(args.cache_dir) if args.cache_dir else cache_dir() / "teacher"
     layers = ExitLayers(causal_lm, trained, args.exit_init)
     curve = Curve()
     if args.init_from:
@@ -644,126 +675,158 @@ def train_balcony(args: Any, parser: Any, causal_lm: Any, tokenizer: Any, base_n
             parser.error(str(err))
         curve.offset_s = float(before.get("cpu_hours", 0.0)) * 3600
         curve.points = list(before.get("curve", []))
-    t_cache, cpu_cache = time.time(), time.process_time()
-    cache = build_cache(causal_lm, data.examples, trained, args.teacher_k, root,
-                        progress=not args.no_progress)  # fmt: skip
-    cache_s, cpu_cache = time.time() - t_cache, time.process_time() - cpu_cache
-    # the teacher's work is part of the run's cost: shards built by an earlier process
-    # count what their build spent (this process's own CPU time counts by itself)
-    reused_cpu_s = max(cache.cpu_s - cpu_cache, 0.0)
-    held = None
-    if args.eval_data:
-        spent = time.process_time()
-        try:
-            ev = load_mixture(args.eval_data, tokenizer, args.eval_max_length)
-        except ValueError as err:
-            parser.error(f"--eval-data: {err}")
-        held = HeldOut(build_cache(causal_lm, ev.examples, trained, 1, root,
-                                   progress=not args.no_progress), ev.examples)  # fmt: skip
-        curve.offset_s -= time.process_time() - spent  # measuring is not training
-    exact = None
-    if args.head == "sampled":
-        counts = cache.token_counts(causal_lm.config.vocab_size)
-        exact = torch.from_numpy(np.argsort(-counts, kind="stable")[: args.head_exact].copy())
+    caches = prepare_caches(args, parser, causal_lm, tokenizer, trained, data)
+    curve.offset_s -= caches.held_cpu_s  # the held-out cache is measuring, not training
     layers.train()
-    params = [p for p in layers.parameters() if p.requires_grad]
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     opt, sched, step, history, commands = start(args, parser, layers)
-    state_extra = out / "resume" / "balcony.json"
-    tokens_seen = 0
-    if step and state_extra.exists():  # the run's own curve and CPU time, resumed
-        saved = json.loads(state_extra.read_text())
-        curve.offset_s, curve.points = saved["cpu_s"], saved["curve"]
-        tokens_seen = int(saved.get("tokens", 0))
-    else:
-        curve.offset_s += reused_cpu_s
-    gen = torch.Generator().manual_seed(args.seed + step)
-    position = {id(e): s for s, e in enumerate(data.examples)}  # example -> cache sequence
+    run = BalconyRun(args, layers, caches, curve, opt, sched, history, commands, data,
+                     exits, base_name, tokenizer, device)  # fmt: skip
+    run.resume_state(step)
+    run.train(step)
+    final = {e: final_loss(history, e) for e in trained}
+    return TrainResult(args.out, run.step, tuple(exits), final)
 
-    def record(step: int) -> None:
+
+class BalconyRun:
+    """The training loop of `train_balcony` and what it writes: the resumable state every
+    --save-every steps (with the checkpoint), the held-out curve every --eval-every
+    CPU-minutes."""
+
+    def __init__(self, args: Any, layers: ExitLayers, caches: Caches, curve: Curve, opt: Any,
+                 sched: Any, history: list[dict[str, float]], commands: list[str], data: Any,
+                 exits: list[int], base_name: str, tokenizer: Any,
+                 device: torch.device) -> None:  # fmt: skip
+        self.args, self.layers, self.caches, self.curve = args, layers, caches, curve
+        self.opt, self.sched, self.history, self.commands = opt, sched, history, commands
+        self.data, self.exits, self.base_name, self.tokenizer = data, exits, base_name, tokenizer
+        self.device = device
+        self.trained = list(layers.exits)
+        self.out: Path = args.out
+        self.step = 0
+        self.tokens_seen = 0  # over the whole run, resumes included
+        self.new_tokens = 0  # by this process
+        self.t0 = time.time()
+        self.first_step = 0
+        self.exact = None  # the head's always-exact columns: the data's most frequent tokens
+        if args.head == "sampled":
+            vocab = layers._frozen[1].weight.shape[0]
+            counts = caches.train.token_counts(vocab)
+            top = np.argsort(-counts, kind="stable")[: args.head_exact]
+            self.exact = torch.from_numpy(top.copy())
+
+    @property
+    def state_file(self) -> Path:
+        return self.out / "resume" / "balcony.json"
+
+    def resume_state(self, step: int) -> None:
+        """The run's own curve, CPU time and tokens when --resume found a state."""
+        self.step = self.first_step = step
+        if step and self.state_file.exists():
+            saved = json.loads(self.state_file.read_text())
+            self.curve.offset_s, self.curve.points = saved["cpu_s"], saved["curve"]
+            self.tokens_seen = int(saved.get("tokens", 0))
+        else:
+            self.curve.offset_s += self.caches.reused_cpu_s
+
+    def train(self, step: int) -> None:
+        from tqdm import tqdm
+
+        from models.training.data import step_batches
+
+        args, cache = self.args, self.caches.train
+        params = [p for p in self.layers.parameters() if p.requires_grad]
+        gen = torch.Generator().manual_seed(args.seed + step)
+        position = {id(e): s for s, e in enumerate(self.data.examples)}  # -> cache sequence
+        bar = tqdm(total=args.steps, initial=step, desc="balcony", dynamic_ncols=True,
+                   disable=args.no_progress)  # fmt: skip
+        if step == 0 and not self.curve.points:
+            self.record()
+        self.t0 = time.time()
+        next_eval = self.curve.cpu_s() + args.eval_every * 60
+        while self.step < args.steps:
+            micro = step_batches(self.data.examples, self.step, args.batch_size,
+                                 args.grad_accum, seed=args.seed)  # fmt: skip
+            n_tok = sum(len(e.input_ids) for mb in micro for e in mb)
+            sums = dict.fromkeys(self.trained, 0.0)
+            for mb in micro:
+                batch = read_batch(cache, [position[id(e)] for e in mb], float(n_tok),
+                                   self.device)  # fmt: skip
+                loss, per_exit = self.layers(batch, self.exact, args.head_samples, gen)
+                loss.backward()
+                for e, v in per_exit.items():
+                    sums[e] += v
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.step += 1
+            self.tokens_seen += n_tok
+            self.new_tokens += n_tok
+            self.history.append({str(e): sums[e] / n_tok for e in self.trained})
+            bar.update(1)
+            rate = self.new_tokens / max(time.time() - self.t0, 1e-9)
+            bar.set_postfix_str(" ".join(f"{e}:{sums[e] / n_tok:.2f}" for e in self.trained)
+                                + f" {rate:.0f} tok/s")  # fmt: skip
+            if self.curve.cpu_s() >= next_eval or self.step == args.steps:
+                self.record(tqdm.write)
+                next_eval = self.curve.cpu_s() + args.eval_every * 60
+            if args.save_every and (self.step % args.save_every == 0 or self.step == args.steps):
+                self.save()
+        bar.close()
+        if self.step == self.first_step:
+            self.write_checkpoint()
+
+    def record(self, say: Any = print) -> None:
+        """Held-out CE per exit now, added to the curve (its time not counted)."""
+        held = self.caches.held
         if held is None:
             return
         spent = time.process_time()
-        ce = heldout_ce(layers, held)
-        curve.offset_s -= time.process_time() - spent  # measuring is not training
-        point = curve.add(step, tokens_seen, ce, machine_load())
-        (out / CURVE).write_text(json.dumps(curve.points, indent=1))
-        tqdm.write(f"held-out CE at {point['cpu_hours']:.3f} CPU-h, step {step}: "
-                   + " ".join(f"{e}:{v:.3f}" for e, v in point["ce"].items())
-                   + f" (base {point['base_ce']})")  # fmt: skip
+        ce = heldout_ce(self.layers, held)
+        self.curve.offset_s -= time.process_time() - spent  # measuring is not training
+        point = self.curve.add(self.step, self.tokens_seen, ce, machine_load())
+        (self.out / CURVE).write_text(json.dumps(self.curve.points, indent=1))
+        plot_curve(self.curve.points, self.out / "curve.png", point["base_ce"])
+        say(f"held-out CE at {point['cpu_hours']:.3f} CPU-h, step {self.step}: "
+            + " ".join(f"{e}:{v:.3f}" for e, v in point["ce"].items())
+            + f" (base {point['base_ce']})")  # fmt: skip
 
-    def save(step: int) -> None:
-        save_resume(out, layers, opt, sched, step, history, commands)
-        state_extra.write_text(json.dumps({"cpu_s": curve.cpu_s(), "curve": curve.points,
-                                           "tokens": tokens_seen}))  # fmt: skip
-        write_checkpoint(step)
+    def save(self) -> None:
+        from models.training.resume import save_resume
 
-    bar = tqdm(total=args.steps, initial=step, desc="balcony", dynamic_ncols=True,
-               disable=args.no_progress)  # fmt: skip
-    t0, first_step, t_train_tokens = time.time(), step, 0
-    next_eval = curve.cpu_s() + args.eval_every * 60
+        save_resume(self.out, self.layers, self.opt, self.sched, self.step, self.history,
+                    self.commands)  # fmt: skip
+        state = {"cpu_s": self.curve.cpu_s(), "tokens": self.tokens_seen,
+                 "curve": self.curve.points}  # fmt: skip
+        self.state_file.write_text(json.dumps(state))
+        self.write_checkpoint()
 
-    def write_checkpoint(step: int) -> None:
-        elapsed = time.time() - t0
-        final = {e: final_loss(history, e) for e in trained}
+    def write_checkpoint(self) -> None:
+        from models.training.resume import final_loss
+
+        args, elapsed = self.args, time.time() - self.t0
+        final = {e: final_loss(self.history, e) for e in self.trained}
+        hidden = self.layers._frozen[1].weight.shape[1]
         training = {
-            "method": "balcony", "exits": exits, "base_model": base_name,
-            "data": [str(d) for d in args.data], "data_sha256": data.sha256,
-            "examples": len(data.examples), "tokens": cache.num_tokens,
-            "bad_records": len(data.bad), "command": args.command, "commands": commands,
-            "steps": step, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
-            "lr": args.lr, "max_length": args.max_length, "teacher_k": args.teacher_k,
-            "head": args.head, "head_exact": args.head_exact, "head_samples": args.head_samples,
-            "exit_init": args.exit_init, "teacher_cache_seconds": round(cache_s, 1),
-            "cache_bytes_per_token": bytes_per_token(causal_lm.config.hidden_size,
-                                                     len(trained), args.teacher_k),
-            "seconds_per_step": round(elapsed / max(step - first_step, 1), 3),
-            "train_tokens_per_second": round(t_train_tokens / max(elapsed, 1e-9), 1),
-            "train_tokens": tokens_seen, "cpu_hours": round(curve.cpu_s() / 3600, 4),
-            "curve": curve.points,
+            "method": "balcony", "exits": self.exits, "base_model": self.base_name,
+            "data": [str(d) for d in args.data], "data_sha256": self.data.sha256,
+            "examples": len(self.data.examples), "tokens": self.caches.train.num_tokens,
+            "bad_records": len(self.data.bad), "command": args.command,
+            "commands": self.commands, "steps": self.step, "batch_size": args.batch_size,
+            "grad_accum": args.grad_accum, "lr": args.lr, "max_length": args.max_length,
+            "teacher_k": args.teacher_k, "head": args.head, "head_exact": args.head_exact,
+            "head_samples": args.head_samples, "exit_init": args.exit_init,
+            "teacher_cache_seconds": round(self.caches.build_s, 1),
+            "cache_bytes_per_token": bytes_per_token(hidden, len(self.trained), args.teacher_k),
+            "seconds_per_step": round(elapsed / max(self.step - self.first_step, 1), 3),
+            "train_tokens_per_second": round(self.new_tokens / max(elapsed, 1e-9), 1),
+            "train_tokens": self.tokens_seen, "cpu_hours": round(self.curve.cpu_s() / 3600, 4),
+            "curve": self.curve.points,
             "final_kl": {str(e): round(v, 4) for e, v in final.items()},
         }  # fmt: skip
-        save_checkpoint(out, layers, tokenizer, exits, base_name, training)
-
-    if step == 0 and not curve.points:
-        record(0)
-    t0 = time.time()
-    while step < args.steps:
-        micro = step_batches(data.examples, step, args.batch_size, args.grad_accum,
-                             seed=args.seed)  # fmt: skip
-        n_tok = sum(len(e.input_ids) for mb in micro for e in mb)
-        sums = dict.fromkeys(trained, 0.0)
-        for mb in micro:
-            batch = read_batch(cache, [position[id(e)] for e in mb], float(n_tok), device)
-            loss, per_exit = layers(batch, exact, args.head_samples, gen)
-            loss.backward()
-            for e, v in per_exit.items():
-                sums[e] += v
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += n_tok
-        t_train_tokens += n_tok
-        history.append({str(e): sums[e] / n_tok for e in trained})
-        bar.update(1)
-        rate = t_train_tokens / max(time.time() - t0, 1e-9)
-        bar.set_postfix_str(" ".join(f"{e}:{sums[e] / n_tok:.2f}" for e in trained)
-                            + f" {rate:.0f} tok/s")  # fmt: skip
-        if curve.cpu_s() >= next_eval or step == args.steps:
-            record(step)
-            next_eval = curve.cpu_s() + args.eval_every * 60
-        if args.save_every and (step % args.save_every == 0 or step == args.steps):
-            save(step)
-    bar.close()
-    if step == first_step:
-        write_checkpoint(step)
-    if held is not None and curve.points:
-        plot_curve(curve.points, out / "curve.png", curve.points[-1].get("base_ce"))
-    final = {e: final_loss(history, e) for e in trained}
-    return TrainResult(out, step, tuple(exits), final)
+        save_checkpoint(self.out, self.layers, self.tokenizer, self.exits, self.base_name,
+                        training)  # fmt: skip
 
 
 def save_checkpoint(out: Path, layers: ExitLayers, tokenizer: Any, exits: Sequence[int],
