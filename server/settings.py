@@ -88,6 +88,12 @@ class Settings(BaseSettings):
         description="seconds one request's chat templating and tokenisation may take (on "
         "worker threads, never the event loop); over it: 400",
     )
+    grammar_timeout: float = Field(
+        5.0,
+        gt=0,
+        description="seconds compiling one request's structured-output schema, regex or "
+        "grammar may take (on worker threads, never the event loop); over it: 400",
+    )
     output_tokens_prior: int = Field(
         256,
         ge=1,

@@ -36,7 +36,13 @@ from models import kernels
 from models.llama import SortedModel
 from server.engine.kv_cache import KVCacheConfig, KVCacheManager
 from server.engine.runner import GroupOutput, Runner, pack, prefill_groups
-from server.engine.sampling import make_generator, sample_rows, token_logprob
+from server.engine.sampling import (
+    TokenMasks,
+    bitmask_words,
+    make_generator,
+    sample_rows,
+    token_logprob,
+)
 from server.engine.scheduler import Scheduler, SchedulerOutput, Sequence
 from server.engine.speculative import SpecConfig, Speculator
 from server.engine.stats import TurnMeter
@@ -408,9 +414,16 @@ class Engine:
                 [s.tokens[:c] for s, c in zip(seqs, cut, strict=True)],
                 [s.tokens[c:] for s, c in zip(seqs, cut, strict=True)],
             )
+        prompts, outputs = histories or (None, None)
         tokens = sample_rows(
-            logits, params, [s.generator for s in seqs], *(histories or (None, None))
+            logits,
+            params,
+            [s.generator for s in seqs],
+            prompts,
+            outputs,
+            masks=self._masks(seqs, logits.shape[-1]),
         )
+        # the model's own logprobs (vLLM's): from the logits before penalties and masks
         want_lp = [j for j, p in enumerate(params) if p.logprobs is not None]
         logprobs = torch.log_softmax(logits[want_lp].float(), -1) if want_lp else None
         for j, (seq, tok) in enumerate(zip(seqs, tokens, strict=True)):
@@ -420,6 +433,19 @@ class Engine:
                 lp = token_logprob(logprobs[want_lp.index(j)], tok, p.logprobs)
             self._send(seq, [self._append(seq, tok, lp, prompt, queue_s)])
 
+    @staticmethod
+    def _masks(seqs: list[Sequence], vocab: int) -> TokenMasks | None:
+        """The grammar masks of the rows that have a constraint (structured outputs)."""
+        rows = [j for j, s in enumerate(seqs) if s.request.constraint is not None]
+        if not rows:
+            return None
+        bitmask = torch.zeros(len(rows), bitmask_words(vocab), dtype=torch.int32)
+        for r, j in enumerate(rows):
+            constraint = seqs[j].request.constraint
+            assert constraint is not None
+            constraint.fill_bitmask(bitmask, r)
+        return TokenMasks(rows, bitmask)
+
     def _append(
         self,
         seq: Sequence,
@@ -428,12 +454,22 @@ class Engine:
         prompt: tuple[TokenLogprob | None, ...] | None = None,
         queue_s: float | None = None,
     ) -> TokenEvent:
-        """Add a generated token to `seq`; retire it when it is done. Returns its event."""
-        p = seq.request.params
+        """Add a generated token to `seq`; retire it when it is done. Returns its event.
+        A constrained row's grammar advances past the token; it stops when the grammar
+        is complete (it has accepted an EOS, which its mask allows only then)."""
+        p, constraint = seq.request.params, seq.request.constraint
+        if constraint is not None and not constraint.accept(tok):
+            # the mask allowed nothing (a grammar the vocabulary cannot finish)
+            seq.finish_reason = "error"
+            self.scheduler.remove(seq.id)
+            return TokenEvent(seq.id, None, finish_reason="error", depth=seq.depth,
+                              error="the grammar allows no next token")  # fmt: skip
         seq.tokens.append(tok)
         seq.num_generated += 1
         finish = None
         if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
+            finish = "stop"
+        elif constraint is not None and constraint.is_terminated():
             finish = "stop"
         elif seq.num_generated >= p.max_tokens or len(seq.tokens) >= self.max_model_len:
             finish = "length"

@@ -1,15 +1,19 @@
-"""Token selection per sequence: logit biases and penalties, greedy, temperature, top-k,
-top-p, seeded, logprobs.
+"""Token selection per sequence: logit biases and penalties, grammar masks, greedy,
+temperature, top-k, top-p, seeded, logprobs.
 
 Each sequence samples with its own `torch.Generator`, so a seeded request draws the same
 tokens whatever else shares its batch. Logprobs are the model's own (vLLM's default "raw"
-logprobs): biases and penalties change the choice, not the reported probabilities.
+logprobs): biases, penalties and grammar masks change the choice, not the reported
+probabilities. The order is vLLM's: penalties and biases, then the grammar's mask, then
+temperature, top-k and top-p over what the mask allows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -121,18 +125,75 @@ def process_logits(
     return out
 
 
+def bitmask_words(vocab: int) -> int:
+    """int32 words per row of a token bitmask over `vocab` tokens."""
+    return (vocab + 31) // 32
+
+
+@dataclass(frozen=True)
+class TokenMasks:
+    """The grammar masks of a batch's constrained rows (structured outputs)."""
+
+    rows: list[int]  # the batch rows that have one
+    bitmask: Tensor  # (len(rows), bitmask_words(V)) int32 on the CPU: bit set = allowed
+
+    def allows(self, r: int, token: int) -> bool:
+        """Whether mask `r` (of rows[r]) allows `token`."""
+        return bool((int(self.bitmask[r, token >> 5]) >> (token & 31)) & 1)
+
+
+def unpack_bitmask(bitmask: Tensor, vocab: int) -> Tensor:
+    """(R, W) int32 bitmask -> (R, vocab) bool, True where allowed (bit t % 32 of word
+    t // 32; tokens past the words' end are not allowed)."""
+    if bitmask.device.type == "cpu":  # numpy's bit unpacking: ~10x torch's shifts on a CPU
+        words = bitmask.numpy().astype("<i4", copy=False).view(np.uint8)
+        bits = np.unpackbits(words, axis=-1, count=vocab, bitorder="little")
+        return torch.from_numpy(bits).view(torch.bool)
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    words32 = (bitmask.unsqueeze(-1) >> shifts) & 1  # (R, W, 32)
+    return words32.flatten(1)[:, :vocab].bool()
+
+
+def apply_masks(
+    logits: Tensor, masks: TokenMasks, params: Sequence[SamplingParams], greedy: list[int]
+) -> Tensor:
+    """(B, V) logits with each constrained row's disallowed tokens at -inf; `greedy` (each
+    row's argmax) is updated in place. A greedy row whose argmax the grammar allows keeps
+    its logits untouched (the common case inside a string or a number: no mask to
+    unpack). A row whose mask allows nothing is left as it is (the engine ends it)."""
+    vocab = logits.shape[-1]
+    need = [
+        r
+        for r, j in enumerate(masks.rows)
+        if not (params[j].greedy and masks.allows(r, greedy[j])) and bool(masks.bitmask[r].any())
+    ]
+    if not need:
+        return logits
+    rows = [masks.rows[r] for r in need]
+    allowed = unpack_bitmask(masks.bitmask[need], vocab).to(logits.device)  # (R, V)
+    out = logits.float().clone() if logits.dtype != torch.float32 else logits.clone()
+    out[rows] = torch.where(allowed, out[rows], float("-inf"))
+    for j, tok in zip(rows, out[rows].argmax(-1).tolist(), strict=True):
+        greedy[j] = tok
+    return out
+
+
 def sample_rows(
     logits: Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     prompts: Sequence[Sequence[int]] | None = None,
     outputs: Sequence[Sequence[int]] | None = None,
+    masks: TokenMasks | None = None,
 ) -> list[int]:
     """Next token for each row of (B, V) logits; greedy rows share one argmax. `prompts`
-    and `outputs` (each row's token ids) are needed when a row has penalties."""
+    and `outputs` (each row's token ids) are needed when a row has penalties; `masks`
+    holds the grammar masks of the constrained rows (structured outputs)."""
     if prompts is not None and outputs is not None:
         logits = process_logits(logits, params, prompts, outputs)
     greedy = logits.argmax(-1).tolist()
+    if masks is not None:
+        logits = apply_masks(logits, masks, params, greedy)
     return [
         greedy[j] if p.greedy else sample(logits[j], p, g)
         for j, (p, g) in enumerate(zip(params, generators, strict=True))

@@ -168,8 +168,14 @@ class Speculator:
             choice = self.choose(seq.depth)
             left = min(seq.request.params.max_tokens - seq.num_generated,
                        max_model_len - len(seq.tokens))  # fmt: skip
-            # penalties and biases change each token's choice: those rows decode plainly
-            if choice is None or left < 2 or seq.request.params.processes_logits:
+            # penalties and biases change each token's choice, and a grammar's mask would
+            # have to be checked against every draft: those rows decode plainly
+            if (
+                choice is None
+                or left < 2
+                or seq.request.params.processes_logits
+                or seq.request.constraint is not None
+            ):
                 plain.append(seq)
                 continue
             exit_, k = choice[0], min(choice[1], left)

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,25 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob), most likely first
 
 
+class TokenConstraint(Protocol):
+    """A grammar's state for one sequence (structured outputs): which tokens may come next.
+    The serving layer builds one per sequence (it holds the tokenizer and the grammar
+    library); the engine only fills masks and advances it, on its step thread."""
+
+    def fill_bitmask(self, bitmask: Tensor, row: int) -> None:
+        """Write row `row` of `bitmask` (int32, (B, ceil(V / 32))): bit t % 32 of word
+        t // 32 set <=> token t may come next."""
+        ...
+
+    def accept(self, token_id: int) -> bool:
+        """Advance past `token_id`; False when the grammar does not allow it."""
+        ...
+
+    def is_terminated(self) -> bool:
+        """The grammar is complete and has accepted its end (an EOS token): stop."""
+        ...
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One sequence to generate. The API layer turns `n > 1` into n of these."""
@@ -62,6 +84,9 @@ class GenerationRequest:
     depth: int  # the exit to run at; may be lowered while running, never raised
     deadline: float | None = None  # time.monotonic() by which the request should finish
     arrival: float = 0.0  # time.monotonic() when the server received it
+    # structured outputs: this sequence's own grammar state (mutable, advanced by the
+    # engine on every token it emits); None = unconstrained
+    constraint: TokenConstraint | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,7 @@ def serving_options(settings: Settings) -> ServingOptions:
         max_queue=settings.max_queue,
         trust_request_chat_template=settings.trust_request_chat_template,
         text_timeout_s=settings.text_timeout,
+        grammar_timeout_s=settings.grammar_timeout,
         output_tokens_prior=settings.output_tokens_prior,
     )
 
@@ -165,6 +166,7 @@ def create_app(
             if state.serving is not None:
                 await state.serving.engine.shutdown(settings.drain_timeout)
                 state.serving.text.shutdown()
+                state.serving.grammars.shutdown()
 
     app = FastAPI(title="soft-serve", version=VERSION, lifespan=lifespan)
     app.state.soft = AppState(settings, VERSION)

@@ -52,6 +52,7 @@ class ChatServing:
                 raise bad_request(
                     f"chat_template is over {MAX_TEMPLATE_CHARS} characters", "chat_template"
                 )
+        grammar = await ctx.grammar(req)
         ids = await ctx.text.run("messages", self._prompt, req, template)
         max_tokens = req.requested_max_tokens()
         learn = None
@@ -64,7 +65,9 @@ class ChatServing:
         choice = ctx.choose(req.model, hints, len(ids), expected)
         rid = new_id("chatcmpl")
         params = req.to_sampling_params(max_tokens)
-        gen = ctx.start([ids], params, req.n, choice, hints, req.stop_strings(), rid, learn)
+        gen = ctx.start(
+            [ids], params, req.n, choice, hints, req.stop_strings(), rid, learn, grammar
+        )
         if req.stream:
             return Served(choice, stream=self._stream(req, rid, [ids], gen), close=gen.finish)
         await gen.run()

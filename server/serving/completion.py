@@ -33,6 +33,7 @@ class CompletionServing:
         ctx.check_fields(req)
         if req.max_tokens == 0 and not req.echo:
             raise bad_request("max_tokens must be at least 1 (0 only with echo)", "max_tokens")
+        grammar = await ctx.grammar(req)
         prompts = await ctx.text.run("prompt", self._tokenize_prompts, req)
         if len(prompts) * req.n > ctx.max_n * 8:
             raise bad_request(
@@ -44,7 +45,9 @@ class CompletionServing:
         choice = ctx.choose(req.model, hints, max(map(len, prompts)), max_tokens)
         rid = new_id("cmpl")
         params = req.to_sampling_params(max_tokens)
-        gen = ctx.start(prompts, params, req.n, choice, hints, req.stop_strings(), rid)
+        gen = ctx.start(
+            prompts, params, req.n, choice, hints, req.stop_strings(), rid, grammar=grammar
+        )
         if req.stream:
             return Served(choice, stream=self._stream(req, rid, prompts, gen), close=gen.finish)
         await gen.run()

@@ -36,6 +36,7 @@ from server.serving.detokenizer import Detokenizer, Track
 from server.serving.errors import APIError, bad_request, engine_error
 from server.serving.headers import Hints, depth_request
 from server.serving.protocol import SamplingFields, SoftInfo, Usage, now
+from server.serving.structured import Grammar, Grammars
 from server.serving.text import TextPool
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class ServingOptions:
     trust_request_chat_template: bool = False  # a request may bring its own template
     text_timeout_s: float = 5.0  # one request's templating + tokenisation, at most
     output_tokens_prior: int = 256  # expected output of a request without max_tokens
+    grammar_timeout_s: float = 5.0  # compiling one request's schema / regex / grammar
 
 
 class OutputLengths:
@@ -119,6 +121,12 @@ class ServingContext:
         # sequences the engine ever queues at once: a request with more can never be admitted
         self.max_queue: int = options.max_queue or engine.max_queue
         self.text = TextPool(timeout_s=options.text_timeout_s)
+        eos = set(model.cfg.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)  # the engine's stop tokens, the same way
+        self.grammars = Grammars(
+            self.tokenizer, model.cfg.vocab_size, eos, timeout_s=options.grammar_timeout_s
+        )
         self.lengths = OutputLengths(prior=options.output_tokens_prior)
         self.max_model_len: int = engine.max_model_len
         self.vocab_size: int = model.cfg.vocab_size
@@ -163,6 +171,16 @@ class ServingContext:
                     "logit_bias",
                 )
 
+    async def grammar(self, req: SamplingFields) -> Grammar | None:
+        """The request's structured-output constraint compiled (off the event loop,
+        bounded, cached), or None; a 400 naming the field when it does not compile."""
+        spec = req.structured()
+        if spec is None:
+            return None
+        if self.tokenizer is None:
+            raise bad_request("this model has no tokenizer: no structured outputs", spec.param)
+        return await self.grammars.compile(spec)
+
     def check_admissible(self, sequences: int, param: str) -> None:
         """400 for a request of more sequences (prompts x n) than the engine ever queues:
         a 429 would invite a retry that can never succeed."""
@@ -187,9 +205,11 @@ class ServingContext:
         stops: tuple[str, ...],
         base_id: str,
         learn: str | None = None,
+        grammar: Grammar | None = None,
     ) -> Generation:
         """One engine request per (prompt, choice), all or nothing. `learn`: the route
-        whose OutputLengths this request's output lengths teach (it set no max_tokens).
+        whose OutputLengths this request's output lengths teach (it set no max_tokens);
+        `grammar`: each sequence gets a matcher of its own over it.
 
         Raises:
             APIError: 400 for a request the engine can never run, 429 when its queue is full.
@@ -205,7 +225,13 @@ class ServingContext:
                 if params.seed is not None and n > 1:  # n choices differ, each reproducible
                     p = replace(params, seed=(params.seed + j) % 2**63)
                 req = GenerationRequest(
-                    f"{base_id}-{i * n + j}", tuple(ids), p, choice.depth, deadline, hints.arrival
+                    f"{base_id}-{i * n + j}",
+                    tuple(ids),
+                    p,
+                    choice.depth,
+                    deadline,
+                    hints.arrival,
+                    constraint=None if grammar is None else grammar.matcher(),
                 )
                 tracks.append(Track(req, i * n + j, i, Detokenizer(self.tokenizer, ids), stops))
         try:

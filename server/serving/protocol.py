@@ -3,17 +3,22 @@
 Requests validate themselves (pydantic; the app maps every validation error to a 400) and
 turn into engine `SamplingParams` with `to_sampling_params()`. Unknown fields are accepted
 and ignored, as OpenAI clients send many; known fields the server cannot honour
-(`best_of` > n, `suffix`, `response_format` other than text, `tools`) are named by
-`unsupported()` and refused with a 400 rather than ignored. Every string a request carries
+(`best_of` > n, `suffix`, `tools`, two structured-output forms at once) are named by
+`unsupported()` and refused with a 400 rather than ignored. Structured outputs come in
+OpenAI's `response_format` (json_object, json_schema) or vLLM's `structured_outputs` /
+older `guided_*` fields; `structured()` reads whichever the request sent as one
+`StructuredSpec` (server/serving/structured.py compiles it). Every string a request carries
 has its lone UTF-16 surrogates (a JavaScript client that cut a string inside an emoji)
 replaced with U+FFFD before validation: the tokenizer and the JSON encoder refuse them.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -77,6 +82,63 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(OpenAIModel):
+    """OpenAI's response_format.json_schema (what the SDK's `parse()` sends)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # None: any JSON object
+    strict: bool | None = None  # always strict here: no properties beyond the schema's
+
+
+class ResponseFormat(OpenAIModel):
+    """OpenAI's response_format: free text, any JSON object, or a JSON schema."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format json_schema needs a json_schema object")
+        return self
+
+
+JsonSchemaField = dict[str, Any] | str  # a schema, or its JSON text (vLLM takes both)
+Choices = Annotated[list[str], Field(min_length=1)]
+
+
+class StructuredOutputs(OpenAIModel):
+    """vLLM's structured_outputs extra body: one of json, regex, choice, grammar (EBNF),
+    json_object."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    json_: JsonSchemaField | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: Choices | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+@dataclass(frozen=True)
+class StructuredSpec:
+    """One structured-output constraint as requested (before compiling)."""
+
+    kind: Literal["json", "regex", "choice", "grammar"]
+    source: str  # a JSON schema's text, a regex, the choices as a JSON list, EBNF
+    param: str  # the field a 400 about it names
+
+    @staticmethod
+    def schema(value: JsonSchemaField | None, param: str) -> StructuredSpec:
+        """A JSON schema (dict or text; None: any JSON object). Its text keeps the key
+        order (the output's properties follow it)."""
+        if value is None:
+            return StructuredSpec("json", '{"type": "object"}', param)
+        return StructuredSpec("json", value if isinstance(value, str) else json.dumps(value),
+                              param)  # fmt: skip
+
+
 class SamplingFields(OpenAIRequest):
     """Fields both endpoints share."""
 
@@ -110,7 +172,13 @@ class SamplingFields(OpenAIRequest):
     ) = Field(None, max_length=MAX_LOGIT_BIAS)
     # accepted only where they change nothing (see unsupported())
     best_of: Int | None = Field(None, ge=1)
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None  # structured outputs (OpenAI)
+    # structured outputs, vLLM's names (the guided_* are its older ones)
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: JsonSchemaField | None = None
+    guided_regex: str | None = None
+    guided_choice: Choices | None = None
+    guided_grammar: str | None = None
     # vLLM extensions
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = Field(None, max_length=64)
@@ -132,12 +200,50 @@ class SamplingFields(OpenAIRequest):
             return "best_of", "best_of > n is not supported: send n only"
         if self.best_of is not None and self.best_of < self.n:
             return "best_of", "best_of must be at least n"
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            return "response_format", (
-                f"response_format {kind!r} is not supported; only 'text' (the default)"
+        forms = self.structured_forms()
+        if len(forms) > 1:
+            return forms[1].param, (
+                f"{forms[0].param} and {forms[1].param} both constrain the output; two "
+                "constraints at once are not supported: send one"
             )
         return None
+
+    def structured_forms(self) -> list[StructuredSpec]:
+        """Every structured-output constraint the request sent (at most one is valid)."""
+        out: list[StructuredSpec] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            out.append(StructuredSpec.schema(None, "response_format"))
+        elif rf is not None and rf.type == "json_schema" and rf.json_schema is not None:
+            out.append(StructuredSpec.schema(rf.json_schema.schema_,
+                                             "response_format.json_schema.schema"))  # fmt: skip
+        so = self.structured_outputs
+        if so is not None:
+            if so.json_ is not None:
+                out.append(StructuredSpec.schema(so.json_, "structured_outputs.json"))
+            if so.regex is not None:
+                out.append(StructuredSpec("regex", so.regex, "structured_outputs.regex"))
+            if so.choice is not None:
+                out.append(StructuredSpec("choice", json.dumps(so.choice),
+                                          "structured_outputs.choice"))  # fmt: skip
+            if so.grammar is not None:
+                out.append(StructuredSpec("grammar", so.grammar, "structured_outputs.grammar"))
+            if so.json_object:
+                out.append(StructuredSpec.schema(None, "structured_outputs.json_object"))
+        if self.guided_json is not None:
+            out.append(StructuredSpec.schema(self.guided_json, "guided_json"))
+        if self.guided_regex is not None:
+            out.append(StructuredSpec("regex", self.guided_regex, "guided_regex"))
+        if self.guided_choice is not None:
+            out.append(StructuredSpec("choice", json.dumps(self.guided_choice), "guided_choice"))
+        if self.guided_grammar is not None:
+            out.append(StructuredSpec("grammar", self.guided_grammar, "guided_grammar"))
+        return out
+
+    def structured(self) -> StructuredSpec | None:
+        """The request's structured-output constraint, if any."""
+        forms = self.structured_forms()
+        return forms[0] if forms else None
 
     def logit_bias_ids(self) -> tuple[tuple[int, float], ...]:
         return tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items())

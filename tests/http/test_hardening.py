@@ -198,8 +198,11 @@ def test_penalties_and_biases_reach_the_engine(quick: tuple[TestClient, FakeEngi
     [
         ("/v1/completions", {"best_of": 2}, "best_of"),
         ("/v1/completions", {"suffix": "the end"}, "suffix"),
-        ("/v1/completions", {"response_format": {"type": "json_object"}}, "response_format"),
-        ("/v1/chat/completions", {"response_format": {"type": "json_schema"}}, "response_format"),
+        (
+            "/v1/chat/completions",
+            {"response_format": {"type": "json_object"}, "guided_regex": "a+"},
+            "guided_regex",
+        ),
         ("/v1/chat/completions", {"tools": [{"type": "function"}]}, "tools"),
         ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
         ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),

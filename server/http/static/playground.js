@@ -133,7 +133,23 @@ function requestBody(model) {
   };
   if (mode() === "chat") body.messages = [{ role: "user", content: text }];
   else body.prompt = text;
+  const schema = jsonSchema();
+  if (schema !== null) {
+    body.response_format = { type: "json_schema", json_schema: { name: "playground", schema, strict: true } };
+  }
   return body;
+}
+
+// The "JSON schema" box: null when empty; text that is not JSON goes as it is (the server's
+// 400 then says what is wrong with it, in the column or the banner)
+function jsonSchema() {
+  const text = $("#json-schema").value.trim();
+  if (!text) return null;
+  try {
+    return JSON.parse(text);
+  } catch {
+    return text;
+  }
 }
 
 function mode() {
