@@ -583,7 +583,8 @@ class Curve:
 
 
 def plot_curve(points: list[dict[str, Any]], path: Path, base_ce: float | None = None) -> None:
-    """Held-out CE per exit against CPU-hours (log x), the base's full depth as a line."""
+    """Held-out CE per exit against CPU-hours (log CE: the first point, an untrained
+    layer, is ~10x the rest), the base's full depth and the targets' multiples as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -599,6 +600,7 @@ def plot_curve(points: list[dict[str, Any]], path: Path, base_ce: float | None =
         ax.axhline(base_ce, color="k", ls="--", lw=1, label="base, full depth")
         for f, style in ((1.5, ":"), (1.15, "-.")):
             ax.axhline(base_ce * f, color="grey", ls=style, lw=0.8, label=f"{f}x base")
+    ax.set_yscale("log")
     ax.set_xlabel("CPU-hours (teacher cache + training, all threads)")
     ax.set_ylabel("held-out response CE (nats/token)")
     ax.set_title("Exit layers: held-out CE vs compute")
