@@ -315,8 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         type=Path,
-        default=Path("soft-eval"),
-        help="output prefix: writes OUT.json, OUT.md, OUT.png",
+        default=None,
+        help="output prefix: writes OUT.json, OUT.md, OUT.png (default\n"
+        "runs/eval/soft-eval-<date>-<time>, never over an earlier run)",
     )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
@@ -350,7 +351,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def write_outputs(results: list[CheckpointResult], args: argparse.Namespace) -> None:
-    out: Path = args.out
+    out: Path = args.out or Path("runs/eval") / time.strftime("soft-eval-%Y%m%d-%H%M%S")
+    args.out = out
     out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     payload = {"config": config, "results": [asdict(r) for r in results]}
@@ -359,6 +361,7 @@ def write_outputs(results: list[CheckpointResult], args: argparse.Namespace) -> 
     out.with_suffix(".md").write_text(table)
     plot(results, out.with_suffix(".png"))
     print(table)
+    log.info("wrote %s.{json,md,png}", out)
 
 
 if __name__ == "__main__":

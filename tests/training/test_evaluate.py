@@ -71,6 +71,20 @@ def test_markdown_table_rows() -> None:
     assert table[3] == "| A | soft | 4 | 1.000 | 2.7 | – | – | – | – | – |"
 
 
+def test_soft_eval_without_out_writes_a_new_run_directory(
+    tiny_tok_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No --out: results go to runs/eval/soft-eval-<date>-<time>.*, not the working dir."""
+    data = write_alpaca(tmp_path / "d.json", 4)
+    monkeypatch.chdir(tmp_path)
+    main([str(tiny_tok_dir), "--data", str(data), "--gen-samples", "1", "--max-new-tokens",
+          "2", "--no-speed-b16", "--no-progress"])  # fmt: skip
+    written = sorted(p.name for p in (tmp_path / "runs" / "eval").iterdir())
+    assert len(written) == 3 and {Path(n).suffix for n in written} == {".json", ".md", ".png"}
+    assert all(n.startswith("soft-eval-") for n in written)
+    assert not list(tmp_path.glob("soft-eval.*"))
+
+
 def test_soft_eval_writes_json_markdown_and_plot(tiny_tok_dir: Path, tmp_path: Path) -> None:
     data = write_alpaca(tmp_path / "d.json", 6)
     out = tmp_path / "res" / "eval"
