@@ -15,6 +15,7 @@ Many processes: `torchrun` / `accelerate launch` (DDP or FSDP), see docs/trainin
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
@@ -389,6 +390,13 @@ def save_output(args: argparse.Namespace, out: Path, wrapper: Any, peft_model: A
         model.gradient_checkpointing_disable()
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
+    # a directory every HF-format reader loads as it is: transformers 4.x, vLLM and
+    # llama.cpp's converter (rope_theta beside transformers 5's rope_parameters)
+    config = json.loads((out / "config.json").read_text())
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    config = loader.portable_config(config, type(model).__name__, dtype)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    loader.portable_tokenizer_config(out)
     if soft.method == "early-exit":
         heads: dict[str, torch.Tensor] = {}
         for d, eh in wrapper.exit_heads.items():  # type: ignore[union-attr]

@@ -185,6 +185,14 @@ def test_lora_merged_and_delta_give_the_same_model(tiny_base: Path, data_file: P
     run_train(*common, "--out", tmp_path / "merged")
     run_train(*common, "--out", tmp_path / "delta", "--save-delta")
     assert not list((tmp_path / "delta").glob("model*.safetensors"))
+    # full weights load unmodified in transformers 4.x / vLLM / llama.cpp's converter: the
+    # architecture named, rope_theta beside transformers 5's rope_parameters
+    written = json.loads((tmp_path / "merged" / "config.json").read_text())
+    base_cfg = json.loads((tiny_base / "config.json").read_text())
+    theta = (base_cfg.get("rope_parameters") or {}).get("rope_theta", base_cfg.get("rope_theta"))
+    assert written["architectures"] == ["LlamaForCausalLM"]
+    assert theta is not None and written["rope_theta"] == theta
+    assert written["torch_dtype"] == "float32"
     merged, delta = models.load(tmp_path / "merged"), models.load(tmp_path / "delta")
     base = models.load(tiny_base)
     assert merged.exits == delta.exits == (2, 3, 4)
