@@ -229,16 +229,10 @@ def lora_delta(model: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any], flo
 # -- training -------------------------------------------------------------------------
 
 
-def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainResult:
-    from accelerate import Accelerator
-    from tqdm import tqdm
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    acc = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: gloo under torchrun
-    model, tokenizer, base_name = load_causal_lm(args.model)
-    num_layers = model.config.num_hidden_layers
+def exits_and_weights(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                      num_layers: int) -> tuple[list[int], list[float] | None]:  # fmt: skip
+    """The run's exits (ascending; full depth added where the method keeps its head) and
+    --exit-weights, checked (exit 2 with a message when they do not fit)."""
     exits = parse_ints(args.exits, "exits", parser) or list(default_exits(num_layers))
     if args.method == "sft":
         exits = [num_layers]
@@ -254,20 +248,15 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainRes
             parser.error(f"--exit-weights must be comma-separated numbers: {args.exit_weights}")
         if len(weights) != len(exits) or min(weights) < 0 or sum(weights) <= 0:
             parser.error(f"--exit-weights needs {len(exits)} non-negative numbers (one per exit)")
-    try:
-        data = load_mixture(args.data, tokenizer, args.max_length, args.on_bad_record,
-                            parse_range(args.records))  # fmt: skip
-    except (DataError, ValueError) as e:
-        parser.error(str(e))
-    if args.method == "balcony":
-        from models.training.balcony import train_balcony
+    return exits, weights
 
-        if exits[-1] != num_layers:
-            exits.append(num_layers)  # full depth: the base itself
-        return cast(TrainResult, train_balcony(args, parser, model, tokenizer, base_name,
-                                               exits, data))  # fmt: skip
 
-    # 1) what trains (and, for self-distillation, the untrained teacher)
+def sorted_loss_module(args: argparse.Namespace, parser: argparse.ArgumentParser, model: Any,
+                       exits: list[int], weights: list[float] | None
+                       ) -> tuple[SortedLoss, Any]:  # fmt: skip
+    """What trains for soft / sft / early-exit: LoRA or the full model or new exit heads,
+    inside the sorted loss (with the untrained model as teacher for --distill).
+    Returns (the loss module, the PeftModel or None)."""
     peft_model = None
     exit_heads: nn.ModuleDict | None = None
     if args.method == "early-exit":
@@ -291,6 +280,35 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainRes
             model.enable_input_require_grads()
     wrapper = SortedLoss(model, exits, weights, exit_heads, args.method == "early-exit",
                          args.distill, teacher, args.distill_tokens == "all")  # fmt: skip
+    return wrapper, peft_model
+
+
+def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainResult:
+    from accelerate import Accelerator
+    from tqdm import tqdm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    acc = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: gloo under torchrun
+    model, tokenizer, base_name = load_causal_lm(args.model)
+    num_layers = model.config.num_hidden_layers
+    exits, weights = exits_and_weights(args, parser, num_layers)
+    try:
+        data = load_mixture(args.data, tokenizer, args.max_length, args.on_bad_record,
+                            parse_range(args.records))  # fmt: skip
+    except (DataError, ValueError) as e:
+        parser.error(str(e))
+    if args.method == "balcony":
+        from models.training.balcony import train_balcony
+
+        if exits[-1] != num_layers:
+            exits.append(num_layers)  # full depth: the base itself
+        return cast(TrainResult, train_balcony(args, parser, model, tokenizer, base_name,
+                                               exits, data))  # fmt: skip
+
+    # 1) what trains (and, for self-distillation, the untrained teacher)
+    wrapper, peft_model = sorted_loss_module(args, parser, model, exits, weights)
     wrapper.train()
     params = [p for p in wrapper.parameters() if p.requires_grad]
 
