@@ -47,6 +47,59 @@ log = logging.getLogger("soft-train")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def add_balcony_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of --method balcony (exit layers on a frozen base, docs/training.md)."""
+    g = p.add_argument_group("exit layers (--method balcony)")
+    g.add_argument(
+        "--teacher-k",
+        type=int,
+        default=32,
+        help="the teacher's top-k token ids cached per token (computed exactly by\n"
+        "the sampled head)",
+    )
+    g.add_argument(
+        "--exit-init",
+        choices=("last", "next"),
+        default="last",
+        help="each exit layer starts as a copy of the base's last layer, or of\n"
+        "the layer that follows the exit (layer e)",
+    )
+    g.add_argument(
+        "--head",
+        choices=("sampled", "full"),
+        default="sampled",
+        help="the KL's vocabulary: `sampled` computes the --head-exact most frequent\n"
+        "tokens and every token's teacher top-k exactly and estimates the rest from\n"
+        "--head-samples uniform draws per chunk (unbiased sums); `full` every token",
+    )
+    g.add_argument("--head-exact", type=int, default=512,
+                   help="most frequent tokens always computed exactly")  # fmt: skip
+    g.add_argument("--head-samples", type=int, default=512,
+                   help="tail tokens drawn per chunk for the estimate")  # fmt: skip
+    g.add_argument(
+        "--init-from",
+        default=None,
+        help="start the exit layers from this balcony checkpoint (e.g.\n"
+        "models/default) and continue its CE-vs-CPU-hours curve",
+    )
+    g.add_argument(
+        "--eval-data",
+        nargs="+",
+        default=None,
+        help="held-out data (PATH[@START:END] ...): response CE per exit every\n"
+        "--eval-every CPU-minutes, written to OUT/curve.json and OUT/curve.png",
+    )
+    g.add_argument("--eval-every", type=float, default=10.0,
+                   help="CPU-minutes (all threads) between held-out CEs")  # fmt: skip
+    g.add_argument("--eval-max-length", type=int, default=256,
+                   help="truncate held-out sequences (tokens)")  # fmt: skip
+    g.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where teacher caches live (default $SOFT_CACHE_DIR/teacher)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="soft-train", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -93,54 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="response",
         help="positions the KL covers: the response only, or every token (prompt too)",
     )
-    p.add_argument(
-        "--teacher-k",
-        type=int,
-        default=32,
-        help="balcony: the teacher's top-k token ids cached per token (computed exactly by\n"
-        "the sampled head)",
-    )
-    p.add_argument(
-        "--exit-init",
-        choices=("last", "next"),
-        default="last",
-        help="balcony: each exit layer starts as a copy of the base's last layer, or of\n"
-        "the layer that follows the exit (layer e)",
-    )
-    p.add_argument(
-        "--head",
-        choices=("sampled", "full"),
-        default="sampled",
-        help="balcony: the KL's vocabulary: `sampled` computes the --head-exact most frequent\n"
-        "tokens and every token's teacher top-k exactly and estimates the rest from\n"
-        "--head-samples uniform draws per chunk (unbiased sums); `full` every token",
-    )
-    p.add_argument("--head-exact", type=int, default=512,
-                   help="balcony: most frequent tokens always computed exactly")  # fmt: skip
-    p.add_argument("--head-samples", type=int, default=512,
-                   help="balcony: tail tokens drawn per chunk for the estimate")  # fmt: skip
-    p.add_argument(
-        "--init-from",
-        default=None,
-        help="balcony: start the exit layers from this balcony checkpoint (e.g.\n"
-        "models/default) and continue its CE-vs-CPU-hours curve",
-    )
-    p.add_argument(
-        "--eval-data",
-        nargs="+",
-        default=None,
-        help="balcony: held-out data (PATH[@START:END] ...): response CE per exit every\n"
-        "--eval-every CPU-minutes, written to OUT/curve.json and OUT/curve.png",
-    )
-    p.add_argument("--eval-every", type=float, default=10.0,
-                   help="balcony: CPU-minutes (all threads) between held-out CEs")  # fmt: skip
-    p.add_argument("--eval-max-length", type=int, default=256,
-                   help="balcony: truncate held-out sequences (tokens)")  # fmt: skip
-    p.add_argument(
-        "--cache-dir",
-        default=None,
-        help="balcony: where teacher caches live (default $SOFT_CACHE_DIR/teacher)",
-    )
+    add_balcony_arguments(p)
     p.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tuning")
     p.add_argument("--lora-alpha", type=float, default=None, help="default 2 x rank")
     p.add_argument(
