@@ -29,7 +29,7 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -69,6 +69,12 @@ def bytes_per_token(hidden_size: int, num_exits: int, k: int) -> int:
     """Disk a cache spends per token: fp16 residuals per exit and the final hidden state,
     k int32 ids, the token and the log-normaliser."""
     return 2 * hidden_size * (num_exits + 1) + 4 * k + 4 + 4
+
+
+def _memmap(directory: Path, name: str, dtype: Any, shape: tuple[int, ...],
+            mode: Literal["c", "w+"]) -> np.ndarray:  # fmt: skip
+    """One cache array, `directory/name.bin`: "w+" to build it, "c" to read it."""
+    return np.memmap(directory / f"{name}.bin", dtype=dtype, mode=mode, shape=shape)
 
 
 @dataclass
@@ -115,7 +121,7 @@ class TeacherCache:
         n, hsz, k = meta["tokens"], meta["hidden_size"], meta["k"]
 
         def arr(name: str, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
-            return np.memmap(directory / f"{name}.bin", dtype=dtype, mode="c", shape=shape)
+            return _memmap(directory, name, dtype, shape, "c")
 
         exits = tuple(meta["exits"])
         return cls(
@@ -237,7 +243,7 @@ def _build_shard(causal_lm: Any, examples: Sequence[Example], exits: Sequence[in
     n, hsz = int(offsets[-1]), int(causal_lm.config.hidden_size)
 
     def arr(name: str, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
-        return np.memmap(directory / f"{name}.bin", dtype=dtype, mode="w+", shape=shape)
+        return _memmap(directory, name, dtype, shape, "w+")
 
     tokens = arr("tokens", np.int32, (n,))
     hidden = {e: arr(f"hidden_{e}", np.float16, (n, hsz)) for e in exits}
@@ -403,6 +409,11 @@ class ExitLayers(nn.Module):
         # frozen, shared with the base (not parameters of this module: never saved or trained)
         self._frozen = (base.norm, causal_lm.lm_head, base.rotary_emb)
 
+    @property
+    def head_weight(self) -> Tensor:
+        """The base's frozen LM head, (V, H)."""
+        return self._frozen[1].weight
+
     def normed(self, batch: CachedBatch) -> dict[int, Tensor]:
         """Each exit's final-normed hidden state of the batch's real tokens, (N, H)."""
         norm, _, rotary = self._frozen
@@ -424,9 +435,8 @@ class ExitLayers(nn.Module):
         (`exact` None: the whole vocabulary, the exact KL); the columns and the teacher's
         log-probabilities on them are shared by every exit of the chunk.
         """
-        _, lm_head, _ = self._frozen
         xs = self.normed(batch)
-        w = lm_head.weight
+        w = self.head_weight
         n = batch.final.shape[0]
         total = batch.final.new_zeros(())
         per_exit = dict.fromkeys(self.exits, 0.0)
@@ -543,7 +553,6 @@ class HeldOut:
 @torch.no_grad()
 def heldout_ce(layers: ExitLayers, held: HeldOut, batch: int = 8) -> dict[int, float]:
     """Response CE per exit (and at full depth, key = the base's depth) on `held`."""
-    _, lm_head, _ = layers._frozen
     sums: dict[int, float] = {}
     count = 0
     was_training = layers.training
@@ -556,7 +565,7 @@ def heldout_ce(layers: ExitLayers, held: HeldOut, batch: int = 8) -> dict[int, f
         count += int(sel.sum())
         outs = {**layers.normed(b), -1: b.final}
         for e, x in outs.items():
-            logits = F.linear(x[sel], lm_head.weight).float()
+            logits = F.linear(x[sel], layers.head_weight).float()
             sums[e] = sums.get(e, 0.0) + float(F.cross_entropy(logits, tgt[sel], reduction="sum"))
     layers.train(was_training)
     return {e: v / max(count, 1) for e, v in sums.items()}
@@ -712,7 +721,7 @@ class BalconyRun:
         self.first_step = 0
         self.exact = None  # the head's always-exact columns: the data's most frequent tokens
         if args.head == "sampled":
-            vocab = layers._frozen[1].weight.shape[0]
+            vocab = layers.head_weight.shape[0]
             counts = caches.train.token_counts(vocab)
             top = np.argsort(-counts, kind="stable")[: args.head_exact]
             self.exact = torch.from_numpy(top.copy())
@@ -809,7 +818,7 @@ class BalconyRun:
 
         args, elapsed = self.args, time.time() - self.t0
         final = {e: final_loss(self.history, e) for e in self.trained}
-        hidden = self.layers._frozen[1].weight.shape[1]
+        hidden = self.layers.head_weight.shape[1]
         training = {
             "method": "balcony", "exits": self.exits, "base_model": self.base_name,
             "data": [str(d) for d in args.data], "data_sha256": self.data.sha256,

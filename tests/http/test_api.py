@@ -55,7 +55,8 @@ def client(tiny_model: Any) -> Iterator[tuple[TestClient, FakeEngine]]:
 
 
 def wait_ready(c: TestClient) -> None:
-    for _ in range(200):
+    """Until /health says the model is loaded (a real engine's start takes seconds)."""
+    for _ in range(3000):
         if c.get("/health").status_code == 200:
             return
         time.sleep(0.01)

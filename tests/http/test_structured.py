@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +19,7 @@ from server.serving.protocol import ChatCompletionRequest, StructuredSpec
 from server.serving.structured import MAX_SOURCE_CHARS
 from server.settings import Settings
 from tests.fakes import PROFILE, make_served_checkpoint
+from tests.http.test_api import wait_ready
 
 PERSON = {
     "type": "object",
@@ -38,14 +38,6 @@ def app_client(tmp_path_factory: pytest.TempPathFactory, **settings: Any) -> Tes
     ckpt = make_served_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", profile=PROFILE)
     s = Settings(model=str(ckpt), kv_cache_memory="8MiB", quantization="none", **settings)
     return TestClient(create_app(s), raise_server_exceptions=False)
-
-
-def wait_ready(c: TestClient) -> None:
-    for _ in range(3000):
-        if c.get("/health").status_code == 200:
-            return
-        time.sleep(0.01)
-    raise AssertionError("server never became ready")
 
 
 @pytest.fixture(scope="module")
