@@ -324,7 +324,6 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainRes
     if step and acc.is_main_process:
         log.info("resumed from %s at step %d", out / RESUME_DIR, step)
     dist_model, opt = acc.prepare(wrapper, opt)
-    device = acc.device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     # 3) the loop: one forward per micro-batch, all exits; step-indexed data order
@@ -334,37 +333,17 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainRes
     while step < args.steps:
         micro = step_batches(data.examples, step, args.batch_size, args.grad_accum,
                              acc.process_index, acc.num_processes, args.seed)  # fmt: skip
-        tokens = sum(e.num_targets for mb in micro for e in mb)
-        kl_tokens = (sum(len(e.input_ids) - 1 for mb in micro for e in mb)
-                     if args.distill_tokens == "all" else tokens)  # fmt: skip
-        sums, kl_sums = torch.zeros(len(exits)), torch.zeros(len(exits))
-        for j, mb in enumerate(micro):
-            batch = collate(mb, pad_id)
-            sync = j == len(micro) - 1
-            ctx = acc.no_sync(dist_model) if not sync else nullcontext()
-            with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                res = dist_model(
-                    batch.input_ids.to(device),
-                    batch.labels.to(device),
-                    batch.attention_mask.to(device),
-                    normaliser=max(tokens, 1),
-                    kl_normaliser=max(kl_tokens, 1),
-                )
-                acc.backward(res.loss)
-            sums += res.per_exit.float().cpu()
-            if res.per_exit_kl is not None:
-                kl_sums += res.per_exit_kl.float().cpu()
+        per_exit, kl = sorted_step(args, acc, dist_model, micro, pad_id, len(exits))
         acc.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        per_exit = (sums / max(tokens, 1)).tolist()
         history.append({str(d): x for d, x in zip(exits, per_exit, strict=True)})
         bar.update(1)
         shown = " ".join(f"{d}:{x:.2f}" for d, x in zip(exits, per_exit, strict=True))
         if args.distill > 0:
-            shown += f" kl:{float(kl_sums.mean()) / max(kl_tokens, 1):.2f}"
+            shown += f" kl:{kl:.2f}"
         bar.set_postfix_str(shown)
         if args.save_every and (step % args.save_every == 0 or step == args.steps):
             if acc.is_main_process:
@@ -376,24 +355,63 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainRes
 
     # 4) the checkpoint
     if acc.is_main_process:
-        training = {
-            "method": args.method, "exits": exits, "exit_weights": weights,
-            "base_model": base_name, "data_sha256": data.sha256,
-            "data": args.data if len(args.data) > 1 else args.data[0],
-            "records": args.records or ":", "examples": len(data.examples),
-            "bad_records": len(data.bad), "command": args.command, "commands": commands,
-            "steps": step, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
-            "world_size": acc.num_processes, "lr": args.lr, "max_length": args.max_length,
-            "lora_rank": args.lora_rank, "bf16": args.bf16, "distill": args.distill,
-            "distill_tokens": args.distill_tokens,
-            "seconds_per_step": round(elapsed / max(step - first_step, 1), 3),
-            "final_losses": {str(d): round(v, 4) for d, v in final.items()},
-        }  # fmt: skip
+        training = training_record(args, exits, weights, base_name, data, commands, step,
+                                   acc.num_processes, elapsed / max(step - first_step, 1),
+                                   final)  # fmt: skip
         save_output(args, out, acc.unwrap_model(dist_model), peft_model, tokenizer,
                     SoftConfig(method=args.method, exits=tuple(exits), base_model=base_name,
                                training=training))  # fmt: skip
     acc.wait_for_everyone()
     return TrainResult(out, step, tuple(exits), final)
+
+
+def sorted_step(args: argparse.Namespace, acc: Any, dist_model: Any, micro: list[list[Any]],
+                pad_id: int, num_exits: int) -> tuple[list[float], float]:  # fmt: skip
+    """Forward + backward of one optimizer step's micro-batches (gradients accumulate; the
+    last one syncs across ranks). Returns the per-exit loss per target token and the mean
+    distillation KL per distilled token (0.0 without distillation)."""
+    device = acc.device
+    tokens = sum(e.num_targets for mb in micro for e in mb)
+    kl_tokens = (sum(len(e.input_ids) - 1 for mb in micro for e in mb)
+                 if args.distill_tokens == "all" else tokens)  # fmt: skip
+    sums, kl_sums = torch.zeros(num_exits), torch.zeros(num_exits)
+    for j, mb in enumerate(micro):
+        batch = collate(mb, pad_id)
+        ctx = acc.no_sync(dist_model) if j < len(micro) - 1 else nullcontext()
+        with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            res = dist_model(
+                batch.input_ids.to(device),
+                batch.labels.to(device),
+                batch.attention_mask.to(device),
+                normaliser=max(tokens, 1),
+                kl_normaliser=max(kl_tokens, 1),
+            )
+            acc.backward(res.loss)
+        sums += res.per_exit.float().cpu()
+        if res.per_exit_kl is not None:
+            kl_sums += res.per_exit_kl.float().cpu()
+    return (sums / max(tokens, 1)).tolist(), float(kl_sums.mean()) / max(kl_tokens, 1)
+
+
+def training_record(
+    args: argparse.Namespace, exits: list[int], weights: list[float] | None, base_name: str,
+    data: Any, commands: list[str], step: int, world: int, seconds_per_step: float,
+    final: dict[int, float],
+) -> dict[str, Any]:  # fmt: skip
+    """soft.json's `training` entry of a sorted-loss run: what ran, on what, how long."""
+    return {
+        "method": args.method, "exits": exits, "exit_weights": weights,
+        "base_model": base_name, "data_sha256": data.sha256,
+        "data": args.data if len(args.data) > 1 else args.data[0],
+        "records": args.records or ":", "examples": len(data.examples),
+        "bad_records": len(data.bad), "command": args.command, "commands": commands,
+        "steps": step, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+        "world_size": world, "lr": args.lr, "max_length": args.max_length,
+        "lora_rank": args.lora_rank, "bf16": args.bf16, "distill": args.distill,
+        "distill_tokens": args.distill_tokens,
+        "seconds_per_step": round(seconds_per_step, 3),
+        "final_losses": {str(d): round(v, 4) for d, v in final.items()},
+    }  # fmt: skip
 
 
 def save_output(args: argparse.Namespace, out: Path, wrapper: Any, peft_model: Any,
