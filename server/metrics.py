@@ -69,11 +69,15 @@ class Metrics:
         self._outcome_series()
         self._engine_series()
         self._speculation_series()
-        self._drafted_seen: dict[int, int] = {}  # exit -> drafts counted so far
+        self._prefix_series()
+        # the engine counts since start: (series, label value) -> what was counted so far
+        self._seen: dict[tuple[int, str], int] = {}
         for d in exits:  # every exit's series exists from the start (dashboards, rate())
             for h in (self.latency, self.ttft, self.itl):
                 h.labels(depth=str(d))
             self.generated.labels(depth=str(d))
+            self.prefix_queries.labels(depth=str(d))
+            self.prefix_hits.labels(depth=str(d))
         for outcome in ("met", "missed", "infeasible"):
             self.budget.labels(outcome=outcome)
             for d in exits:
@@ -188,6 +192,34 @@ class Metrics:
             registry=r,
         )
 
+    def _prefix_series(self) -> None:
+        """The prefix cache (EngineStats.prefix_*): prompt tokens looked up and found, by
+        the depth of the request that looked (hits / queries = the hit rate)."""
+        r = self.registry
+        self.prefix_queries = Counter(
+            "soft_prefix_cache_queries",
+            "Prompt tokens admissions looked up in the prefix cache, by depth",
+            ["depth"],
+            registry=r,
+        )
+        self.prefix_hits = Counter(
+            "soft_prefix_cache_hits",
+            "Prompt tokens admissions found in the prefix cache (not computed), by depth",
+            ["depth"],
+            registry=r,
+        )
+        self.prefix_blocks = Gauge(
+            "soft_prefix_cache_blocks",
+            "KV blocks the prefix cache holds (in use or idle, all layers)",
+            registry=r,
+        )
+
+    def _count_to(self, counter: Counter, label: str, value: str, total: int) -> None:
+        """Advance `counter{label=value}` to the engine's since-start `total`."""
+        key = (id(counter), value)
+        counter.labels(**{label: value}).inc(max(0, total - self._seen.get(key, 0)))
+        self._seen[key] = total
+
     def reject(self, status: int) -> None:
         """A request refused with `status` (counted when it has a reason)."""
         reason = REJECT_REASONS.get(status)
@@ -228,9 +260,12 @@ class Metrics:
         for e, c in stats.speculation.items():
             self.spec_acceptance.labels(exit=str(e)).set(c.accepted / max(1, c.drafted))
             self.spec_tokens_per_verify.labels(exit=str(e)).set(c.emitted / max(1, c.cycles))
-            # the engine counts since start; the counter takes what is new since the last scrape
-            self.spec_drafted.labels(exit=str(e)).inc(c.drafted - self._drafted_seen.get(e, 0))
-            self._drafted_seen[e] = c.drafted
+            self._count_to(self.spec_drafted, "exit", str(e), c.drafted)
+        for d, n in stats.prefix_queries.items():
+            self._count_to(self.prefix_queries, "depth", str(d), n)
+        for d, n in stats.prefix_hits.items():
+            self._count_to(self.prefix_hits, "depth", str(d), n)
+        self.prefix_blocks.set(stats.prefix_cached_blocks)
         self.depth_cap.set(depth_cap)
         for layer, b in enumerate(stats.kv_bytes_per_layer):
             self.kv_bytes.labels(layer=str(layer)).set(b)

@@ -67,6 +67,13 @@ class Settings(BaseSettings):
     )
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV-cache block")
     max_num_seqs: int = Field(32, ge=1, description="sequences per decode batch")
+    prefix_cache: bool = Field(
+        True,
+        description="reuse the KV of prompt prefixes computed before (full blocks, by "
+        "content): a request at depth d reuses what any request at depth >= d computed for "
+        "the same leading tokens; usage.prompt_tokens_details.cached_tokens says how many. "
+        "--no-prefix-cache recomputes every prompt (vLLM's --no-enable-prefix-caching)",
+    )
     max_queue: int = Field(256, ge=1, description="waiting sequences before new requests get 429")
     max_model_len: int | None = Field(
         None, ge=2, description="context window served (prompt + max_tokens); default: the "

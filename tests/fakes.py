@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,7 @@ class FakeEngine:
     submitted: list[GenerationRequest] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     active: dict[str, int] = field(default_factory=dict)  # request id -> blocks held
+    cached_at_submit: dict[str, int] = field(default_factory=dict)  # request id -> tokens
     started: bool = False
     stopped: bool = False
 
@@ -126,6 +127,8 @@ class FakeEngine:
         self.check(request)
         if len(self.active) >= self.max_queue:
             raise QueueFull(retry_after_s=2.0)
+        cached = self.cached_tokens(request.prompt_ids, (request.depth,))[request.depth]
+        self.cached_at_submit[request.request_id] = cached
         self.submitted.append(request)
         self.active[request.request_id] = request.depth * math.ceil(
             len(request.prompt_ids) / self.block_size
@@ -169,12 +172,25 @@ class FakeEngine:
                     request.depth,
                     prompt_logprobs=prompt_lp if k == 0 else None,
                     queue_seconds=0.001 if k == 0 else None,
+                    cached_tokens=self.cached_at_submit.get(rid, 0) if k == 0 else None,
                 )
                 if finish:
                     return
             yield TokenEvent(rid, None, finish_reason="length", depth=request.depth)
         finally:
             self.active.pop(rid, None)
+
+    def cached_tokens(self, prompt_ids: Sequence[int], depths: Sequence[int]) -> dict[int, int]:
+        """Whole blocks this prompt shares with one submitted before (at least one token
+        left to compute), at any depth: the real cache's answer for same-depth repeats."""
+        best = 0
+        for seen in self.submitted:
+            n = 0
+            limit = min(len(seen.prompt_ids), len(prompt_ids) - 1)
+            while n < limit and seen.prompt_ids[n] == prompt_ids[n]:
+                n += 1
+            best = max(best, n // self.block_size * self.block_size)
+        return dict.fromkeys(depths, best)
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

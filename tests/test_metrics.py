@@ -76,6 +76,19 @@ def test_registries_are_independent() -> None:
     assert ("soft_requests_total", (("depth", "1"), ("finish_reason", "stop"))) not in samples(b)
 
 
+def test_prefix_cache_counters_follow_the_engine_totals_per_depth() -> None:
+    m = Metrics((2, 4))
+    assert samples(m)[("soft_prefix_cache_hits_total", (("depth", "2"),))] == 0  # pre-created
+    for hits in (0, 32, 96):  # since start, scraped three times
+        m.update(stats(prefix_queries={2: 100 + hits, 4: 50}, prefix_hits={2: hits},
+                       prefix_cached_blocks=7), depth_cap=4)  # fmt: skip
+    got = samples(m)
+    assert got[("soft_prefix_cache_queries_total", (("depth", "2"),))] == 196
+    assert got[("soft_prefix_cache_hits_total", (("depth", "2"),))] == 96
+    assert got[("soft_prefix_cache_queries_total", (("depth", "4"),))] == 50
+    assert got[("soft_prefix_cache_blocks", ())] == 7
+
+
 def test_draft_tokens_are_a_counter_that_follows_the_engine_total() -> None:
     from server.engine.types import SpecCounters
 

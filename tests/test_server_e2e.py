@@ -161,6 +161,41 @@ def test_sdk_chat_streaming_and_not(server: Server) -> None:
     assert text == r.choices[0].message.content
 
 
+def test_a_repeated_prompt_reports_its_cached_tokens_streamed_and_not(server: Server) -> None:
+    client = server.client()
+    system = "You answer questions about the weather in one short sentence. " * 6
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": "Rain?"}]
+    kw: dict[str, Any] = dict(model="tiny@2", messages=msgs, max_tokens=4, temperature=0)
+    before = server.metrics()
+    first = client.chat.completions.create(**kw)
+    again = client.chat.completions.create(**kw)
+    n = first.usage.prompt_tokens
+    assert n > 32 and first.usage.prompt_tokens_details.cached_tokens == 0
+    # every whole 16-token block but the one holding the last prompt token
+    assert again.usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16
+    assert again.choices[0].message.content == first.choices[0].message.content
+    stream = client.chat.completions.create(
+        **kw, stream=True, stream_options={"include_usage": True}
+    )
+    usage = [ch.usage for ch in stream if ch.usage is not None][-1]
+    assert usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16
+    text = "\n".join(system.split(". ")) + " Rain?"  # the completions route, another prompt
+    c = client.completions.create(model="tiny@2", prompt=text, max_tokens=2)
+    assert c.usage.prompt_tokens_details.cached_tokens == 0
+    c = client.completions.create(model="tiny@2", prompt=text, max_tokens=2)
+    assert c.usage.prompt_tokens_details.cached_tokens > 0
+    hits = ("soft_prefix_cache_hits_total", (("depth", "2"),))
+    queries = ("soft_prefix_cache_queries_total", (("depth", "2"),))
+    deadline = time.monotonic() + 5  # the metrics follow the engine's last snapshot
+    after = server.metrics()
+    while after[hits] - before[hits] < 2 * (n - 1) // 16 * 16 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = server.metrics()
+    assert after[hits] - before[hits] >= 2 * ((n - 1) // 16 * 16)
+    assert after[queries] - before[queries] >= 3 * n
+    assert after[("soft_prefix_cache_blocks", ())] > 0
+
+
 def test_sdk_n_and_seeded_sampling(server: Server) -> None:
     client = server.client()
     kw: dict[str, Any] = dict(model="tiny", prompt="Once upon", max_tokens=8, temperature=1.0)

@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 import weakref
+from collections import abc
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -91,6 +92,7 @@ class EngineConfig:
     max_prefill_tokens: int = 2048  # prompt tokens admitted per step
     max_model_len: int | None = None  # default: the model's context window
     speculative: SpecConfig = SpecConfig()  # self-speculative decoding (off by default)
+    prefix_cache: bool = True  # reuse the KV of cached prompt prefixes (kv_cache.py)
 
 
 # -- the inbox: what the event loop asks of the step loop ------------------------------------
@@ -150,7 +152,8 @@ class Engine:
             KVCacheConfig.for_memory(
                 config.kv_cache_memory, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                 config.block_size, model.dtype, model.device, exit_layers,
-            )
+            ),
+            prefix_cache=config.prefix_cache,
         )  # fmt: skip
         assert all(self.cache.cfg.exit_kv_layer(e) == model.kv_layer(e) for e in exit_layers)
         self.scheduler = Scheduler(self.cache, config.max_num_seqs, config.max_prefill_tokens)
@@ -258,6 +261,13 @@ class Engine:
         finally:
             if not done:  # consumer went away (disconnect, cancel): free its blocks
                 self.abort(request_id)
+
+    def cached_tokens(
+        self, prompt_ids: abc.Sequence[int], depths: abc.Sequence[int]
+    ) -> dict[int, int]:
+        """Prompt tokens a request would find in the prefix cache now, at each of `depths`
+        (a look that changes nothing; by admission time the cache may hold more or less)."""
+        return self.cache.cached_by_depth(prompt_ids, depths)
 
     def abort(self, request_id: str) -> None:
         """Cancel a request wherever it is; its blocks are freed on the next turn."""
@@ -378,6 +388,7 @@ class Engine:
                 if seq.draft_exit == exit_:  # its draft layer saw the same tokens
                     seq.draft_computed = seq.num_computed
                 self.cache.shrink(seq, len(seq.tokens))
+                self.cache.publish(seq, seq.depth, seq.tokens, seq.num_computed)
             self._send(seq, events)
 
     def _emit(self, outputs: list[GroupOutput]) -> None:
@@ -388,6 +399,7 @@ class Engine:
             if not g.prefill:
                 for s in g.seqs:
                     s.num_computed = len(s.tokens)
+                    self.cache.publish(s, s.depth, s.tokens, s.num_computed)
                 self._sample(g.seqs, out.logits)
                 continue
             for r, seq in enumerate(g.seqs):
@@ -396,7 +408,9 @@ class Engine:
                     arrival = seq.request.arrival or seq.first_scheduled
                     queue_s = max(0.0, seq.first_scheduled - arrival)
                 seq.num_computed = len(seq.tokens)
-                self._sample([seq], out.logits[r : r + 1], out.prompt_logprobs[r], queue_s)
+                self.cache.publish(seq, seq.depth, seq.tokens, seq.num_computed)
+                self._sample([seq], out.logits[r : r + 1], out.prompt_logprobs[r], queue_s,
+                             seq.cached_tokens if queue_s is not None else None)  # fmt: skip
 
     def _sample(
         self,
@@ -404,8 +418,10 @@ class Engine:
         logits: torch.Tensor,
         prompt: tuple[TokenLogprob | None, ...] | None = None,
         queue_s: float | None = None,
+        cached: int | None = None,
     ) -> None:
-        """Sample each row's token, send its event, retire finished sequences."""
+        """Sample each row's token, send its event, retire finished sequences (`prompt`,
+        `queue_s`, `cached`: a first prefill's, for its first event)."""
         params = [s.request.params for s in seqs]
         histories = None
         if any(p.processes_logits for p in params):  # penalties see prompt and output
@@ -431,7 +447,7 @@ class Engine:
             lp = None
             if logprobs is not None and p.logprobs is not None:
                 lp = token_logprob(logprobs[want_lp.index(j)], tok, p.logprobs)
-            self._send(seq, [self._append(seq, tok, lp, prompt, queue_s)])
+            self._send(seq, [self._append(seq, tok, lp, prompt, queue_s, cached)])
 
     @staticmethod
     def _masks(seqs: list[Sequence], vocab: int) -> TokenMasks | None:
@@ -453,6 +469,7 @@ class Engine:
         lp: TokenLogprob | None,
         prompt: tuple[TokenLogprob | None, ...] | None = None,
         queue_s: float | None = None,
+        cached: int | None = None,
     ) -> TokenEvent:
         """Add a generated token to `seq`; retire it when it is done. Returns its event.
         A constrained row's grammar advances past the token; it stops when the grammar
@@ -476,9 +493,8 @@ class Engine:
         if finish is not None:  # free first: after its last event a request holds nothing
             seq.finish_reason = finish
             self.scheduler.remove(seq.id)
-        return TokenEvent(
-            seq.id, tok, lp, finish, seq.depth, prompt_logprobs=prompt, queue_seconds=queue_s
-        )
+        return TokenEvent(seq.id, tok, lp, finish, seq.depth, prompt_logprobs=prompt,
+                          queue_seconds=queue_s, cached_tokens=cached)  # fmt: skip
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         self.scheduler.remove(seq.id)

@@ -28,6 +28,7 @@ class Sequence:
     depth: int
     generator: torch.Generator | None = None
     num_computed: int = 0  # tokens whose keys/values are in the cache
+    cached_tokens: int = 0  # of the prompt, found in the prefix cache at first admission
     # balcony speculation: the exit whose own layer the row drafts with, and the tokens
     # whose KV that layer holds (the speculator fills it from the base's cached KV)
     draft_exit: int | None = None
@@ -137,22 +138,29 @@ class Scheduler:
                     break
             if seq in self.running:
                 decode.append(seq)
-        # 2) admit waiting sequences in arrival order while they fit
+        # 2) admit waiting sequences in arrival order while they fit; a cached prefix
+        # (kv_cache.admit) is neither computed nor counted against the prefill budget
         prefill: list[Sequence] = []
         budget = self.max_prefill_tokens
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            # prompt logprobs need every prompt position's logits: no cached prefix
+            reuse = seq.request.params.prompt_logprobs is None or not seq.before_first_token
             n = len(seq.tokens)
-            if prefill and n > budget:
+            if prefill and n - (self.cache.cached_tokens(seq.tokens, seq.depth) if reuse
+                                else 0) > budget:  # fmt: skip
                 break  # long prompt: next step, after this batch decodes
-            if not self.cache.allocate(seq, seq.depth, n):
+            cached = self.cache.admit(seq, seq.depth, seq.tokens, reuse)
+            if cached is None:
                 break  # FCFS: the head of the queue waits for blocks
             self.waiting.popleft()
             self.running.append(seq)
+            seq.num_computed = cached
             if seq.first_scheduled is None:
                 seq.first_scheduled = time.monotonic()
+                seq.cached_tokens = cached
             prefill.append(seq)
-            budget -= n
+            budget -= n - cached
         return SchedulerOutput(prefill=prefill, decode=decode)
 
     @property

@@ -4,7 +4,7 @@ depth) and what comes out (token events, stats). Plain frozen dataclasses, no HT
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -101,6 +101,7 @@ class TokenEvent:
     # first event only:
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # first entry None
     queue_seconds: float | None = None  # submit -> first scheduled
+    cached_tokens: int | None = None  # prompt tokens whose KV came from the prefix cache
     error: str | None = None  # with finish_reason "error"
 
 
@@ -142,6 +143,10 @@ class EngineStats:
     rows_left: tuple[tuple[int, int], ...] = ()
     # balcony: bytes held in each exit's own layer (exit -> bytes; in kv_bytes_total too)
     kv_bytes_per_exit_layer: dict[int, int] = field(default_factory=dict)
+    # prefix cache, since start, by depth: prompt tokens admissions looked up, and found
+    prefix_queries: dict[int, int] = field(default_factory=dict)
+    prefix_hits: dict[int, int] = field(default_factory=dict)
+    prefix_cached_blocks: int = 0  # blocks the prefix cache indexes now (held or idle)
 
     @property
     def kv_usage_ratio(self) -> float:
@@ -186,6 +191,10 @@ class EngineClient(Protocol):
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (its KV blocks are freed); its stream ends with "abort"."""
+        ...
+
+    def cached_tokens(self, prompt_ids: Sequence[int], depths: Sequence[int]) -> dict[int, int]:
+        """Prompt tokens a request would find in the prefix cache now, at each depth."""
         ...
 
     def lower_depth(self, request_id: str, depth: int) -> None:

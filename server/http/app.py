@@ -110,6 +110,7 @@ def build_engine(settings: Settings) -> tuple[SortedModel, Engine]:
         max_queue=settings.max_queue,
         max_model_len=settings.max_model_len,
         speculative=speculative,
+        prefix_cache=settings.prefix_cache,
     )
     return model, Engine(model, config)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from server.engine.types import EngineStats
@@ -48,6 +48,8 @@ class DepthRequest:
     ttft_ms: float | None = None  # x-slo-ttft-ms: arrival -> first token
     tpot_ms: float | None = None  # x-slo-tpot-ms: between tokens
     strict: bool = False  # x-latency-budget-mode: strict -> refuse what no exit meets
+    # depth -> prompt tokens the prefix cache holds already (only the rest is prefilled)
+    cached_tokens: Mapping[int, int] = field(default_factory=dict)
 
     @property
     def target_ms(self) -> float | None:
@@ -202,7 +204,8 @@ class FixedPolicy:
 
     def predict(self, depth: int, req: DepthRequest, s: EngineStats | None = None) -> Prediction:
         """The request's latency at `depth` if admitted now (alone when `s` is None)."""
-        return self.predictor.predict(depth, req.prompt_len, req.max_tokens, s)
+        prefill = req.prompt_len - req.cached_tokens.get(depth, 0)
+        return self.predictor.predict(depth, prefill, req.max_tokens, s)
 
     def _choice(
         self,

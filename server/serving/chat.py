@@ -62,7 +62,7 @@ class ChatServing:
         ctx.check_length(len(ids), max_tokens, "messages")
         # without max_tokens the policy predicts the output a request like it had
         expected = max_tokens if learn is None else ctx.lengths.expect(learn, max_tokens)
-        choice = ctx.choose(req.model, hints, len(ids), expected)
+        choice = ctx.choose(req.model, hints, [ids], expected)
         rid = new_id("chatcmpl")
         params = req.to_sampling_params(max_tokens)
         gen = ctx.start(

@@ -42,7 +42,7 @@ class CompletionServing:
         max_tokens = max(req.max_tokens, 1)  # echo-only: generate one token, show none
         for ids in prompts:
             ctx.check_length(len(ids), max_tokens, "prompt")
-        choice = ctx.choose(req.model, hints, max(map(len, prompts)), max_tokens)
+        choice = ctx.choose(req.model, hints, prompts, max_tokens)
         rid = new_id("cmpl")
         params = req.to_sampling_params(max_tokens)
         gen = ctx.start(

@@ -79,6 +79,7 @@ class Track:
     last_token_at: float | None = None
     itl: list[float] = field(default_factory=list)
     queue_s: float | None = None
+    cached_tokens: int = 0  # of the prompt, whose KV the engine's prefix cache held
 
     @property
     def done(self) -> bool:
@@ -90,6 +91,8 @@ class Track:
             self.prompt_logprobs = ev.prompt_logprobs
         if ev.queue_seconds is not None and self.queue_s is None:
             self.queue_s = ev.queue_seconds
+        if ev.cached_tokens is not None:
+            self.cached_tokens = ev.cached_tokens
         if ev.token_id is not None:
             if self.last_token_at is not None:
                 self.itl.append(t - self.last_token_at)

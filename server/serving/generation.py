@@ -35,7 +35,7 @@ from server.policy.policies import DepthChoice, Policy, PolicyError
 from server.serving.detokenizer import Detokenizer, Track
 from server.serving.errors import APIError, bad_request, engine_error
 from server.serving.headers import Hints, depth_request
-from server.serving.protocol import SamplingFields, SoftInfo, Usage, now
+from server.serving.protocol import PromptTokensDetails, SamplingFields, SoftInfo, Usage, now
 from server.serving.structured import Grammar, Grammars
 from server.serving.text import TextPool
 
@@ -134,10 +134,17 @@ class ServingContext:
         self.deadlines = DeadlineController(engine, policy.exits, policy.profile)
 
     def choose(
-        self, model: str | None, hints: Hints, prompt_len: int, max_tokens: int
+        self, model: str | None, hints: Hints, prompts: list[list[int]], max_tokens: int
     ) -> DepthChoice:
-        """The depth for a request (pin, budget, SLOs from its headers; the policy)."""
-        request = depth_request(model, self.model_name, hints, prompt_len, max_tokens)
+        """The depth for a request (pin, budget, SLOs from its headers; the policy), its
+        prefill priced at the longest prompt's tokens the prefix cache does not hold."""
+        prompt_len = max(map(len, prompts))
+        uncached = dict.fromkeys(self.policy.exits, 0)
+        for ids in prompts:
+            for d, n in self.engine.cached_tokens(ids, self.policy.exits).items():
+                uncached[d] = max(uncached[d], len(ids) - n)
+        cached = {d: prompt_len - n for d, n in uncached.items()}
+        request = depth_request(model, self.model_name, hints, prompt_len, max_tokens, cached)
         try:
             return self.policy.choose(request)
         except PolicyError as e:
@@ -400,6 +407,14 @@ class Generation:
         )
 
     def usage(self, prompts: list[list[int]], shown: bool = True) -> Usage:
+        """Token counts, each prompt once; its cached tokens: those none of its `n`
+        sequences computed (the fewest any of them found in the prefix cache)."""
         p = sum(len(ids) for ids in prompts)
         c = sum(len(t.token_ids) for t in self.tracks) if shown else 0  # echo-only hides it
-        return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+        cached: dict[int, int] = {}
+        for t in self.tracks:
+            cached[t.prompt_index] = min(cached.get(t.prompt_index, t.cached_tokens),
+                                         t.cached_tokens)  # fmt: skip
+        details = PromptTokensDetails(cached_tokens=sum(cached.values()))
+        return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c,
+                     prompt_tokens_details=details)  # fmt: skip

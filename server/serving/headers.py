@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from server.policy.policies import DepthRequest
@@ -120,9 +120,11 @@ def pinned_depth(model: str | None, served_name: str, hints: Hints) -> int | Non
 
 
 def depth_request(
-    model: str | None, served_name: str, hints: Hints, prompt_len: int, max_tokens: int
-) -> DepthRequest:
-    """The policy's view of one request: its sizes, pin, budget, SLOs and mode."""
+    model: str | None, served_name: str, hints: Hints, prompt_len: int, max_tokens: int,
+    cached_tokens: Mapping[int, int] | None = None,
+) -> DepthRequest:  # fmt: skip
+    """The policy's view of one request: its sizes, pin, budget, SLOs and mode, and what
+    of its prompt the prefix cache holds at each depth."""
     pin = pinned_depth(model, served_name, hints)
     return DepthRequest(prompt_len, max_tokens, hints.budget_ms, pin, hints.slo_ttft_ms,
-                        hints.slo_tpot_ms, hints.strict)  # fmt: skip
+                        hints.slo_tpot_ms, hints.strict, dict(cached_tokens or {}))  # fmt: skip

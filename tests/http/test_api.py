@@ -136,6 +136,7 @@ def test_completion_shape_headers_and_soft(client: tuple[TestClient, FakeEngine]
         "prompt_tokens": n_prompt,
         "completion_tokens": 5,
         "total_tokens": n_prompt + 5,
+        "prompt_tokens_details": {"cached_tokens": 0},
     }
     assert r.headers["x-soft-depth"] == "4"  # no budget: the default, full depth
     predicted = 0.2 * n_prompt + 5 * 10.0
