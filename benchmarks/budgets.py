@@ -35,6 +35,8 @@ from typing import Any
 
 import httpx
 
+from benchmarks.stats import pct
+
 FRACTIONS = (0.25, 0.5, 1.0, 1.5, 2.0)
 PROMPT, MAX_TOKENS = "16:64", "16:32"
 
@@ -118,13 +120,6 @@ def loadtest(url: str, out: Path, rate: float, duration: float, mix: str, *extra
            "--quiet", "--out", str(out), *extra]  # fmt: skip
     subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL)
     return json.loads((out / "report.json").read_text())
-
-
-def pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(q * len(s)))]
 
 
 def main(argv: list[str] | None = None) -> int:

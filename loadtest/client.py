@@ -98,6 +98,7 @@ class RequestRecord:
     itl_ms: list[float] = field(default_factory=list)  # gaps between content chunks
     completion_tokens: int | None = None
     prompt_tokens: int | None = None
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, if sent
     finish_reason: str | None = None
     depth: int | None = None  # x-soft-depth, when the server says
     predicted_ms: float | None = None  # x-soft-predicted-ms, when the server says
@@ -197,25 +198,36 @@ class OpenAIClient:
 
     async def send(self, req: PlannedRequest, record: RequestRecord, origin: float) -> None:
         """Send `req`, filling `record` in place; `origin` is the run's perf_counter zero."""
-        path = "/chat/completions" if req.chat else "/completions"
         headers = {}
         if req.budget.budget_ms is not None:
             headers["x-latency-budget"] = f"{req.budget.budget_ms:g}ms"
+        path = "/chat/completions" if req.chat else "/completions"
+        await self.post(path, self.body(req), record, origin, headers)
+
+    async def post(
+        self,
+        path: str,
+        body: dict[str, Any],
+        record: RequestRecord,
+        origin: float,
+        headers: dict[str, str] | None = None,
+        text: list[str] | None = None,
+    ) -> None:
+        """POST `body` (streamed when body["stream"]) to `path` under /v1, filling `record`
+        in place; `text` (when given) collects the output text, piece by piece."""
         start = time.perf_counter()
         record.sent_s = start - origin
         try:
-            async with self._http.stream(
-                "POST", path, json=self.body(req), headers=headers
-            ) as resp:
+            async with self._http.stream("POST", path, json=body, headers=headers or {}) as resp:
                 record.status = resp.status_code
                 read_soft_headers(record, resp.headers)
                 if resp.status_code != 200:
                     await resp.aread()
                     fail_http(record, resp)
-                elif req.stream:
-                    await read_stream(record, resp, start)
+                elif body.get("stream"):
+                    await read_stream(record, resp, start, text)
                 else:
-                    read_body(record, json.loads(await resp.aread()))
+                    read_body(record, json.loads(await resp.aread()), text)
         except httpx.TimeoutException:
             record.error, record.message = "timeout", f"no answer within {self.config.timeout_s}s"
         except httpx.TransportError as e:
@@ -250,9 +262,11 @@ def fail_http(record: RequestRecord, resp: httpx.Response) -> None:
         record.message = resp.text[:200]
 
 
-def read_body(record: RequestRecord, body: dict[str, Any]) -> None:
+def read_body(record: RequestRecord, body: dict[str, Any], text: list[str] | None = None) -> None:
     choice = body["choices"][0]
     record.finish_reason = choice.get("finish_reason")
+    if text is not None:
+        text.append(choice.get("text") or (choice.get("message") or {}).get("content") or "")
     read_usage(record, body.get("usage"))
     soft = body.get("soft")
     if isinstance(soft, dict):
@@ -266,11 +280,17 @@ def read_usage(record: RequestRecord, usage: Any) -> None:
     if isinstance(usage, dict):
         record.completion_tokens = usage.get("completion_tokens", record.completion_tokens)
         record.prompt_tokens = usage.get("prompt_tokens", record.prompt_tokens)
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+            record.cached_tokens = details["cached_tokens"]
 
 
-async def read_stream(record: RequestRecord, resp: httpx.Response, start: float) -> None:
+async def read_stream(
+    record: RequestRecord, resp: httpx.Response, start: float, sink: list[str] | None = None
+) -> None:
     """Read SSE `data:` events to `[DONE]`: the first content chunk gives TTFT, the gaps
-    between content chunks the inter-token latencies (a chunk may carry several tokens)."""
+    between content chunks the inter-token latencies (a chunk may carry several tokens);
+    `sink` (when given) collects the text."""
     last: float | None = None
     chunks = 0
     async for line in resp.aiter_lines():
@@ -292,6 +312,8 @@ async def read_stream(record: RequestRecord, resp: httpx.Response, start: float)
             if text is None:
                 text = (choice.get("delta") or {}).get("content")
             if text:
+                if sink is not None:
+                    sink.append(text)
                 now = time.perf_counter()
                 if last is None:
                     record.ttft_ms = (now - start) * 1000.0

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
 
 from benchmarks import peers
 from tests.loadtest.test_loadtest import LocalServer, imitation_app
@@ -68,11 +70,12 @@ def test_rows_are_one_entry_each_and_unprepared_peers_skip_with_a_reason(
     empty = peers.Peers(tmp_path)
     by_name = {r.name: r for r in peers.ROWS}
     soft = peers.launch(by_name["soft-serve/int8@20"], empty, 8123, 2, 32, 8192)
-    assert soft.model == "default@20" and soft.argv[-2:] == ["--quantization", "int8"]
+    assert soft.model == "default@20" and soft.argv[-3:] == ["--quantization", "int8",
+                                                              "--no-prefix-cache"]  # fmt: skip
     assert soft.env["OMP_NUM_THREADS"] == "2"
     # bf16 weights with fp32 activations: bf16 arithmetic is emulated on AVX2-only CPUs
     bf16 = peers.launch(by_name["soft-serve/bf16@30"], empty, 8123, 2, 32, 8192)
-    assert bf16.argv[-4:] == ["--dtype", "float32", "--quantization", "bf16"]
+    assert bf16.argv[-5:-1] == ["--dtype", "float32", "--quantization", "bf16"]
     q4 = peers.launch(by_name["soft-serve/Q4_1-file@30"], empty, 8123, 2, 32, 8192)
     gguf = peers.Peers(tmp_path).gguf("q4_1")
     assert q4.argv[q4.argv.index("--model") + 1] == str(gguf)
@@ -99,9 +102,103 @@ def test_update_reruns_some_rows_and_keeps_the_others(tmp_path: Path) -> None:
     assert merged[1]["levels"][0]["decode_tok_s"] == 40.0 and skipped == old["skipped"]
 
     (tmp_path / "peers.json").write_text(json.dumps(old))
-    args = argparse.Namespace(out=tmp_path, tag="peers", **{**settings, "max_tokens": 64})
+    args = argparse.Namespace(out=tmp_path, tag="peers", workload="streams",
+                              **{**settings, "max_tokens": 64})  # fmt: skip
     with pytest.raises(SystemExit) as e:
         peers.load_previous(args)
     assert e.value.code == 2  # measured with other settings: refused
     args.max_tokens = 128
     assert peers.load_previous(args)["results"] == old["results"]
+    args.workload = "chat"  # another workload's file is not this one's to update
+    args.sessions, args.turns, args.system_words, args.user_words = [1], 2, 10, 4
+    with pytest.raises(SystemExit):
+        peers.load_previous(args)
+
+
+def test_cache_rows_run_each_server_as_its_users_do(tmp_path: Path) -> None:
+    (tmp_path / "llama.cpp-build" / "bin").mkdir(parents=True)
+    (tmp_path / "llama.cpp-build" / "bin" / "llama-server").write_text("")
+    for precision in ("q8_0",):
+        (tmp_path / "gguf").mkdir(exist_ok=True)
+        (tmp_path / "gguf" / f"smollm2-135m-instruct-{precision}.gguf").write_text("")
+    prepared = peers.Peers(tmp_path)
+    rows = {r.name: r for r in (*peers.ROWS, *peers.CHAT_ROWS)}
+    on = peers.launch(rows["llama.cpp/Q8_0+cache"], prepared, 8123, 2, 16, 8192).argv
+    off = peers.launch(rows["llama.cpp/Q8_0"], prepared, 8123, 2, 16, 8192).argv
+    assert "--no-cache-prompt" in off and "--no-cache-prompt" not in on  # its default: on
+    assert on[on.index("-np") + 1] == "16"
+    soft_on = peers.launch(rows["soft-serve/int8@30+cache"], prepared, 8123, 2, 16, 8192).argv
+    assert "--no-prefix-cache" not in soft_on
+    names = [r.name for r in peers.CHAT_ROWS]
+    assert len(names) == len(set(names)) and "soft-serve/int8@30" in names
+
+
+def conversation_app(seen: list[list[dict[str, str]]]) -> FastAPI:
+    """A chat server that records each request's messages and answers turn t with
+    " a<t>.0 a<t>.1 ..."; its usage says 100 prompt tokens a turn, all but the last cached."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> StreamingResponse:
+        body = await request.json()
+        seen.append(body["messages"])
+        turn = sum(m["role"] == "user" for m in body["messages"])
+        n = body["max_tokens"]
+        usage = {"prompt_tokens": 100 * turn, "completion_tokens": n,
+                 "total_tokens": 100 * turn + n,
+                 "prompt_tokens_details": {"cached_tokens": 100 * (turn - 1)}}  # fmt: skip
+
+        async def events() -> Any:
+            for k in range(n):
+                delta = {"choices": [{"delta": {"content": f" a{turn}.{k}"}}]}
+                yield f"data: {json.dumps(delta)}\n\n"
+            yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+def test_chat_sessions_carry_the_whole_conversation_turn_after_turn() -> None:
+    seen: list[list[dict[str, str]]] = []
+    app = conversation_app(seen)
+    args = argparse.Namespace(timeout=30.0, sessions=[1, 3], turns=3, system_words=20,
+                              user_words=4, max_tokens=2, warmup=0)  # fmt: skip
+    with LocalServer(app) as server:
+        levels = asyncio.run(peers.measure_chat(server.url, "default@30", args))
+    assert len(seen) == 2 + 3 + 9  # warm-up: one session of two turns; then 1 x 3, 3 x 3
+    last = seen[-1]  # the third turn of a session: system, (user, assistant) x 2, user
+    assert [m["role"] for m in last] == ["system", "user", "assistant", "user", "assistant",
+                                         "user"]  # fmt: skip
+    assert last[2]["content"] == " a1.0 a1.1" and last[4]["content"] == " a2.0 a2.1"
+    assert all(m[0] == seen[2][0] for m in seen[2:5])  # one system prompt within a level
+    assert seen[5][0] != seen[2][0]  # ... and another for the next level
+    for lv, sessions in zip(levels, (1, 3), strict=True):
+        assert lv.sessions == sessions and lv.requests == lv.ok == 3 * sessions
+        assert lv.output_tokens == 2 * 3 * sessions and lv.errors == {}
+        assert lv.cached_share == round((0 + 100 + 200) / (100 + 200 + 300), 3)
+        assert lv.prompt_tokens_mean == 200.0
+        assert lv.ttft_first_ms_p50 is not None and lv.ttft_later_ms_p50 is not None
+
+
+def test_chat_table_compares_later_turns_with_llama_cpp_and_its_cache() -> None:
+    def level(sessions: int, later: float) -> dict[str, Any]:
+        return {"sessions": sessions, "ttft_first_ms_p50": 900.0, "ttft_later_ms_p50": later,
+                "ttft_later_ms_p95": 2 * later, "aggregate_tok_s": 50.0,
+                "cached_share": 0.9}  # fmt: skip
+
+    def row(name: str, laters: tuple[float, float]) -> dict[str, Any]:
+        r = {r.name: r for r in peers.CHAT_ROWS}[name]
+        return {"name": name, "server": r.server, "weights": r.weights, "depth": r.depth,
+                "precision": r.precision, "cache": r.cache,
+                "levels": [level(1, laters[0]), level(16, laters[1])]}  # fmt: skip
+
+    results = [row("soft-serve/int8@30+cache", (20.0, 100.0)),
+               row("soft-serve/int8@30", (400.0, 3000.0)),
+               row("llama.cpp/Q8_0+cache", (30.0, 150.0))]  # fmt: skip
+    lines = peers.chat_table(results).splitlines()
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
+    assert [c[3:5] for c in cells] == [["on", "1"], ["on", "16"], ["off", "1"], ["off", "16"],
+                                       ["on", "1"], ["on", "16"]]  # fmt: skip
+    assert [c[-1] for c in cells] == ["1.50x", "1.50x", "0.07x", "0.05x", "1", "1"]
