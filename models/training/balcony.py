@@ -144,6 +144,30 @@ class ShardedCache:
 
     shards: list[TeacherCache]
     starts: list[int]  # first global sequence of each shard
+    built: frozenset[str] = frozenset()  # names of the shards this process built
+
+    def counted_before(self, before: dict[str, Any] | None) -> frozenset[str]:
+        """The shards whose build an --init-from checkpoint's `cpu_hours` counts already:
+        those its record lists; for a record that lists none (older runs), the leading
+        shards this process reused, up to the tokens that run cached."""
+        if before is None:
+            return frozenset()
+        if "teacher_shards" in before:
+            return frozenset(before["teacher_shards"])
+        out, total = set(), 0
+        for s in self.shards:
+            name = s.directory.name
+            if name in self.built or total + s.num_tokens > int(before.get("tokens", 0)):
+                break
+            out.add(name)
+            total += s.num_tokens
+        return frozenset(out)
+
+    def reused_cpu_s(self, counted: frozenset[str]) -> float:
+        """CPU seconds earlier processes spent building the shards reused here that no
+        earlier record counts (`counted`)."""
+        return sum(s.cpu_s for s in self.shards
+                   if s.directory.name not in self.built | counted)  # fmt: skip
 
     @property
     def exits(self) -> tuple[int, ...]:
@@ -217,7 +241,7 @@ def build_cache(
     total = sum(len(e.input_ids) for e in examples)
     bar = tqdm(total=total, unit="tok", desc="teacher cache", disable=not progress,
                dynamic_ncols=True)  # fmt: skip
-    shards = []
+    shards, built = [], set()
     for lo, hi in bounds:
         part = examples[lo:hi]
         directory = Path(root) / cache_key(base_sha, part, exits, k)
@@ -225,11 +249,12 @@ def build_cache(
             shard = TeacherCache.open(directory)
         except ValueError:
             shard = _build_shard(causal_lm, part, exits, k, directory, batch_tokens, bar)
+            built.add(directory.name)
         else:
             bar.update(shard.num_tokens)
         shards.append(shard)
     bar.close()
-    return ShardedCache(shards, [lo for lo, _ in bounds])
+    return ShardedCache(shards, [lo for lo, _ in bounds], frozenset(built))
 
 
 @torch.inference_mode()
@@ -637,13 +662,16 @@ class Caches:
     train: ShardedCache
     held: HeldOut | None
     build_s: float  # wall seconds this process spent on the training cache
-    reused_cpu_s: float  # CPU seconds earlier processes spent on shards reused here
+    reused_cpu_s: float  # CPU seconds earlier processes spent on shards reused here, uncounted
     held_cpu_s: float  # CPU seconds this process spent on the held-out cache
+    counted: tuple[str, ...] = ()  # every shard whose build the run's CPU-hours now count
 
 
 def prepare_caches(args: Any, parser: Any, causal_lm: Any, tokenizer: Any,
-                   trained: list[int], data: Any) -> Caches:  # fmt: skip
-    """Build (or reuse) the teacher cache of `data` and of --eval-data."""
+                   trained: list[int], data: Any, before: dict[str, Any] | None = None
+                   ) -> Caches:  # fmt: skip
+    """Build (or reuse) the teacher cache of `data` and of --eval-data. `before`: the
+    --init-from checkpoint's training record, whose CPU-hours count its own shards."""
     from models.loader import cache_dir
     from models.training.data import load_mixture
 
@@ -660,9 +688,12 @@ def prepare_caches(args: Any, parser: Any, causal_lm: Any, tokenizer: Any,
             parser.error(f"--eval-data: {err}")
         held = HeldOut(build_cache(causal_lm, ev.examples, trained, 1, root,
                                    progress=not args.no_progress), ev.examples)  # fmt: skip
-    # shards built by an earlier process count what their build spent; this process's
-    # own CPU time counts by itself
-    return Caches(cache, held, t, max(cache.cpu_s - cpu, 0.0), time.process_time() - held_cpu)
+    # shards built by an earlier process count what their build spent, unless the record
+    # this run continues counted them already; this process's own CPU time counts by itself
+    counted = cache.counted_before(before)
+    every = counted | {s.directory.name for s in cache.shards}
+    return Caches(cache, held, t, cache.reused_cpu_s(counted), time.process_time() - held_cpu,
+                  tuple(sorted(every)))  # fmt: skip
 
 
 def train_balcony(args: Any, parser: Any, causal_lm: Any, tokenizer: Any, base_name: str,
@@ -679,14 +710,17 @@ def train_balcony(args: Any, parser: Any, causal_lm: Any, tokenizer: Any, base_n
     causal_lm.requires_grad_(False).eval().to(device)
     layers = ExitLayers(causal_lm, trained, args.exit_init)
     curve = Curve()
+    before: dict[str, Any] | None = None
     if args.init_from:
         try:
-            before = load_exit_layers(layers, Path(args.init_from))
+            record = load_exit_layers(layers, Path(args.init_from))
         except ValueError as err:
-            parser.error(str(err))
+            parser.error(str(err))  # exits 2
+            raise
+        before = record
         curve.offset_s = float(before.get("cpu_hours", 0.0)) * 3600
         curve.points = list(before.get("curve", []))
-    caches = prepare_caches(args, parser, causal_lm, tokenizer, trained, data)
+    caches = prepare_caches(args, parser, causal_lm, tokenizer, trained, data, before)
     curve.offset_s -= caches.held_cpu_s  # the held-out cache is measuring, not training
     layers.train()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -829,6 +863,7 @@ class BalconyRun:
             "teacher_k": args.teacher_k, "head": args.head, "head_exact": args.head_exact,
             "head_samples": args.head_samples, "exit_init": args.exit_init,
             "teacher_cache_seconds": round(self.caches.build_s, 1),
+            "teacher_shards": list(self.caches.counted),
             "cache_bytes_per_token": bytes_per_token(hidden, len(self.trained), args.teacher_k),
             "seconds_per_step": round(elapsed / max(self.step - self.first_step, 1), 3),
             "train_tokens_per_second": round(self.new_tokens / max(elapsed, 1e-9), 1),

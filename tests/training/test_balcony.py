@@ -288,6 +288,8 @@ def test_balcony_continues_from_committed_exit_weights_and_their_curve(
     a, b = read_tensors(first / EXIT_LAYERS), read_tensors(second / EXIT_LAYERS)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     t2 = json.loads((second / "soft.json").read_text())["training"]
+    # each record lists the shards its CPU-hours count: the first run's, then those too
+    assert len(t1["teacher_shards"]) == 1 and set(t1["teacher_shards"]) < set(t2["teacher_shards"])
     curve2 = t2["curve"]
     assert curve2[: len(curve1)] == curve1  # the committed curve, then this run's points
     assert len(curve2) == len(curve1) + 1 and curve2[-1]["cpu_hours"] > curve1[-1]["cpu_hours"]
@@ -335,3 +337,25 @@ def test_balcony_bad_cli_input_exits_2(bad: list[str], tiny_base: Path, data_fil
                   *bad)  # fmt: skip
     assert e.value.code == 2
     assert "balcony" in capsys.readouterr().err
+
+
+def test_a_continued_run_counts_each_shard_of_the_teacher_cache_once() -> None:
+    """--init-from a run whose CPU-hours already count some shards' builds: reusing those
+    adds nothing; reusing shards no record counts adds their build; what this process
+    builds counts as its own CPU time (not through the shards)."""
+    from models.training.balcony import ShardedCache, TeacherCache
+
+    def shard(name: str, tokens: int, cpu: float) -> TeacherCache:
+        empty = np.zeros(0)
+        return TeacherCache(Path(name), (1,), empty, np.array([0, tokens]), {}, empty, empty,
+                            empty, cpu_s=cpu)  # fmt: skip
+
+    cache = ShardedCache([shard("a", 100, 10.0), shard("b", 100, 20.0), shard("c", 50, 40.0),
+                          shard("d", 80, 80.0)], [0, 1, 2, 3], built=frozenset({"d"}))  # fmt: skip
+    assert cache.reused_cpu_s(cache.counted_before(None)) == 70.0  # a fresh run: a, b, c
+    listed = cache.counted_before({"teacher_shards": ["a", "c", "x"]})
+    assert listed == {"a", "c", "x"} and cache.reused_cpu_s(listed) == 20.0
+    # an older record lists none: the leading reused shards up to the tokens it cached
+    legacy = cache.counted_before({"tokens": 230, "cpu_hours": 1.0})
+    assert legacy == {"a", "b"} and cache.reused_cpu_s(legacy) == 40.0
+    assert cache.counted_before({"tokens": 10_000}) == {"a", "b", "c"}  # never past a build
