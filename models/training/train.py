@@ -410,6 +410,7 @@ def training_record(
         "lora_rank": args.lora_rank, "bf16": args.bf16, "distill": args.distill,
         "distill_tokens": args.distill_tokens,
         "seconds_per_step": round(seconds_per_step, 3),
+        "cpu_hours": round(time.process_time() / 3600, 4),  # this process, all threads
         "final_losses": {str(d): round(v, 4) for d, v in final.items()},
     }  # fmt: skip
 
