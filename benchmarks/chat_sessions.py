@@ -1,7 +1,7 @@
 """Multi-turn chat sessions that share a long system prompt: the workload of prefix caches
 (`python -m benchmarks.peers --workload chat`).
 
-Every session opens with the same system prompt (`--system-words` words, ~1,500 tokens
+Every session opens with the same system prompt (`--system-words` words, ~1,100 tokens
 by default) and a user turn of its own, and goes on for `--turns` turns: each request
 carries the whole conversation so far (system prompt, every user turn, every answer as
 the server wrote it) to streamed /v1/chat/completions, for `--max-tokens` answer tokens
@@ -67,10 +67,10 @@ class ChatLevel:
 async def session(
     client: OpenAIClient, model: str, system: str, user: list[str], max_tokens: int,
     origin: float,
-) -> list[RequestRecord]:  # fmt: skip
-    """One conversation, turn after turn: the records of its requests, in order."""
+) -> list[tuple[RequestRecord, str]]:  # fmt: skip
+    """One conversation, turn after turn: each request's record and answer, in order."""
     messages: list[dict[str, str]] = [{"role": "system", "content": system}]
-    records = []
+    records: list[tuple[RequestRecord, str]] = []
     for turn, text in enumerate(user):
         messages.append({"role": "user", "content": text})
         body = {"model": model, "messages": messages, "max_tokens": max_tokens,
@@ -81,10 +81,10 @@ async def session(
                                max_tokens=max_tokens)  # fmt: skip
         answer: list[str] = []
         await client.post("/chat/completions", body, record, origin, text=answer)
-        records.append(record)
+        records.append((record, "".join(answer)))
         if not record.ok:
             break  # the conversation cannot go on without its answer
-        messages.append({"role": "assistant", "content": "".join(answer)})
+        messages.append({"role": "assistant", "content": records[-1][1]})
     return records
 
 
@@ -100,7 +100,8 @@ async def run_level(
         for s in range(sessions)
     ))  # fmt: skip
     wall = time.perf_counter() - origin
-    records = [r for run in runs for r in run]
+    turns_run = [t for run in runs for t in run]
+    records = [r for r, _ in turns_run]
     good = [r for r in records if r.ok]
     errors = failures(records)
     tokens = sum(r.completion_tokens or 0 for r in good)
@@ -133,13 +134,21 @@ async def run_level(
         ttft_later_ms_p95=ms(later, 0.95),
         ttft_ms_p50=ms(first + later, 0.5),
         ttft_ms_p95=ms(first + later, 0.95),
-        records=[turn_record(r) for r in records],
+        records=[turn_record(r, text) for r, text in turns_run],
     )
 
 
-def turn_record(r: RequestRecord) -> dict[str, Any]:
+def turn_record(r: RequestRecord, text: str) -> dict[str, Any]:
     return {"turn": r.index, "ok": r.ok, "ttft_ms": r.ttft_ms, "prompt_tokens": r.prompt_tokens,
-            "cached_tokens": r.cached_tokens}  # fmt: skip
+            "cached_tokens": r.cached_tokens, "text": text}  # fmt: skip
+
+
+def same_answers(a: dict[str, Any], b: dict[str, Any]) -> tuple[int, int]:
+    """(identical, compared): the answers two rows' runs of one level gave turn by turn
+    (sessions in order), e.g. a server with its prefix cache against itself without."""
+    pairs = list(zip(a["records"], b["records"], strict=False))
+    same = sum(1 for x, y in pairs if x["ok"] and y["ok"] and x["text"] == y["text"])
+    return same, len(pairs)
 
 
 async def measure_chat(url: str, model: str, args: Any) -> list[ChatLevel]:

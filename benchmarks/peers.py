@@ -16,7 +16,7 @@ A row's prefix cache is off unless its name ends in "+cache" (soft-serve --no-pr
 llama-server --no-cache-prompt --cache-ram 0, vLLM --no-enable-prefix-caching): then every
 server prefills every prompt. "+cache" rows run the server as its users do: llama-server's
 defaults (prompt cache on, -np = the streams), vLLM --enable-prefix-caching, soft-serve's
-default. `--workload chat` measures multi-turn chat sessions over a shared ~1,500-token
+default. `--workload chat` measures multi-turn chat sessions over a shared ~1,100-token
 system prompt instead (benchmarks/chat_sessions.py), where the prefix caches matter.
 
 `make peers` prepares the peers under --peers-dir (`.peers/`; `--prepare` converts the
@@ -44,7 +44,7 @@ from typing import Any, NoReturn
 
 import httpx
 
-from benchmarks.chat_sessions import WarmupFailed, measure_chat
+from benchmarks.chat_sessions import WarmupFailed, measure_chat, same_answers
 from benchmarks.stats import failures, pct
 from loadtest.client import ClientConfig, OpenAIClient, RequestRecord, new_record
 from loadtest.schedule import BudgetClass, PlannedRequest
@@ -490,6 +490,7 @@ def chat_table(results: list[dict[str, Any]]) -> str:
     """Markdown for --workload chat: one line per row and sessions level; the later turns'
     TTFT against llama.cpp's with its prompt cache at the row's precision."""
     llama = {r["precision"]: r for r in results if r["server"] == "llama.cpp" and r["cache"]}
+    uncached = {(r["server"], r["weights"], r["depth"]): r for r in results if not r["cache"]}
 
     def level(r: dict[str, Any] | None, sessions: int) -> dict[str, Any] | None:
         return next((lv for lv in r["levels"] if lv["sessions"] == sessions), None) if r else None
@@ -499,7 +500,8 @@ def chat_table(results: list[dict[str, Any]]) -> str:
 
     head = ["server", "weights", "depth", "prefix cache", "sessions", "TTFT first turn p50",
             "TTFT later turns p50", "p95", "agg tok/s", "cached share",
-            "later-turn TTFT p50: llama.cpp (cache) / this"]  # fmt: skip
+            "later-turn TTFT p50: llama.cpp (cache) / this",
+            "answers = cache off"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(head) - 4)]
     for r in results:
         for lv in r["levels"]:
@@ -508,11 +510,15 @@ def chat_table(results: list[dict[str, Any]]) -> str:
             theirs = peer["ttft_later_ms_p50"] if peer else None
             own = r["server"] == "llama.cpp" and r["cache"]
             speed = "1" if own else ratio(theirs, lv["ttft_later_ms_p50"])
+            off = level(uncached.get((r["server"], r["weights"], r["depth"])), lv["sessions"])
+            same = "-"
+            if r["cache"] and off and "text" in (lv.get("records") or [{}])[0]:
+                same = "{}/{}".format(*same_answers(lv, off))
             cells = [r["server"], r["weights"], str(r["depth"] or "-"),
                      "on" if r["cache"] else "off", str(lv["sessions"]),
                      ms(lv["ttft_first_ms_p50"]), ms(lv["ttft_later_ms_p50"]),
                      ms(lv["ttft_later_ms_p95"]), num(lv["aggregate_tok_s"]),
-                     "-" if share is None else f"{100 * share:.0f} %", speed]  # fmt: skip
+                     "-" if share is None else f"{100 * share:.0f} %", speed, same]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -536,7 +542,7 @@ def chat_plot(results: list[dict[str, Any]], path: Path) -> None:
                   [f"{s} session{'s' if s > 1 else ''}" for s in levels])  # fmt: skip
     ax.set_yscale("log")
     ax.set_ylabel("time to first token, later turns, p50 (ms)")
-    ax.set_title("Multi-turn chat over a shared ~1,500-token system prompt (hatched: no cache)")
+    ax.set_title("Multi-turn chat over a shared ~1,100-token system prompt (hatched: no cache)")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -641,7 +647,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sessions", default="1,16", help="chat: sessions at once, per level")
     ap.add_argument("--turns", type=int, default=4, help="chat: turns per session")
     ap.add_argument("--system-words", type=int, default=1100,
-                    help="chat: words of the shared system prompt (~1.35 tokens each)")  # fmt: skip
+                    help="chat: words of the shared system prompt (~1 token each with "
+                    "SmolLM2's tokenizer)")  # fmt: skip
     ap.add_argument("--user-words", type=int, default=24, help="chat: words per user turn")
     ap.add_argument("--warmup", type=int, default=None,
                     help="untimed streams (chat: two-turn sessions) at once after start-up, "

@@ -174,6 +174,7 @@ def test_chat_sessions_carry_the_whole_conversation_turn_after_turn() -> None:
     assert last[2]["content"] == " a1.0 a1.1" and last[4]["content"] == " a2.0 a2.1"
     assert all(m[0] == seen[2][0] for m in seen[2:5])  # one system prompt within a level
     assert seen[5][0] != seen[2][0]  # ... and another for the next level
+    assert [t["text"] for t in levels[0].records] == [" a1.0 a1.1", " a2.0 a2.1", " a3.0 a3.1"]
     for lv, sessions in zip(levels, (1, 3), strict=True):
         assert lv.sessions == sessions and lv.requests == lv.ok == 3 * sessions
         assert lv.output_tokens == 2 * 3 * sessions and lv.errors == {}
@@ -183,22 +184,25 @@ def test_chat_sessions_carry_the_whole_conversation_turn_after_turn() -> None:
 
 
 def test_chat_table_compares_later_turns_with_llama_cpp_and_its_cache() -> None:
-    def level(sessions: int, later: float) -> dict[str, Any]:
+    def level(sessions: int, later: float, texts: list[str]) -> dict[str, Any]:
         return {"sessions": sessions, "ttft_first_ms_p50": 900.0, "ttft_later_ms_p50": later,
-                "ttft_later_ms_p95": 2 * later, "aggregate_tok_s": 50.0,
-                "cached_share": 0.9}  # fmt: skip
+                "ttft_later_ms_p95": 2 * later, "aggregate_tok_s": 50.0, "cached_share": 0.9,
+                "records": [{"ok": True, "text": t} for t in texts]}  # fmt: skip
 
-    def row(name: str, laters: tuple[float, float]) -> dict[str, Any]:
+    def row(name: str, laters: tuple[float, float], texts: list[str]) -> dict[str, Any]:
         r = {r.name: r for r in peers.CHAT_ROWS}[name]
         return {"name": name, "server": r.server, "weights": r.weights, "depth": r.depth,
                 "precision": r.precision, "cache": r.cache,
-                "levels": [level(1, laters[0]), level(16, laters[1])]}  # fmt: skip
+                "levels": [level(1, laters[0], texts[:2]),
+                           level(16, laters[1], texts)]}  # fmt: skip
 
-    results = [row("soft-serve/int8@30+cache", (20.0, 100.0)),
-               row("soft-serve/int8@30", (400.0, 3000.0)),
-               row("llama.cpp/Q8_0+cache", (30.0, 150.0))]  # fmt: skip
+    results = [row("soft-serve/int8@30+cache", (20.0, 100.0), ["a", "b", "c"]),
+               row("soft-serve/int8@30", (400.0, 3000.0), ["a", "b", "x"]),
+               row("llama.cpp/Q8_0+cache", (30.0, 150.0), ["a", "b", "c"])]  # fmt: skip
     lines = peers.chat_table(results).splitlines()
     cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
     assert [c[3:5] for c in cells] == [["on", "1"], ["on", "16"], ["off", "1"], ["off", "16"],
                                        ["on", "1"], ["on", "16"]]  # fmt: skip
-    assert [c[-1] for c in cells] == ["1.50x", "1.50x", "0.07x", "0.05x", "1", "1"]
+    assert [c[-2] for c in cells] == ["1.50x", "1.50x", "0.07x", "0.05x", "1", "1"]
+    # answers against the same server's run without its cache (none for llama.cpp here)
+    assert [c[-1] for c in cells] == ["2/2", "2/3", "-", "-", "-", "-"]
