@@ -79,12 +79,13 @@ async def session(
         record = RequestRecord(index=turn, scheduled_s=0.0, endpoint="chat", stream=True,
                                budget="none", budget_ms=None, prompt_tokens_target=0,
                                max_tokens=max_tokens)  # fmt: skip
-        answer: list[str] = []
-        await client.post("/chat/completions", body, record, origin, text=answer)
-        records.append((record, "".join(answer)))
+        parts: list[str] = []
+        await client.post("/chat/completions", body, record, origin, text=parts)
+        answer = "".join(parts)
+        records.append((record, answer))
         if not record.ok:
             break  # the conversation cannot go on without its answer
-        messages.append({"role": "assistant", "content": records[-1][1]})
+        messages.append({"role": "assistant", "content": answer})
     return records
 
 
@@ -143,12 +144,15 @@ def turn_record(r: RequestRecord, text: str) -> dict[str, Any]:
             "cached_tokens": r.cached_tokens, "text": text}  # fmt: skip
 
 
-def same_answers(a: dict[str, Any], b: dict[str, Any]) -> tuple[int, int]:
-    """(identical, compared): the answers two rows' runs of one level gave turn by turn
-    (sessions in order), e.g. a server with its prefix cache against itself without."""
-    pairs = list(zip(a["records"], b["records"], strict=False))
+def same_answers(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """`identical/compared`: the answers two rows' runs of one level gave turn by turn
+    (sessions in order), e.g. a server with its prefix cache against itself without;
+    `-` where either run kept no answers."""
+    pairs = list(zip(a.get("records") or [], b.get("records") or [], strict=False))
+    if not pairs or not all("text" in x and "text" in y for x, y in pairs):
+        return "-"
     same = sum(1 for x, y in pairs if x["ok"] and y["ok"] and x["text"] == y["text"])
-    return same, len(pairs)
+    return f"{same}/{len(pairs)}"
 
 
 async def measure_chat(url: str, model: str, args: Any) -> list[ChatLevel]:

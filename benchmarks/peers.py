@@ -511,9 +511,7 @@ def chat_table(results: list[dict[str, Any]]) -> str:
             own = r["server"] == "llama.cpp" and r["cache"]
             speed = "1" if own else ratio(theirs, lv["ttft_later_ms_p50"])
             off = level(uncached.get((r["server"], r["weights"], r["depth"])), lv["sessions"])
-            same = "-"
-            if r["cache"] and off and "text" in (lv.get("records") or [{}])[0]:
-                same = "{}/{}".format(*same_answers(lv, off))
+            same = same_answers(lv, off) if r["cache"] and off else "-"
             cells = [r["server"], r["weights"], str(r["depth"] or "-"),
                      "on" if r["cache"] else "off", str(lv["sessions"]),
                      ms(lv["ttft_first_ms_p50"]), ms(lv["ttft_later_ms_p50"]),
