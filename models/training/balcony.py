@@ -423,6 +423,7 @@ class ExitLayers(nn.Module):
         base = causal_lm.model
         num_layers = len(base.layers)
         self.exits = tuple(exits)
+        self._base_layers = tuple(base.layers)  # frozen: bridge a cached depth to an exit
         layers = {}
         for e in self.exits:
             src = {"last": num_layers - 1, "next": e}[init]
@@ -443,13 +444,26 @@ class ExitLayers(nn.Module):
         """Each exit's final-normed hidden state of the batch's real tokens, (N, H)."""
         norm, _, rotary = self._frozen
         valid = batch.mask.reshape(-1).bool()
-        cos_sin = rotary(batch.hidden[self.exits[0]], batch.positions)
+        cos_sin = rotary(next(iter(batch.hidden.values())), batch.positions)
         out = {}
         for e in self.exits:
-            h = self.layers[str(e)](batch.hidden[e], attention_mask=batch.attn_mask,
+            h = self.layers[str(e)](self.residual(batch, e, cos_sin),
+                                    attention_mask=batch.attn_mask,
                                     position_embeddings=cos_sin)  # fmt: skip
             out[e] = norm(h.reshape(-1, h.shape[-1])[valid])
         return out
+
+    def residual(self, batch: CachedBatch, depth: int, cos_sin: Any) -> Tensor:
+        """The base's residual stream after `depth` layers: cached, or the deepest cached
+        depth below it run through the frozen base layers in between (no gradient)."""
+        if depth in batch.hidden:
+            return batch.hidden[depth]
+        below = max(d for d in batch.hidden if d < depth)
+        h = batch.hidden[below]
+        with torch.no_grad():
+            for layer in self._base_layers[below:depth]:
+                h = layer(h, attention_mask=batch.attn_mask, position_embeddings=cos_sin)
+        return h
 
     def forward(self, batch: CachedBatch, exact: Tensor | None = None, samples: int = 0,
                 generator: torch.Generator | None = None
@@ -534,7 +548,8 @@ def exit_layer_tensors(layers: ExitLayers, dtype: torch.dtype) -> dict[str, Tens
 def load_exit_layers(layers: ExitLayers, directory: Path) -> dict[str, Any]:
     """Start `layers` from a balcony checkpoint's exit layers (e.g. the committed default),
     returning its soft.json `training` record (whose curve and CPU-hours a run continues).
-    Raises ValueError naming what does not fit."""
+    An exit the checkpoint lacks keeps its --exit-init copy (a new exit joins the run).
+    Raises ValueError naming what does not fit, or when the checkpoint has none of them."""
     from models.checkpoint import EXIT_LAYERS, read_soft_json, read_tensors
 
     directory = Path(directory)
@@ -542,12 +557,15 @@ def load_exit_layers(layers: ExitLayers, directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"--init-from {directory}: no {EXIT_LAYERS} (a balcony checkpoint?)")
     tensors = read_tensors(path)
+    have = sorted({int(k.split(".")[1]) for k in tensors})
+    if not set(have) & {int(e) for e in layers.layers}:
+        raise ValueError(f"--init-from {directory}: none of the exits {list(layers.exits)} "
+                         f"(it has {have})")  # fmt: skip
     for e, layer in layers.layers.items():
         prefix = f"exits.{e}."
         sd = {k[len(prefix) :]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
-        if not sd:
-            have = sorted({k.split(".")[1] for k in tensors})
-            raise ValueError(f"--init-from {directory}: no exit layer {e} (it has {have})")
+        if not sd:  # a new exit: it keeps its --exit-init copy
+            continue
         try:
             layer.load_state_dict(sd)
         except RuntimeError as err:
@@ -668,7 +686,7 @@ class Caches:
 
 
 def prepare_caches(args: Any, parser: Any, causal_lm: Any, tokenizer: Any,
-                   trained: list[int], data: Any, before: dict[str, Any] | None = None
+                   cached: list[int], data: Any, before: dict[str, Any] | None = None
                    ) -> Caches:  # fmt: skip
     """Build (or reuse) the teacher cache of `data` and of --eval-data. `before`: the
     --init-from checkpoint's training record, whose CPU-hours count its own shards."""
@@ -677,7 +695,7 @@ def prepare_caches(args: Any, parser: Any, causal_lm: Any, tokenizer: Any,
 
     root = Path(args.cache_dir) if args.cache_dir else cache_dir() / "teacher"
     t, cpu = time.time(), time.process_time()
-    cache = build_cache(causal_lm, data.examples, trained, args.teacher_k, root,
+    cache = build_cache(causal_lm, data.examples, cached, args.teacher_k, root,
                         progress=not args.no_progress)  # fmt: skip
     t, cpu = time.time() - t, time.process_time() - cpu
     held, held_cpu = None, time.process_time()
@@ -686,7 +704,7 @@ def prepare_caches(args: Any, parser: Any, causal_lm: Any, tokenizer: Any,
             ev = load_mixture(args.eval_data, tokenizer, args.eval_max_length)
         except ValueError as err:
             parser.error(f"--eval-data: {err}")
-        held = HeldOut(build_cache(causal_lm, ev.examples, trained, 1, root,
+        held = HeldOut(build_cache(causal_lm, ev.examples, cached, 1, root,
                                    progress=not args.no_progress), ev.examples)  # fmt: skip
     # shards built by an earlier process count what their build spent, unless the record
     # this run continues counted them already; this process's own CPU time counts by itself
@@ -694,6 +712,20 @@ def prepare_caches(args: Any, parser: Any, causal_lm: Any, tokenizer: Any,
     every = counted | {s.directory.name for s in cache.shards}
     return Caches(cache, held, t, cache.reused_cpu_s(counted), time.process_time() - held_cpu,
                   tuple(sorted(every)))  # fmt: skip
+
+
+def cache_exits(args: Any, parser: Any, trained: list[int]) -> list[int]:
+    """--cache-exits (default: the trained exits; soft-train parsed it into a list),
+    checked: every trained exit needs a cached depth at or below it (exit 2 with a message
+    otherwise)."""
+    cached = list(args.cache_exits or trained)
+    if sorted(set(cached)) != cached or cached[0] < 1 or cached[-1] > trained[-1]:
+        parser.error(f"--cache-exits must be ascending distinct depths in 1..{trained[-1]}, "
+                     f"got {cached}")  # fmt: skip
+    low = [e for e in trained if e < cached[0]]
+    if low:
+        parser.error(f"--cache-exits {cached}: exits {low} lie below every cached depth")
+    return cached
 
 
 def train_balcony(args: Any, parser: Any, causal_lm: Any, tokenizer: Any, base_name: str,
@@ -708,6 +740,7 @@ def train_balcony(args: Any, parser: Any, causal_lm: Any, tokenizer: Any, base_n
         parser.error("--method balcony needs at least one exit below full depth")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     causal_lm.requires_grad_(False).eval().to(device)
+    cached = cache_exits(args, parser, trained)
     layers = ExitLayers(causal_lm, trained, args.exit_init)
     curve = Curve()
     before: dict[str, Any] | None = None
@@ -720,11 +753,14 @@ def train_balcony(args: Any, parser: Any, causal_lm: Any, tokenizer: Any, base_n
         before = record
         curve.offset_s = float(before.get("cpu_hours", 0.0)) * 3600
         curve.points = list(before.get("curve", []))
-    caches = prepare_caches(args, parser, causal_lm, tokenizer, trained, data, before)
+    caches = prepare_caches(args, parser, causal_lm, tokenizer, cached, data, before)
     curve.offset_s -= caches.held_cpu_s  # the held-out cache is measuring, not training
     layers.train()
     args.out.mkdir(parents=True, exist_ok=True)
     opt, sched, step, history, commands = start(args, parser, layers)
+    # the --init-from record's commands first: the checkpoint says every run that made it
+    earlier = list((before or {}).get("commands", []))
+    commands[:0] = [c for c in earlier if c not in commands]
     run = BalconyRun(args, layers, caches, curve, opt, sched, history, commands, data,
                      exits, base_name, tokenizer, device)  # fmt: skip
     run.resume_state(step)
@@ -864,7 +900,9 @@ class BalconyRun:
             "head_samples": args.head_samples, "exit_init": args.exit_init,
             "teacher_cache_seconds": round(self.caches.build_s, 1),
             "teacher_shards": list(self.caches.counted),
-            "cache_bytes_per_token": bytes_per_token(hidden, len(self.trained), args.teacher_k),
+            "cache_exits": list(self.caches.train.exits),
+            "cache_bytes_per_token": bytes_per_token(hidden, len(self.caches.train.exits),
+                                                     args.teacher_k),  # fmt: skip
             "seconds_per_step": round(elapsed / max(self.step - self.first_step, 1), 3),
             "train_tokens_per_second": round(self.new_tokens / max(elapsed, 1e-9), 1),
             "train_tokens": self.tokens_seen, "cpu_hours": round(self.curve.cpu_s() / 3600, 4),

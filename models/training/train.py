@@ -65,6 +65,14 @@ def add_balcony_arguments(p: argparse.ArgumentParser) -> None:
         "the layer that follows the exit (layer e)",
     )
     g.add_argument(
+        "--cache-exits",
+        default=None,
+        help="comma-separated depths whose residual streams the teacher cache keeps\n"
+        "(default: the trained exits). An exit between them starts from the deepest\n"
+        "cached depth below it through the frozen base layers in between, so an\n"
+        "existing cache serves a new exit (e.g. --exits 15,20,25,27 --cache-exits 15,20,25)",
+    )
+    g.add_argument(
         "--head",
         choices=("sampled", "full"),
         default="sampled",
@@ -310,6 +318,7 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainRes
 
         if exits[-1] != num_layers:
             exits.append(num_layers)  # full depth: the base itself
+        args.cache_exits = parse_ints(args.cache_exits, "cache-exits", parser)
         return cast(TrainResult, train_balcony(args, parser, model, tokenizer, base_name,
                                                exits, data))  # fmt: skip
 

@@ -196,6 +196,41 @@ def test_exit_layers_loss_is_the_naive_per_exit_kl(tiny_base: Path, data_file: P
     assert loss_s.item() == pytest.approx(loss.item(), rel=1e-4)
 
 
+def test_an_exit_between_cached_depths_runs_the_base_layers_in_between(
+    tiny_base: Path, data_file: Path, tmp_path: Path
+) -> None:
+    """--cache-exits: exit 3 trained on a cache of depth 1 only (the frozen base layers 1
+    and 2 bridge it) sees the same residual and loss as with depth 3 cached."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_base)).eval()
+    hf.requires_grad_(False)
+    data = load_dataset(data_file, make_tokenizer(), 64)
+    seqs = [0, 4, 7]
+    n_tok = float(sum(len(data.examples[s].input_ids) for s in seqs))
+    layers = ExitLayers(hf, [1, 3], "last")
+    torch.manual_seed(0)
+    with torch.no_grad():  # exit 3 a copy of the last layer would match the base exactly
+        for p in layers.layers["3"].parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    both = read_batch(build_cache(hf, data.examples, [1, 3], 4, tmp_path / "a", progress=False),
+                      seqs, n_tok)  # fmt: skip
+    low = read_batch(build_cache(hf, data.examples, [1], 4, tmp_path / "b", progress=False),
+                     seqs, n_tok)  # fmt: skip
+    assert set(low.hidden) == {1}
+    cos_sin = hf.model.rotary_emb(low.hidden[1], low.positions)
+    bridged = layers.residual(low, 3, cos_sin)
+    real = both.mask.bool()
+    assert torch.allclose(bridged[real], both.hidden[3][real], atol=2e-2, rtol=1e-2)
+    loss_both, per_both = layers(both)
+    loss_low, per_low = layers(low)
+    assert per_low[3] == pytest.approx(per_both[3], rel=1e-2)
+    assert per_low[1] == pytest.approx(per_both[1], rel=1e-6)
+    loss_low.backward()  # the bridge is frozen: gradients reach the exit layers only
+    assert all(p.grad is None for p in hf.parameters())
+    assert all(p.grad is not None for p in layers.layers["3"].parameters())
+
+
 def test_balcony_checkpoint_full_depth_is_the_base_and_exits_match_by_hand(
     tiny_base: Path, data_file: Path, tmp_path: Path
 ) -> None:
@@ -295,6 +330,50 @@ def test_balcony_continues_from_committed_exit_weights_and_their_curve(
     assert len(curve2) == len(curve1) + 1 and curve2[-1]["cpu_hours"] > curve1[-1]["cpu_hours"]
     for e, v in curve1[-1]["ce"].items():  # the same weights (saved as fp16): the same CE
         assert curve2[-1]["ce"][e] == pytest.approx(v, abs=2e-3)
+
+
+def test_a_new_exit_joins_a_continued_run_on_the_cache_it_has(
+    tiny_base: Path, data_file: Path, tmp_path: Path
+) -> None:
+    """--init-from a checkpoint with exits 1, 2 and --exits 1,2,3 --cache-exits 1,2: the
+    old exits keep their weights, exit 3 starts as a copy of the base's last layer, the
+    curve gains it, and the cache (depths 1 and 2) is reused, not rebuilt."""
+    held = write_alpaca(tmp_path / "held.json", 4)
+    common = ("--model", tiny_base, "--method", "balcony", "--batch-size", "2",
+              "--cache-dir", tmp_path / "tc", "--max-length", "64", "--eval-data", held,
+              "--data", data_file)  # fmt: skip
+    first = tmp_path / "first"
+    run_train(*common, "--exits", "1,2", "--out", first, "--steps", "2", "--lr", "1e-3")
+    shards = {d.name for d in (tmp_path / "tc").iterdir()}
+    second = tmp_path / "second"
+    run_train(*common, "--exits", "1,2,3", "--cache-exits", "1,2", "--out", second,
+              "--steps", "1", "--lr", "0", "--init-from", first)  # fmt: skip
+    assert {d.name for d in (tmp_path / "tc").iterdir()} == shards
+    a, b = read_tensors(first / EXIT_LAYERS), read_tensors(second / EXIT_LAYERS)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    base = read_tensors(tiny_base / "model.safetensors")
+    new = {k: v for k, v in b.items() if k.startswith("exits.3.")}
+    assert new and all(
+        torch.equal(v, base[f"model.layers.3.{k[len('exits.3.') :]}"].half())
+        for k, v in new.items()
+    )
+    training = json.loads((second / "soft.json").read_text())["training"]
+    assert training["exits"] == [1, 2, 3, 4] and training["cache_exits"] == [1, 2]
+    first_commands = json.loads((first / "soft.json").read_text())["training"]["commands"]
+    assert len(first_commands) == 1 and training["commands"][0] == first_commands[0]
+    assert len(training["commands"]) == 2 and "--cache-exits" in training["commands"][1]
+    assert set(training["curve"][-1]["ce"]) == {"1", "2", "3"}
+
+
+@pytest.mark.parametrize("cache", ["2", "1,9", "x"])
+def test_balcony_bad_cache_exits_exit_2(cache: str, tiny_base: Path, data_file: Path,
+                                        tmp_path: Path, capsys) -> None:  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        run_train("--model", tiny_base, "--data", data_file, "--out", tmp_path / "o",
+                  "--method", "balcony", "--exits", "1,3", "--cache-exits", cache,
+                  "--steps", "1", "--cache-dir", tmp_path / "tc")  # fmt: skip
+    assert e.value.code == 2
+    assert "--cache-exits" in capsys.readouterr().err
 
 
 def test_balcony_init_from_a_checkpoint_without_exit_layers_exits_2(
