@@ -11,6 +11,9 @@ decode step) and each weight format:
   3) a whole decode step's 30 layers of the default model (context 64) in one call
      (kernels.decode_layers, what the engine runs) against one call per layer with
      Python between (kernels.decode_layer), at 1 and 16 rows.
+and the machine's ceilings they are read against: the fp32 FMA peak (kernels.fma_peak, a
+register-only loop) for products over many rows, the read bandwidth of a 1 GiB array for
+batch 1 (its weights stream from memory).
 Each figure is the best of --trials. Writes JSON (--out) and prints markdown tables.
 """
 
@@ -68,6 +71,19 @@ def formats(w: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor], object]
     out["torch int8"] = (q8.matmul, q8.nbytes)
     out["torch int4"] = (q4.matmul, q4.nbytes)
     return out
+
+
+def ceilings(trials: int, threads: int) -> dict[str, float]:
+    """The FMA peak (GFLOP/s) and the read bandwidth of a 1 GiB fp32 array (GB/s)."""
+    peak = max(kernels.fma_peak(threads, 20_000_000) for _ in range(trials))
+    big = torch.ones(1 << 28)
+    t = best(lambda: big.sum(), trials)
+    return {"fma_peak_gflop_s": peak, "read_gb_s": big.nbytes / t / 1e9}
+
+
+def gflop_s(us: float, rows: int) -> float:
+    """A 3072 x 576 product over `rows` rows in `us` microseconds, in GFLOP/s."""
+    return 2 * 3072 * 576 * rows / us / 1e3
 
 
 def stream(trials: int) -> list[dict[str, Any]]:
@@ -165,14 +181,24 @@ def step_times(model: Any, n: int, trials: int) -> tuple[float, float]:
 
 
 def tables(r: dict[str, Any]) -> str:
-    lines = ["| format | ms per 30 layers (batch 1) | weights MB | GB/s |", "|---|---:|---:|---:|"]
+    c = r["ceilings"]
+    bw, peak = c["read_gb_s"], c["fma_peak_gflop_s"]
+    lines = [f"Ceilings: fp32 FMA peak {peak:.0f} GFLOP/s, read bandwidth {bw:.1f} GB/s.", "",
+             "| format | ms per 30 layers (batch 1) | weights MB | GB/s | of read bandwidth |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
     for row in r["stream"]:
         lines.append(f"| {row['format']} | {row['ms_per_30_layers']:.1f} | "
-                     f"{row['weight_mb']:.0f} | {row['gb_s']:.1f} |")  # fmt: skip
+                     f"{row['weight_mb']:.0f} | {row['gb_s']:.1f} | "
+                     f"{row['gb_s'] / bw:.2f} |")  # fmt: skip
     names = [k for k in r["batches"][0] if k != "rows"]
     lines += ["", "| rows | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
     for row in r["batches"]:
         lines.append(f"| {row['rows']} | " + " | ".join(f"{row[n]:.0f}" for n in names) + " |")
+    lines += ["", "GFLOP/s (fraction of the FMA peak):", "",
+              "| rows | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]  # fmt: skip
+    for row in r["batches"]:
+        cells = [f"{(g := gflop_s(row[n], row['rows'])):.0f} ({g / peak:.2f})" for n in names]
+        lines.append(f"| {row['rows']} | " + " | ".join(cells) + " |")
     lines += ["", "| weights | rows | one call per step, ms | one call per layer, ms | ratio |",
               "|---|---:|---:|---:|---:|"]  # fmt: skip
     for row in r["step"]:
@@ -204,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
         },  # fmt: skip
         "load_average_before": load,
+        "ceilings": ceilings(args.trials, args.threads),
         "stream": stream(args.trials),
         "batches": batches(args.trials),
         "batches_unit": "microseconds per product, 3072 x 576",

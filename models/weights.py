@@ -64,8 +64,9 @@ HEAD_QUANTIZATION = {
 # the matrix has one: fp32 ones beat oneDNN's packed GEMM up to batch 4 on this project's
 # CPUs; bf16 ones (k-major panels past one row) beat widening the matrix to fp32 for
 # oneDNN at every batch (1.2-1.9x at 64-256 rows), int8 / int4 ones torch's weight-only
-# kernels (2x at 16-256 rows), so those always run there, and a row's numbers then do not
-# depend on what shares its batch (docs/performance.md, benchmarks/kernels.py)
+# kernels (2x at 16-256 rows), so those always run there (docs/performance.md,
+# benchmarks/kernels.py). A row's numbers depend on what shares its batch only where the
+# kernels change paths: int8 / int4 from kernels.panel_rows() rows on (fp32 activations)
 KERNEL_ROWS = {kernels.F32: 4, kernels.BF16: 1 << 30, kernels.I8: 1 << 30, kernels.Q4: 1 << 30}
 # the batch size oneDNN picks its blocked layout for: measured best for batch 1-16 decode
 _PACK_HINT = {torch.float32: 16, torch.bfloat16: 1}

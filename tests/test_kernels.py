@@ -70,18 +70,28 @@ def test_int4_kernel_layout_holds_the_values_torchs_does() -> None:
 
 @needs
 @pytest.mark.parametrize("kind", ["f32", "bf16", "int8", "q4"])
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 70])  # 70: past one 64-row chunk
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 7, 16, 64, 70])  # 70: past one 64-row chunk
 def test_products_match_the_dequantized_reference(kind: str, rows: int) -> None:
-    n, k = 38, 96  # 38: a partial last tile of 4 output rows
+    n, k = 38, 96  # 38: a partial last tile of 4 output rows and panel of 16 (bf16)
     w = weights(kind, n, k)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
     bias = torch.randn(n)
-    # int8 / Q4 weights: exactly the dequantized matrix times the int8-rounded x (Q4's
-    # minimums included: they meet the rounded x too)
-    ref = (q8_activations(x) if kind in ("int8", "q4") else x) @ w.dequantize().T + bias
+    # int8 / Q4 weights over few rows: exactly the dequantized matrix times the int8-rounded
+    # x (Q4's minimums included: they meet the rounded x too); over many rows (their
+    # panels): times x itself; the kernels take 64 rows at a time
+    chunks = []
+    for part in x.split(64):
+        few = kind in ("int8", "q4") and len(part) < kernels.panel_rows(w.kind)
+        chunks.append(q8_activations(part) if few else part)
+    ref = torch.cat(chunks) @ w.dequantize().T + bias
     got = kernels.linear(x, w, bias=bias)
     assert got.shape == (rows, n)
     assert rel(got, ref) < 1e-5, kind
+
+
+@needs
+def test_the_fma_peak_is_a_positive_rate() -> None:
+    assert 0 < kernels.fma_peak(1, 100_000) < 1e5  # GFLOP/s: above zero, below any CPU's
 
 
 @needs

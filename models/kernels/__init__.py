@@ -171,6 +171,11 @@ def _lib() -> ctypes.CDLL | None:
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.soft_linear.argtypes = [p, i, i, ctypes.POINTER(_Weight), p, p, i, i, p, f, i, i]
     lib.soft_linear.restype = i
+    lib.soft_fma_peak.argtypes = [ctypes.c_long, i]
+    lib.soft_fma_peak.restype = ctypes.c_double
+    for name in ("soft_i8_panel_rows", "soft_q4_panel_rows"):
+        getattr(lib, name).argtypes = []
+        getattr(lib, name).restype = i
     lib.soft_rope.argtypes = [p, i, i, i, i, p, p, i]
     lib.soft_rope.restype = None
     lib.soft_attend_decode.argtypes = [
@@ -229,11 +234,13 @@ def _ptr(t: Tensor | None) -> int | None:
 class KernelWeight:
     """An (out, in) matrix in the layout cpu.cpp reads; `linear` multiplies by it.
 
-    fp32 / bf16: the matrix itself (row-major); bf16 keeps a k-major copy in panels of 16
-    output rows beside it for products over several rows (its bytes are counted once in
-    `nbytes`: a product reads one or the other). int8: values + one fp32 scale per row
-    (w = q * scale). Q4: GGUF's block layout, 32 values per block in 16 bytes (byte j holds
-    value j in its low nibble, j + 16 in its high one), w = q * scale + minimum per block.
+    fp32 / bf16: the matrix itself (row-major); bf16, int8 and Q4 keep a k-major bf16 copy
+    in panels of 16 output rows beside it for products over several rows (bf16) or many
+    (int8 and Q4, `panel_rows`: int8 values and Q4 codes are exact in bf16); its bytes are
+    counted once in `nbytes`: a product reads one or the other. int8: values + one fp32
+    scale per row (w = q * scale). Q4: GGUF's block layout, 32 values per block in 16
+    bytes (byte j holds value j in its low nibble, j + 16 in its high one), w = q * scale +
+    minimum per block.
     """
 
     kind: int
@@ -241,15 +248,18 @@ class KernelWeight:
     shape: torch.Size
     scale: Tensor | None = None
     minimum: Tensor | None = None
-    # bf16: the matrix again in panels of BF16_PANEL output rows, (ceil(out / 16), in, 16),
-    # zero-padded: what products over several rows read (made when missing)
+    # bf16 / int8 / Q4 (codes): the matrix again, in bf16, in panels of BF16_PANEL output rows,
+    # (ceil(out / 16), in, 16), zero-padded: what products over several rows read (made
+    # when missing)
     panels: Tensor | None = None
     _c: _Weight = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         n, k = self.shape
-        if self.kind == BF16 and self.panels is None:
-            self.panels = _panels(self.data)
+        if self.kind in (BF16, I8) and self.panels is None:  # int8 values are exact in bf16
+            self.panels = _panels(self.data.to(torch.bfloat16))
+        if self.kind == Q4 and self.panels is None:  # its codes 0..15, exact in bf16 too
+            self.panels = _panels(self.codes().to(torch.bfloat16))
         self._c = _Weight(self.kind, n, k, _ptr(self.data), _ptr(self.scale), _ptr(self.minimum),
                           _ptr(self.panels))  # fmt: skip
 
@@ -278,6 +288,13 @@ class KernelWeight:
         return cls(Q4, packed, q.shape, scale=scale.float().contiguous(),
                    minimum=minimum.float().contiguous())  # fmt: skip
 
+    def codes(self) -> Tensor:
+        """Q4: the (out, in) codes 0..15 (uint8) its blocks hold."""
+        assert self.kind == Q4
+        n, k = self.shape
+        b = self.data.view(n, k // Q4_BLOCK, Q4_BLOCK // 2)
+        return torch.stack([b & 0xF, b >> 4], dim=2).reshape(n, k)
+
     def dequantize(self) -> Tensor:
         """The fp32 (out, in) matrix this multiplies by."""
         if self.kind in (F32, BF16):
@@ -287,8 +304,7 @@ class KernelWeight:
             return self.data.float() * self.scale[:, None]
         assert self.scale is not None and self.minimum is not None
         n, k = self.shape
-        b = self.data.view(n, k // Q4_BLOCK, Q4_BLOCK // 2)
-        q = torch.stack([b & 0xF, b >> 4], dim=2).reshape(n, k // Q4_BLOCK, Q4_BLOCK).float()
+        q = self.codes().view(n, k // Q4_BLOCK, Q4_BLOCK).float()
         return (q * self.scale[..., None] + self.minimum[..., None]).reshape(n, k)
 
 
@@ -307,6 +323,23 @@ def supports(shape: torch.Size | tuple[int, ...], kind: int) -> bool:
     return shape[1] % (16 if kind in (F32, BF16) else Q4_BLOCK) == 0
 
 
+def fma_peak(threads: int, iters: int = 20_000_000) -> float:
+    """This machine's fp32 FMA peak over `threads` threads, GFLOP/s (a register-only loop
+    of 12 independent 8-wide chains per thread): the ceiling of products over many rows."""
+    lib = _lib()
+    assert lib is not None, unavailable_reason()
+    return float(lib.soft_fma_peak(iters, threads))
+
+
+def panel_rows(kind: int) -> int:
+    """From how many rows `linear` multiplies int8 / Q4 weights by x itself (fp32, on the
+    matrix's k-major panels); over fewer rows x is rounded to int8 per 32 values first
+    (GGUF's Q8_0 activations: integer products, faster there)."""
+    lib = _lib()
+    assert lib is not None, unavailable_reason()
+    return int(lib.soft_i8_panel_rows() if kind == I8 else lib.soft_q4_panel_rows())
+
+
 def linear(
     x: Tensor,
     w: KernelWeight,
@@ -320,8 +353,8 @@ def linear(
     """f(x) @ w^T (+ bias) for fp32 x (..., in) (SWIGLU: (..., 2 in)), where f is
     PLAIN (x), RMS_NORM (x / rms(x) * norm, eps) or SWIGLU (silu(x[..., :in]) *
     x[..., in:]). int8 / Q4 weights multiply x quantized to int8 per 32 values (GGUF's
-    Q8_0 activations). With `out` (..., out) the product is added to it in place (a
-    residual add) and `out` is returned."""
+    Q8_0 activations) below `panel_rows` rows, x itself from there on. With `out`
+    (..., out) the product is added to it in place (a residual add) and `out` is returned."""
     lib = _lib()
     assert lib is not None, unavailable_reason()
     n, k = w.shape

@@ -12,7 +12,8 @@
 // The product loop: for a chunk of activation rows (kept in L2), every thread takes a
 // contiguous range of output rows, 4 at a time, and runs the K loop with 8 accumulators:
 // over pairs of activation rows for fp32, unrolled twice at one activation row (decode).
-// bf16 over several rows reads a second, k-major copy of the matrix instead (panel_bf16).
+// bf16 over several rows, and int8 over many, read a second, k-major copy of the matrix
+// instead (`panel`): fp32 products over all the rows.
 //
 // A decode step runs whole: soft_decode_layers takes every layer of a step in one parallel
 // region (the team functions below share its threads and meet at barriers), so Python
@@ -37,8 +38,9 @@ struct Weight {
   const void* data;     // (n, k) f32 / bf16 / int8, or (n, k / 2) Q4 nibbles
   const float* scale;   // int8: (n,); Q4: (n, k / 32) block scales d
   const float* minimum; // Q4: (n, k / 32) block minimums m (w = q * d + m)
-  const void* panels;   // bf16, or null: the same matrix in panels of 16 output rows,
-                        // (ceil(n / 16), k, 16) zero-padded, for products over several rows
+  const void* panels;   // bf16 / int8, or null: the same matrix in bf16 (int8: its values,
+                        // exact, without the scale) in panels of 16 output rows,
+                        // (ceil(n / 16), k, 16) zero-padded
 };
 
 }  // extern "C"
@@ -49,6 +51,7 @@ constexpr int R = 4;          // output rows per tile
 constexpr int M_CHUNK = 64;   // activation rows per pass over the weights
 constexpr int P = 16;         // output rows per bf16 panel
 constexpr int PM = 6;         // activation rows per pass over a panel
+constexpr int MAX_K = 8192;   // Q4 panels: the longest row (a stack array of its scales)
 // how far ahead of its tile a thread prefetches the weights into L1: a tile's rows are
 // short streams (576 bytes of int8) that the hardware prefetchers pick up too late
 constexpr size_t PREFETCH_BYTES = 16384;
@@ -234,15 +237,33 @@ void tile_f32(const float* x, int ldx, int mrows, const Weight& w, int n0, int n
   }
 }
 
-// bf16 panel p (16 output rows, k-major: the 16 weights of each input column together)
-// against several activation rows, 6 at a time: per column one load, widened by a shift
-// (even outputs) and a mask (odd ones), times each row's value broadcast: 12 accumulators,
-// two weight vectors and one broadcast in registers, no horizontal sums.
-void panel_bf16(const float* x, int ldx, int mrows, const Weight& w, int p, float* y, int ldy,
-                bool acc, const float* bias) {
+// Panel p (16 output rows, k-major: the 16 weights of each input column together, in bf16)
+// against several fp32 activation rows, 6 at a time: per column one load, widened by a
+// shift (even outputs) and a mask (odd ones), times each row's value broadcast: 12
+// accumulators, two weight vectors and one broadcast in registers, no horizontal sums.
+// int8 matrices and Q4 codes keep their panels in bf16 too (every int8 value and code 0..15
+// is exact in bf16, and its widening is the cheap one): int8's row scale multiplies the
+// sums, Q4's block scale and minimum turn each column's codes into q d + m first.
+template <bool Q4>
+void panel(const float* x, int ldx, int mrows, const Weight& w, int p, float* y, int ldy,
+           bool acc, const float* bias) {
   const int K = w.k, n0 = p * P, nr = w.n - n0 < P ? w.n - n0 : P;
-  const uint16_t* panel = static_cast<const uint16_t*>(w.panels) + (size_t)p * K * P;
+  const uint16_t* pan = static_cast<const uint16_t*>(w.panels) + (size_t)p * K * P;
+  const float* scale = w.type == W_I8 ? w.scale : nullptr;
   const __m256i odd = _mm256_set1_epi32((int)0xFFFF0000u);
+  // Q4: per block of 32 columns the panel's scales and minimums in its even / odd order,
+  // [d even, d odd, m even, m odd] x 8: each column's codes become q d + m in registers
+  alignas(32) float dm[Q4 ? 4 * 8 * (MAX_K / 32) : 1];
+  if (Q4) {
+    const int nb = K / 32;
+    for (int b = 0; b < nb; b++)
+      for (int r = 0; r < P; r++) {
+        const bool real = r < nr;
+        const size_t at = (size_t)(n0 + (real ? r : 0)) * nb + b;
+        dm[32 * b + 8 * (r % 2) + r / 2] = real ? w.scale[at] : 0.f;
+        dm[32 * b + 16 + 8 * (r % 2) + r / 2] = real ? w.minimum[at] : 0.f;
+      }
+  }
   for (int m = 0; m < mrows; m += PM) {
     const float* xr[PM];  // past the last row: the last row again, computed and dropped
     for (int u = 0; u < PM; u++) xr[u] = x + (size_t)(m + u < mrows ? m + u : mrows - 1) * ldx;
@@ -252,9 +273,14 @@ void panel_bf16(const float* x, int ldx, int mrows, const Weight& w, int p, floa
     __m256 o0 = e0, o1 = e0, o2 = e0, o3 = e0, o4 = e0, o5 = e0;
     const float *x0 = xr[0], *x1 = xr[1], *x2 = xr[2], *x3 = xr[3], *x4 = xr[4], *x5 = xr[5];
     for (int k = 0; k < K; k++) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + (size_t)k * P));
-      const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-      const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pan + (size_t)k * P));
+      __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+      __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
+      if (Q4) {
+        const float* d = dm + 32 * (k / 32);
+        we = _mm256_fmadd_ps(we, _mm256_load_ps(d), _mm256_load_ps(d + 16));
+        wo = _mm256_fmadd_ps(wo, _mm256_load_ps(d + 8), _mm256_load_ps(d + 24));
+      }
       __m256 b = _mm256_broadcast_ss(x0 + k);
       e0 = _mm256_fmadd_ps(we, b, e0), o0 = _mm256_fmadd_ps(wo, b, o0);
       b = _mm256_broadcast_ss(x1 + k);
@@ -275,9 +301,29 @@ void panel_bf16(const float* x, int ldx, int mrows, const Weight& w, int p, floa
       _mm256_storeu_ps(ev, e[u]);
       _mm256_storeu_ps(ov, o[u]);
       float* yr = y + (size_t)(m + u) * ldy;
-      for (int r = 0; r < nr; r++) put(yr, n0 + r, r % 2 ? ov[r / 2] : ev[r / 2], bias, acc);
+      for (int r = 0; r < nr; r++) {
+        const float v = r % 2 ? ov[r / 2] : ev[r / 2];
+        put(yr, n0 + r, scale ? v * scale[n0 + r] : v, bias, acc);
+      }
     }
   }
+}
+
+// int8 products over this many rows or more run on the panels (exact fp32 activations;
+// 16 rows on 2 AVX2 cores: ~158 GFLOP/s against tile_int's ~130, 8 rows: 114 against 122):
+// below it, tile_int's int8 activations are faster (benchmarks/kernels.py), and the k + 1
+// rows self-speculation verifies for one sequence (k <= 8) take plain decoding's path
+constexpr int I8_PANEL_ROWS = 10;
+
+// the same for Q4 (its codes in bf16, the scales applied per column): 16 rows ~113 GFLOP/s
+// against ~74, 8 rows 81 against 72; from 8 rows on, so that the k + 1 rows self-speculation
+// verifies for one sequence (k <= 6) take plain decoding's path (greedy identity)
+constexpr int Q4_PANEL_ROWS = 8;
+
+// whether a product over mrows rows of w runs on its panels
+inline bool on_panels(const Weight& w, int mrows) {
+  return w.panels && ((w.type == W_BF16 && mrows > 1) || (w.type == W_I8 && mrows >= I8_PANEL_ROWS) ||
+                      (w.type == W_Q4 && mrows >= Q4_PANEL_ROWS && w.k <= MAX_K));
 }
 
 // this thread's share [lo, hi) of `count` items split evenly over the team
@@ -406,7 +452,7 @@ void linear_team(const float* x, int M, int ldx, const Weight& w, const float* b
         float* row = s.buf + (size_t)m * K;
         input_part(xin + (size_t)m * ldx, K, klo, khi, mode, norm, eps, row);
         if (T == W_BF16 && mrows == 1) permute16(row + klo, khi - klo);  // tile_bf16's order
-        if (integer)
+        if (integer && !on_panels(w, mrows))
           quantize_row(row + klo, khi - klo, s.qx + (size_t)m * K + klo, s.dx + (size_t)m * nb + klo / 32,
                        s.xsum + (size_t)m * nb + klo / 32);
       }
@@ -416,9 +462,12 @@ void linear_team(const float* x, int M, int ldx, const Weight& w, const float* b
     }
     int lo, hi;
     float* yout = y + (size_t)m0 * ldy;
-    if (T == W_BF16 && w.panels && mrows > 1) {
+    if (on_panels(w, mrows)) {
       share((w.n + P - 1) / P, lo, hi);
-      for (int p = lo; p < hi; p++) panel_bf16(xin, ld, mrows, w, p, yout, ldy, add, bias);
+      for (int p = lo; p < hi; p++) {
+        if (T == W_Q4) panel<true>(xin, ld, mrows, w, p, yout, ldy, add, bias);
+        else panel<false>(xin, ld, mrows, w, p, yout, ldy, add, bias);
+      }
 #pragma omp barrier
       continue;
     }
@@ -692,6 +741,42 @@ int soft_decode_layers(float* h, int n, int count, const Layer* layers, const in
   }
   return 0;
 }
+
+// The machine's fp32 multiply-add peak, GFLOP/s over `threads` threads: each runs 12
+// independent chains of 8-wide FMAs (no loads) for `iters` rounds. What the products over
+// many rows are measured against (benchmarks/kernels.py).
+double soft_fma_peak(long iters, int threads) {
+  double t0 = omp_get_wtime();
+  float sink = 0.f;
+#pragma omp parallel num_threads(threads) reduction(+ : sink)
+  {
+    const __m256 m = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
+    // named, so that GCC keeps them in registers (see panel)
+    __m256 a0 = _mm256_set1_ps((float)omp_get_thread_num()), a1 = a0, a2 = a0, a3 = a0;
+    __m256 a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
+    for (long n = 0; n < iters; n++) {
+      a0 = _mm256_fmadd_ps(a0, m, c), a1 = _mm256_fmadd_ps(a1, m, c);
+      a2 = _mm256_fmadd_ps(a2, m, c), a3 = _mm256_fmadd_ps(a3, m, c);
+      a4 = _mm256_fmadd_ps(a4, m, c), a5 = _mm256_fmadd_ps(a5, m, c);
+      a6 = _mm256_fmadd_ps(a6, m, c), a7 = _mm256_fmadd_ps(a7, m, c);
+      a8 = _mm256_fmadd_ps(a8, m, c), a9 = _mm256_fmadd_ps(a9, m, c);
+      a10 = _mm256_fmadd_ps(a10, m, c), a11 = _mm256_fmadd_ps(a11, m, c);
+    }
+    a0 = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
+                       _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)));
+    sink += hsum(_mm256_add_ps(a0, _mm256_add_ps(_mm256_add_ps(a8, a9), _mm256_add_ps(a10, a11))));
+  }
+  const double s = omp_get_wtime() - t0;
+  // (the sums' use, so that the chains are not optimized away)
+  return sink == 12345.f ? 0.0 : 2.0 * 8 * 12 * (double)iters * threads / s / 1e9;
+}
+
+// From how many rows an int8 product multiplies its panels by x itself (exact fp32
+// activations) instead of rounding x to int8 per 32 values.
+int soft_i8_panel_rows() { return I8_PANEL_ROWS; }
+
+// The same for Q4 weights (x itself from this many rows on; rounded to int8 below).
+int soft_q4_panel_rows() { return Q4_PANEL_ROWS; }
 
 // The structs' layout as this compiler laid them out, for the ctypes mirror in
 // models/kernels/__init__.py to be checked against at load: for Weight, Layer and Paged in
