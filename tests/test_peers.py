@@ -24,42 +24,53 @@ def test_measure_counts_tokens_and_times_each_level() -> None:
     app = imitation_app(token_ms=4.0, shed_every=10**9)
     with LocalServer(app) as server:
         levels = asyncio.run(peers.measure(server.url, "default@30", args))
-    assert app.state.seen["requests"] == 1 + 2 + 3 + 4  # warm-up 1 + 2, then max(prompts, c)
-    assert [lv.concurrency for lv in levels] == [1, 4]
-    assert [lv.requests for lv in levels] == [3, 4] and [lv.ok for lv in levels] == [3, 4]
+    # warm-up 1 + 2, then max(prompts, c) per level, then the first prompts again
+    assert app.state.seen["requests"] == 1 + 2 + 3 + 4 + 3
+    assert [lv.concurrency for lv in levels] == [1, 4, 1]
+    assert [lv.repeated for lv in levels] == [False, False, True]
+    assert [lv.requests for lv in levels] == [3, 4, 3] and [lv.ok for lv in levels] == [3, 4, 3]
     for lv in levels:  # exact counts; the timings (wall-clock, rounded) only exist
-        assert lv.errors == {} and lv.tokens_per_request == [8]
-        assert lv.output_tokens == 8 * lv.requests
+        assert lv.errors == {}
+        assert lv.tokens_per_request == [peers.REPEAT_TOKENS if lv.repeated else 8]
+        assert lv.output_tokens == lv.tokens_per_request[0] * lv.requests
         timings = (lv.wall_s, lv.aggregate_tok_s, lv.tpot_ms_p50, lv.decode_tok_s,
                    lv.ttft_ms_p50)  # fmt: skip
         assert all(t is not None for t in timings)
 
 
-def result(row: peers.Row, bs1: float, agg16: float) -> dict[str, Any]:
+def result(row: peers.Row, bs1: float, agg16: float, again: float = 15.0) -> dict[str, Any]:
     levels = [{"concurrency": 1, "decode_tok_s": bs1, "ttft_ms_p50": 20.0,
                "aggregate_tok_s": bs1 * 0.9, "ok": 16},
               {"concurrency": 16, "decode_tok_s": None, "ttft_ms_p50": 40.0,
-               "aggregate_tok_s": agg16, "ok": 16}]  # fmt: skip
+               "aggregate_tok_s": agg16, "ok": 16},
+              {"concurrency": 1, "decode_tok_s": 1.0, "ttft_ms_p50": again,
+               "aggregate_tok_s": 1.0, "ok": 8, "repeated": True}]  # fmt: skip
     return {"name": row.name, "server": row.server, "weights": row.weights,
-            "precision": row.precision, "depth": row.depth, "levels": levels}  # fmt: skip
+            "precision": row.precision, "depth": row.depth, "cache": row.cache,
+            "levels": levels}  # fmt: skip
 
 
-def test_table_ratios_are_against_llama_cpp_at_equal_precision() -> None:
+def test_table_ratios_are_against_llama_cpp_at_equal_precision_cache_on_and_off() -> None:
     rows = {r.name: r for r in peers.ROWS}
     results = [
         result(rows["soft-serve/bf16@30"], 60.0, 600.0),
+        result(rows["soft-serve/bf16@30+cache"], 60.0, 600.0, again=9.0),
         result(rows["soft-serve/fp32@30"], 50.0, 400.0),
         result(rows["llama.cpp/BF16"], 120.0, 500.0),
+        result(rows["llama.cpp/BF16+cache"], 100.0, 300.0),
         result(rows["llama.cpp/F32"], 100.0, 400.0),
         result(rows["vllm/bf16"], 80.0, 750.0),
     ]
     lines = peers.table(results, [1, 16]).splitlines()
-    assert lines[0].startswith("| server | weights | depth | bs-1 decode tok/s")
-    cells = {tuple(c.strip() for c in ln.strip("|").split("|")[:3]): ln for ln in lines[2:]}
-    assert cells[("soft-serve", "bf16", "30")].endswith("| 0.50x | 1.20x |")
-    assert cells[("soft-serve", "fp32", "30")].endswith("| 0.50x | 1.00x |")
-    assert cells[("vllm", "bf16", "-")].endswith("| 0.67x | 1.50x |")
-    assert cells[("llama.cpp", "BF16", "-")].endswith("| 1 | 1 |")
+    assert lines[0].startswith("| server | weights | depth | cache | bs-1 decode tok/s")
+    cells = {tuple(c.strip() for c in ln.strip("|").split("|")[:4]): ln for ln in lines[2:]}
+    # the repeated prompts' TTFT is its own column; c=1's stays the distinct prompts'
+    assert "| 20 | 9 | 54.0 | 600 |" in cells[("soft-serve", "bf16", "30", "on")]
+    # (cache on / cache off): against llama-server as its users run it, and without its cache
+    assert cells[("soft-serve", "bf16", "30", "off")].endswith("| 0.60x / 0.50x | 2.00x / 1.20x |")
+    assert cells[("soft-serve", "fp32", "30", "off")].endswith("| - / 0.50x | - / 1.00x |")
+    assert cells[("vllm", "bf16", "-", "off")].endswith("| 0.80x / 0.67x | 2.50x / 1.50x |")
+    assert cells[("llama.cpp", "BF16", "-", "on")].endswith("| 1 | 1 |")
 
 
 def test_rows_are_one_entry_each_and_unprepared_peers_skip_with_a_reason(
