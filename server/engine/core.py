@@ -23,6 +23,7 @@ import asyncio
 import atexit
 import contextlib
 import logging
+import numbers
 import threading
 import time
 import weakref
@@ -50,6 +51,13 @@ from server.engine.stats import TurnMeter
 from server.engine.types import EngineStats, GenerationRequest, QueueFull, TokenEvent, TokenLogprob
 
 log = logging.getLogger(__name__)
+
+
+def is_token_id(t: object, vocab: int) -> bool:
+    """An integer id of the vocabulary (numpy's integers too; bools are not ids)."""
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool) and 0 <= int(t) < vocab
+
+
 T = TypeVar("T")
 
 
@@ -209,6 +217,10 @@ class Engine:
         n, p = len(request.prompt_ids), request.params
         if n == 0:
             raise ValueError("the prompt is empty")
+        vocab = self.model.cfg.vocab_size
+        bad = next((t for t in request.prompt_ids if not is_token_id(t, vocab)), None)
+        if bad is not None:
+            raise ValueError(f"prompt token ids must be integers in 0..{vocab - 1}, got {bad!r}")
         if not 1 <= request.depth <= self.model.num_layers:
             raise ValueError(f"depth must be in 1..{self.model.num_layers}")
         if p.max_tokens < 1:

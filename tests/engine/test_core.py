@@ -261,6 +261,10 @@ def test_impossible_and_queue_full(tiny) -> None:
             engine.submit(request("long", [5] * 250, 4, 10))
         with pytest.raises(ValueError, match="empty"):
             engine.submit(request("empty", [], 4, 10))
+        # token names, not ids (a tokenizer's output passed whole), or ids past the vocabulary
+        for bad in (["input_ids"], [5, 1 << 20], [5, -1], [5.0]):
+            with pytest.raises(ValueError, match="prompt token ids must be integers"):
+                engine.submit(request("bad", bad, 4, 1))
         engine.submit(request("q1", [5], 4, 1))
         engine.submit(request("q2", [5], 4, 1))
         with pytest.raises(QueueFull):
