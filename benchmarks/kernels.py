@@ -74,11 +74,13 @@ def formats(w: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor], object]
 
 
 def ceilings(trials: int, threads: int) -> dict[str, float]:
-    """The FMA peak (GFLOP/s) and the read bandwidth of a 1 GiB fp32 array (GB/s)."""
+    """The FMA peak (GFLOP/s, with vectors as wide as the panels use: vector_lanes) and
+    the read bandwidth of a 1 GiB fp32 array (GB/s)."""
     peak = max(kernels.fma_peak(threads, 20_000_000) for _ in range(trials))
     big = torch.ones(1 << 28)
     t = best(lambda: big.sum(), trials)
-    return {"fma_peak_gflop_s": peak, "read_gb_s": big.nbytes / t / 1e9}
+    return {"fma_peak_gflop_s": peak, "vector_lanes": kernels.vector_lanes(),
+            "read_gb_s": big.nbytes / t / 1e9}  # fmt: skip
 
 
 def gflop_s(us: float, rows: int) -> float:
@@ -183,7 +185,9 @@ def step_times(model: Any, n: int, trials: int) -> tuple[float, float]:
 def tables(r: dict[str, Any]) -> str:
     c = r["ceilings"]
     bw, peak = c["read_gb_s"], c["fma_peak_gflop_s"]
-    lines = [f"Ceilings: fp32 FMA peak {peak:.0f} GFLOP/s, read bandwidth {bw:.1f} GB/s.", "",
+    lanes = c.get("vector_lanes", 8)
+    lines = [f"Ceilings: fp32 FMA peak {peak:.0f} GFLOP/s ({lanes}-lane vectors), "
+             f"read bandwidth {bw:.1f} GB/s.", "",
              "| format | ms per 30 layers (batch 1) | weights MB | GB/s | of read bandwidth |",
              "|---|---:|---:|---:|---:|"]  # fmt: skip
     for row in r["stream"]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 
@@ -71,8 +72,11 @@ def test_int4_kernel_layout_holds_the_values_torchs_does() -> None:
 @needs
 @pytest.mark.parametrize("kind", ["f32", "bf16", "int8", "q4"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 7, 16, 64, 70])  # 70: past one 64-row chunk
-def test_products_match_the_dequantized_reference(kind: str, rows: int) -> None:
-    n, k = 38, 96  # 38: a partial last tile of 4 output rows and panel of 16 (bf16)
+@pytest.mark.parametrize("n", [38, 24])
+def test_products_match_the_dequantized_reference(kind: str, rows: int, n: int) -> None:
+    # 38 outputs: a partial last tile of 4 output rows and a partial panel of 16 alone (the
+    # AVX-512 loop takes panels in pairs); 24: a pair whose second panel is partial
+    k = 96
     w = weights(kind, n, k)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
     bias = torch.randn(n)
@@ -92,6 +96,15 @@ def test_products_match_the_dequantized_reference(kind: str, rows: int) -> None:
 @needs
 def test_the_fma_peak_is_a_positive_rate() -> None:
     assert 0 < kernels.fma_peak(1, 100_000) < 1e5  # GFLOP/s: above zero, below any CPU's
+
+
+@needs
+def test_the_panels_vector_width_is_the_cpus() -> None:
+    # the -march=native build uses AVX-512 exactly where this CPU has it; the portable
+    # build (SOFT_KERNELS=prebuilt) AVX2 only
+    native = "avx512f" in open("/proc/cpuinfo").read().split()
+    portable = os.environ.get("SOFT_KERNELS") == "prebuilt"
+    assert kernels.vector_lanes() == (16 if native and not portable else 8)
 
 
 @needs

@@ -173,7 +173,7 @@ def _lib() -> ctypes.CDLL | None:
     lib.soft_linear.restype = i
     lib.soft_fma_peak.argtypes = [ctypes.c_long, i]
     lib.soft_fma_peak.restype = ctypes.c_double
-    for name in ("soft_i8_panel_rows", "soft_q4_panel_rows"):
+    for name in ("soft_i8_panel_rows", "soft_q4_panel_rows", "soft_vector_lanes"):
         getattr(lib, name).argtypes = []
         getattr(lib, name).restype = i
     lib.soft_rope.argtypes = [p, i, i, i, i, p, p, i]
@@ -325,10 +325,19 @@ def supports(shape: torch.Size | tuple[int, ...], kind: int) -> bool:
 
 def fma_peak(threads: int, iters: int = 20_000_000) -> float:
     """This machine's fp32 FMA peak over `threads` threads, GFLOP/s (a register-only loop
-    of 12 independent 8-wide chains per thread): the ceiling of products over many rows."""
+    of 12 independent chains per thread, each vector_lanes() wide): the ceiling of products
+    over many rows."""
     lib = _lib()
     assert lib is not None, unavailable_reason()
     return float(lib.soft_fma_peak(iters, threads))
+
+
+def vector_lanes() -> int:
+    """fp32 lanes of the vectors the panel products use: 16 where the kernels were built
+    for a CPU with AVX-512 (-march=native on one), else 8 (AVX2)."""
+    lib = _lib()
+    assert lib is not None, unavailable_reason()
+    return int(lib.soft_vector_lanes())
 
 
 def panel_rows(kind: int) -> int:

@@ -51,6 +51,11 @@ constexpr int R = 4;          // output rows per tile
 constexpr int M_CHUNK = 64;   // activation rows per pass over the weights
 constexpr int P = 16;         // output rows per bf16 panel
 constexpr int PM = 6;         // activation rows per pass over a panel
+#ifdef __AVX512F__
+constexpr int PANELS = 2;     // panels per call of panel(): the AVX-512 loop takes two
+#else
+constexpr int PANELS = 1;
+#endif
 constexpr int MAX_K = 8192;   // Q4 panels: the longest row (a stack array of its scales)
 // how far ahead of its tile a thread prefetches the weights into L1: a tile's rows are
 // short streams (576 bytes of int8) that the hardware prefetchers pick up too late
@@ -237,10 +242,11 @@ void tile_f32(const float* x, int ldx, int mrows, const Weight& w, int n0, int n
   }
 }
 
-// Panel p (16 output rows, k-major: the 16 weights of each input column together, in bf16)
-// against several fp32 activation rows, 6 at a time: per column one load, widened by a
-// shift (even outputs) and a mask (odd ones), times each row's value broadcast: 12
-// accumulators, two weight vectors and one broadcast in registers, no horizontal sums.
+// Panel p (16 output rows, k-major: the 16 weights of each input column together, in bf16;
+// the AVX-512 loop takes p + 1 too) against several fp32 activation rows, 6 at a time:
+// per column one load, widened by a shift (even outputs) and a mask (odd ones), times each
+// row's value broadcast: 12 accumulators, two weight vectors and one broadcast in
+// registers, no horizontal sums.
 // int8 matrices and Q4 codes keep their panels in bf16 too (every int8 value and code 0..15
 // is exact in bf16, and its widening is the cheap one): int8's row scale multiplies the
 // sums, Q4's block scale and minimum turn each column's codes into q d + m first.
@@ -250,6 +256,77 @@ void panel(const float* x, int ldx, int mrows, const Weight& w, int p, float* y,
   const int K = w.k, n0 = p * P, nr = w.n - n0 < P ? w.n - n0 : P;
   const uint16_t* pan = static_cast<const uint16_t*>(w.panels) + (size_t)p * K * P;
   const float* scale = w.type == W_I8 ? w.scale : nullptr;
+#ifdef __AVX512F__
+  // 512-bit registers (a -march=native build on a CPU with AVX-512): a column's 16 weights
+  // widen into one vector in their order, two panels (p, p + 1) at a time and 8 rows a
+  // pass: 16 accumulators, and each row's broadcast value feeds two multiply-adds (one
+  // load per two FMAs instead of one). Every output is the same chain of multiply-adds
+  // over k as in the AVX2 loop below: the same numbers to the bit.
+  constexpr int PW = 8;
+  const bool two = p + 1 < (w.n + P - 1) / P;  // a last panel alone: computed twice, dropped
+  const uint16_t* pan1 = two ? pan + (size_t)K * P : pan;
+  const int n1 = n0 + P, nr1 = two ? (w.n - n1 < P ? w.n - n1 : P) : 0;
+  // Q4: per block of 32 columns [d 0..15, m 0..15] of panel p, then of panel p + 1
+  alignas(64) float dm[Q4 ? 4 * P * (MAX_K / 32) : 1];
+  if (Q4) {
+    const int nb = K / 32;
+    for (int b = 0; b < nb; b++)
+      for (int r = 0; r < 2 * P; r++) {
+        const int row = r < P ? n0 + r : n1 + r - P;
+        const bool real = r < P ? r < nr : r - P < nr1;
+        const size_t at = (size_t)(real ? row : n0) * nb + b;
+        dm[64 * b + (r / P) * 32 + r % P] = real ? w.scale[at] : 0.f;
+        dm[64 * b + (r / P) * 32 + 16 + r % P] = real ? w.minimum[at] : 0.f;
+      }
+  }
+  for (int m = 0; m < mrows; m += PW) {
+    const float* xr[PW];  // past the last row: the last row again, computed and dropped
+    for (int u = 0; u < PW; u++) xr[u] = x + (size_t)(m + u < mrows ? m + u : mrows - 1) * ldx;
+    // named accumulators, so that GCC keeps them in registers (see the AVX2 loop)
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    __m512 c0 = a0, c1 = a0, c2 = a0, c3 = a0, c4 = a0, c5 = a0, c6 = a0, c7 = a0;
+    const float *x0 = xr[0], *x1 = xr[1], *x2 = xr[2], *x3 = xr[3];
+    const float *x4 = xr[4], *x5 = xr[5], *x6 = xr[6], *x7 = xr[7];
+    for (int k = 0; k < K; k++) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pan + (size_t)k * P));
+      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pan1 + (size_t)k * P));
+      __m512 wa = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+      __m512 wc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v1), 16));
+      if (Q4) {
+        const float* d = dm + 64 * (k / 32);
+        wa = _mm512_fmadd_ps(wa, _mm512_load_ps(d), _mm512_load_ps(d + 16));
+        wc = _mm512_fmadd_ps(wc, _mm512_load_ps(d + 32), _mm512_load_ps(d + 48));
+      }
+      __m512 b = _mm512_set1_ps(x0[k]);
+      a0 = _mm512_fmadd_ps(wa, b, a0), c0 = _mm512_fmadd_ps(wc, b, c0);
+      b = _mm512_set1_ps(x1[k]);
+      a1 = _mm512_fmadd_ps(wa, b, a1), c1 = _mm512_fmadd_ps(wc, b, c1);
+      b = _mm512_set1_ps(x2[k]);
+      a2 = _mm512_fmadd_ps(wa, b, a2), c2 = _mm512_fmadd_ps(wc, b, c2);
+      b = _mm512_set1_ps(x3[k]);
+      a3 = _mm512_fmadd_ps(wa, b, a3), c3 = _mm512_fmadd_ps(wc, b, c3);
+      b = _mm512_set1_ps(x4[k]);
+      a4 = _mm512_fmadd_ps(wa, b, a4), c4 = _mm512_fmadd_ps(wc, b, c4);
+      b = _mm512_set1_ps(x5[k]);
+      a5 = _mm512_fmadd_ps(wa, b, a5), c5 = _mm512_fmadd_ps(wc, b, c5);
+      b = _mm512_set1_ps(x6[k]);
+      a6 = _mm512_fmadd_ps(wa, b, a6), c6 = _mm512_fmadd_ps(wc, b, c6);
+      b = _mm512_set1_ps(x7[k]);
+      a7 = _mm512_fmadd_ps(wa, b, a7), c7 = _mm512_fmadd_ps(wc, b, c7);
+    }
+    const __m512 a[PW] = {a0, a1, a2, a3, a4, a5, a6, a7}, c[PW] = {c0, c1, c2, c3, c4, c5, c6, c7};
+    const int mm = mrows - m < PW ? mrows - m : PW;
+    for (int u = 0; u < mm; u++) {
+      float av[2 * P];
+      _mm512_storeu_ps(av, a[u]);
+      _mm512_storeu_ps(av + P, c[u]);
+      float* yr = y + (size_t)(m + u) * ldy;
+      for (int r = 0; r < nr; r++) put(yr, n0 + r, scale ? av[r] * scale[n0 + r] : av[r], bias, acc);
+      for (int r = 0; r < nr1; r++)
+        put(yr, n1 + r, scale ? av[P + r] * scale[n1 + r] : av[P + r], bias, acc);
+    }
+  }
+#else
   const __m256i odd = _mm256_set1_epi32((int)0xFFFF0000u);
   // Q4: per block of 32 columns the panel's scales and minimums in its even / odd order,
   // [d even, d odd, m even, m odd] x 8: each column's codes become q d + m in registers
@@ -307,6 +384,7 @@ void panel(const float* x, int ldx, int mrows, const Weight& w, int p, float* y,
       }
     }
   }
+#endif
 }
 
 // int8 products over this many rows or more run on the panels (exact fp32 activations;
@@ -462,9 +540,9 @@ void linear_team(const float* x, int M, int ldx, const Weight& w, const float* b
     }
     int lo, hi;
     float* yout = y + (size_t)m0 * ldy;
-    if (on_panels(w, mrows)) {
-      share((w.n + P - 1) / P, lo, hi);
-      for (int p = lo; p < hi; p++) {
+    if (on_panels(w, mrows)) {  // PANELS panels a call (the AVX-512 loop takes two)
+      share(((w.n + P - 1) / P + PANELS - 1) / PANELS, lo, hi);
+      for (int p = lo * PANELS; p < hi * PANELS; p += PANELS) {
         if (T == W_Q4) panel<true>(xin, ld, mrows, w, p, yout, ldy, add, bias);
         else panel<false>(xin, ld, mrows, w, p, yout, ldy, add, bias);
       }
@@ -743,33 +821,51 @@ int soft_decode_layers(float* h, int n, int count, const Layer* layers, const in
 }
 
 // The machine's fp32 multiply-add peak, GFLOP/s over `threads` threads: each runs 12
-// independent chains of 8-wide FMAs (no loads) for `iters` rounds. What the products over
-// many rows are measured against (benchmarks/kernels.py).
+// independent chains of FMAs as wide as this build's panels use (16 lanes with AVX-512,
+// else 8; no loads) for `iters` rounds. What the products over many rows are measured
+// against (benchmarks/kernels.py).
+#ifdef __AVX512F__
+#define FMA_V __m512
+#define FMA_SET1 _mm512_set1_ps
+#define FMA_FMADD _mm512_fmadd_ps
+#define FMA_ADD _mm512_add_ps
+#define FMA_SUM _mm512_reduce_add_ps
+constexpr int FMA_LANES = 16;
+#else
+#define FMA_V __m256
+#define FMA_SET1 _mm256_set1_ps
+#define FMA_FMADD _mm256_fmadd_ps
+#define FMA_ADD _mm256_add_ps
+#define FMA_SUM hsum
+constexpr int FMA_LANES = 8;
+#endif
 double soft_fma_peak(long iters, int threads) {
   double t0 = omp_get_wtime();
   float sink = 0.f;
 #pragma omp parallel num_threads(threads) reduction(+ : sink)
   {
-    const __m256 m = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
+    const FMA_V m = FMA_SET1(0.999999f), c = FMA_SET1(1e-7f);
     // named, so that GCC keeps them in registers (see panel)
-    __m256 a0 = _mm256_set1_ps((float)omp_get_thread_num()), a1 = a0, a2 = a0, a3 = a0;
-    __m256 a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
+    FMA_V a0 = FMA_SET1((float)omp_get_thread_num()), a1 = a0, a2 = a0, a3 = a0;
+    FMA_V a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
     for (long n = 0; n < iters; n++) {
-      a0 = _mm256_fmadd_ps(a0, m, c), a1 = _mm256_fmadd_ps(a1, m, c);
-      a2 = _mm256_fmadd_ps(a2, m, c), a3 = _mm256_fmadd_ps(a3, m, c);
-      a4 = _mm256_fmadd_ps(a4, m, c), a5 = _mm256_fmadd_ps(a5, m, c);
-      a6 = _mm256_fmadd_ps(a6, m, c), a7 = _mm256_fmadd_ps(a7, m, c);
-      a8 = _mm256_fmadd_ps(a8, m, c), a9 = _mm256_fmadd_ps(a9, m, c);
-      a10 = _mm256_fmadd_ps(a10, m, c), a11 = _mm256_fmadd_ps(a11, m, c);
+      a0 = FMA_FMADD(a0, m, c), a1 = FMA_FMADD(a1, m, c);
+      a2 = FMA_FMADD(a2, m, c), a3 = FMA_FMADD(a3, m, c);
+      a4 = FMA_FMADD(a4, m, c), a5 = FMA_FMADD(a5, m, c);
+      a6 = FMA_FMADD(a6, m, c), a7 = FMA_FMADD(a7, m, c);
+      a8 = FMA_FMADD(a8, m, c), a9 = FMA_FMADD(a9, m, c);
+      a10 = FMA_FMADD(a10, m, c), a11 = FMA_FMADD(a11, m, c);
     }
-    a0 = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
-                       _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)));
-    sink += hsum(_mm256_add_ps(a0, _mm256_add_ps(_mm256_add_ps(a8, a9), _mm256_add_ps(a10, a11))));
+    a0 = FMA_ADD(FMA_ADD(FMA_ADD(a0, a1), FMA_ADD(a2, a3)), FMA_ADD(FMA_ADD(a4, a5), FMA_ADD(a6, a7)));
+    sink += FMA_SUM(FMA_ADD(a0, FMA_ADD(FMA_ADD(a8, a9), FMA_ADD(a10, a11))));
   }
   const double s = omp_get_wtime() - t0;
   // (the sums' use, so that the chains are not optimized away)
-  return sink == 12345.f ? 0.0 : 2.0 * 8 * 12 * (double)iters * threads / s / 1e9;
+  return sink == 12345.f ? 0.0 : 2.0 * FMA_LANES * 12 * (double)iters * threads / s / 1e9;
 }
+
+// The vector width the products over many rows use: 16 fp32 lanes with AVX-512, else 8.
+int soft_vector_lanes() { return FMA_LANES; }
 
 // From how many rows an int8 product multiplies its panels by x itself (exact fp32
 // activations) instead of rounding x to int8 per 32 values.
