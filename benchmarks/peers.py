@@ -503,7 +503,9 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     ax.set_xticks(levels, [str(c) for c in levels])
     ax.set_xlabel("concurrent streams")
     ax.set_ylabel("aggregate output tok/s")
-    ax.set_title("SmolLM2-135M on this CPU: soft-serve vs llama.cpp vs vLLM")
+    names = {"soft-serve": "soft-serve", "llama.cpp": "llama.cpp", "vllm": "vLLM"}
+    servers = dict.fromkeys(names.get(r["server"], r["server"]) for r in results)
+    ax.set_title("SmolLM2-135M on this CPU: " + " vs ".join(servers))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
