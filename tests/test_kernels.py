@@ -237,13 +237,15 @@ def _cache_with_rows(
 
 
 @needs
-def test_decode_attention_matches_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    lengths = [9, 3, 14]
-    q = torch.randn(3, 1, 6, 16)  # 6 query heads over 2 kv heads
-    k, v = torch.randn(3, 1, 2, 16), torch.randn(3, 1, 2, 16)
+@pytest.mark.parametrize("head_dim", [16, 80])  # 80: 64 output values a pass, then 16
+def test_decode_attention_matches_the_torch_path(monkeypatch: pytest.MonkeyPatch,
+                                                 head_dim: int) -> None:  # fmt: skip
+    lengths = [9, 3, 14]  # keys 8 at a time: a partial block, one under 8, two blocks
+    q = torch.randn(3, 1, 6, head_dim)  # 6 query heads over 2 kv heads
+    k, v = torch.randn(3, 1, 2, head_dim), torch.randn(3, 1, 2, head_dim)
     outs, caches = [], []
     for fused in (True, False):
-        cache, seqs = _cache_with_rows(lengths)
+        cache, seqs = _cache_with_rows(lengths, head_dim=head_dim)
         if not fused:
             monkeypatch.setattr(kernels, "attends", lambda *a: False)
         kv = PagedAttention(cache, seqs, [2, 2, 2], [n for n in lengths], 1)

@@ -623,14 +623,30 @@ void attend_team(const float* q, int ldq, const float* k, int ldk, const float* 
       float* sj = scores + (size_t)j * Lp;
       __m256 best = _mm256_set1_ps(-INFINITY);
       for (int t0 = 0; t0 < L; t0 += 8) {
-        __m256 a[8];
-        for (int u = 0; u < 8; u++) {
-          a[u] = _mm256_setzero_ps();
-          if (t0 + u >= L) continue;
-          const float* kp = key(cache_k, t0 + u);
-          for (int e = 0; e < d; e += 8)
-            a[u] = _mm256_fmadd_ps(_mm256_loadu_ps(qj + e), _mm256_loadu_ps(kp + e), a[u]);
+        // 8 keys at a time with the columns outside: 8 independent chains of FMAs, each
+        // the same sum in the same order as one key at a time (one chain was bound by the
+        // FMA's latency); past the last token the last key again, masked below. Named
+        // accumulators, so that GCC keeps them in registers (see panel)
+        const float *k0 = key(cache_k, t0), *k1 = key(cache_k, t0 + 1 < L ? t0 + 1 : L - 1);
+        const float *k2 = key(cache_k, t0 + 2 < L ? t0 + 2 : L - 1);
+        const float *k3 = key(cache_k, t0 + 3 < L ? t0 + 3 : L - 1);
+        const float *k4 = key(cache_k, t0 + 4 < L ? t0 + 4 : L - 1);
+        const float *k5 = key(cache_k, t0 + 5 < L ? t0 + 5 : L - 1);
+        const float *k6 = key(cache_k, t0 + 6 < L ? t0 + 6 : L - 1);
+        const float *k7 = key(cache_k, t0 + 7 < L ? t0 + 7 : L - 1);
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        for (int e = 0; e < d; e += 8) {
+          const __m256 qv = _mm256_loadu_ps(qj + e);
+          a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + e), a0);
+          a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + e), a1);
+          a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + e), a2);
+          a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + e), a3);
+          a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k4 + e), a4);
+          a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k5 + e), a5);
+          a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k6 + e), a6);
+          a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k7 + e), a7);
         }
+        const __m256 a[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
         __m256 sc = _mm256_mul_ps(hsum8(a), _mm256_set1_ps(scale));
         if (t0 + 8 > L) {  // past the last token: -inf, which exp makes 0
           const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -655,11 +671,29 @@ void attend_team(const float* q, int ldq, const float* k, int ldk, const float* 
       for (int e0 = 0; e0 < d; e0 += 64) {  // 8 registers of the output at a time
         const int w = d - e0 < 64 ? (d - e0) / 8 : 8;
         __m256 acc[8];
-        for (int u = 0; u < 8; u++) acc[u] = _mm256_setzero_ps();
-        for (int t = 0; t < L; t++) {
-          const __m256 p = _mm256_set1_ps(sj[t]);
-          const float* vp = key(cache_v, t) + e0;
-          for (int u = 0; u < w; u++) acc[u] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 8 * u), acc[u]);
+        if (w == 8) {  // named accumulators, kept in registers (an array goes to the stack)
+          __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
+          for (int t = 0; t < L; t++) {
+            const __m256 p = _mm256_set1_ps(sj[t]);
+            const float* vp = key(cache_v, t) + e0;
+            c0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp), c0);
+            c1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 8), c1);
+            c2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 16), c2);
+            c3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 24), c3);
+            c4 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 32), c4);
+            c5 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 40), c5);
+            c6 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 48), c6);
+            c7 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 56), c7);
+          }
+          acc[0] = c0, acc[1] = c1, acc[2] = c2, acc[3] = c3;
+          acc[4] = c4, acc[5] = c5, acc[6] = c6, acc[7] = c7;
+        } else {
+          for (int u = 0; u < 8; u++) acc[u] = _mm256_setzero_ps();
+          for (int t = 0; t < L; t++) {
+            const __m256 p = _mm256_set1_ps(sj[t]);
+            const float* vp = key(cache_v, t) + e0;
+            for (int u = 0; u < w; u++) acc[u] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 8 * u), acc[u]);
+          }
         }
         for (int u = 0; u < w; u++) _mm256_storeu_ps(o + e0 + 8 * u, _mm256_mul_ps(acc[u], _mm256_set1_ps(inv)));
       }
