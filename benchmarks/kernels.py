@@ -37,6 +37,7 @@ from models.kernels import KernelWeight
 from models.weights import Bf16Weight, Int4Weight, Int8Weight, pack
 
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))  # one SmolLM2 layer
+SWEEP = SHAPES[2]  # the row sweep's matrix: gate|up
 ROWS = (1, 2, 4, 8, 16, 64, 256)
 
 
@@ -84,8 +85,8 @@ def ceilings(trials: int, threads: int) -> dict[str, float]:
 
 
 def gflop_s(us: float, rows: int) -> float:
-    """A 3072 x 576 product over `rows` rows in `us` microseconds, in GFLOP/s."""
-    return 2 * 3072 * 576 * rows / us / 1e3
+    """A SWEEP product over `rows` rows in `us` microseconds, in GFLOP/s."""
+    return 2 * SWEEP[0] * SWEEP[1] * rows / us / 1e3
 
 
 def stream(trials: int) -> list[dict[str, Any]]:
@@ -110,12 +111,12 @@ def stream(trials: int) -> list[dict[str, Any]]:
 
 
 def batches(trials: int) -> list[dict[str, Any]]:
-    """1..256 rows on one 3072 x 576 (gate|up) matrix."""
-    w = torch.randn(3072, 576, generator=torch.Generator().manual_seed(1)) * 0.05
+    """1..256 rows on one SWEEP (gate|up) matrix."""
+    w = torch.randn(*SWEEP, generator=torch.Generator().manual_seed(1)) * 0.05
     fs = formats(w)
     out = []
     for m in ROWS:
-        x = torch.randn(m, 576)
+        x = torch.randn(m, SWEEP[1])
         row: dict[str, Any] = {"rows": m}
         for name, (fn, _) in fs.items():
             row[name] = best(partial(fn, x), trials, 5) * 1e6
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         "ceilings": ceilings(args.trials, args.threads),
         "stream": stream(args.trials),
         "batches": batches(args.trials),
-        "batches_unit": "microseconds per product, 3072 x 576",
+        "batches_unit": f"microseconds per product, {SWEEP[0]} x {SWEEP[1]}",
         "step": step(args.trials),
         "step_context": STEP_CONTEXT,
     }

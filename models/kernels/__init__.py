@@ -256,10 +256,9 @@ class KernelWeight:
 
     def __post_init__(self) -> None:
         n, k = self.shape
-        if self.kind in (BF16, I8) and self.panels is None:  # int8 values are exact in bf16
-            self.panels = _panels(self.data.to(torch.bfloat16))
-        if self.kind == Q4 and self.panels is None:  # its codes 0..15, exact in bf16 too
-            self.panels = _panels(self.codes().to(torch.bfloat16))
+        if self.kind != F32 and self.panels is None:  # int8 values, Q4 codes: exact in bf16
+            values = self.codes() if self.kind == Q4 else self.data
+            self.panels = _panels(values.to(torch.bfloat16))
         self._c = _Weight(self.kind, n, k, _ptr(self.data), _ptr(self.scale), _ptr(self.minimum),
                           _ptr(self.panels))  # fmt: skip
 

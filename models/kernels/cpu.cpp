@@ -53,8 +53,11 @@ constexpr int P = 16;         // output rows per bf16 panel
 constexpr int PM = 6;         // activation rows per pass over a panel
 #ifdef __AVX512F__
 constexpr int PANELS = 2;     // panels per call of panel(): the AVX-512 loop takes two
+// where panel()'s loop holds a panel's output r: as it is (AVX-512), evens then odds (AVX2)
+constexpr int lane_of(int r) { return r; }
 #else
 constexpr int PANELS = 1;
+constexpr int lane_of(int r) { return 8 * (r % 2) + r / 2; }
 #endif
 constexpr int MAX_K = 8192;   // Q4 panels: the longest row (a stack array of its scales)
 // how far ahead of its tile a thread prefetches the weights into L1: a tile's rows are
@@ -256,6 +259,20 @@ void panel(const float* x, int ldx, int mrows, const Weight& w, int p, float* y,
   const int K = w.k, n0 = p * P, nr = w.n - n0 < P ? w.n - n0 : P;
   const uint16_t* pan = static_cast<const uint16_t*>(w.panels) + (size_t)p * K * P;
   const float* scale = w.type == W_I8 ? w.scale : nullptr;
+  // Q4: per block of 32 columns and per panel of the call, [d x 16, m x 16] in the order
+  // the loop holds the panel's outputs: each column's codes become q d + m in registers
+  alignas(64) float dm[Q4 ? 32 * PANELS * (MAX_K / 32) : 1];
+  if (Q4) {
+    const int nb = K / 32;
+    for (int b = 0; b < nb; b++)
+      for (int r = 0; r < PANELS * P; r++) {  // the call's panels hold consecutive rows
+        const bool real = n0 + r < w.n;
+        const size_t at = (size_t)(real ? n0 + r : n0) * nb + b;
+        float* block = dm + 32 * (PANELS * b + r / P);
+        block[lane_of(r % P)] = real ? w.scale[at] : 0.f;
+        block[16 + lane_of(r % P)] = real ? w.minimum[at] : 0.f;
+      }
+  }
 #ifdef __AVX512F__
   // 512-bit registers (a -march=native build on a CPU with AVX-512): a column's 16 weights
   // widen into one vector in their order, two panels (p, p + 1) at a time and 8 rows a
@@ -266,19 +283,6 @@ void panel(const float* x, int ldx, int mrows, const Weight& w, int p, float* y,
   const bool two = p + 1 < (w.n + P - 1) / P;  // a last panel alone: computed twice, dropped
   const uint16_t* pan1 = two ? pan + (size_t)K * P : pan;
   const int n1 = n0 + P, nr1 = two ? (w.n - n1 < P ? w.n - n1 : P) : 0;
-  // Q4: per block of 32 columns [d 0..15, m 0..15] of panel p, then of panel p + 1
-  alignas(64) float dm[Q4 ? 4 * P * (MAX_K / 32) : 1];
-  if (Q4) {
-    const int nb = K / 32;
-    for (int b = 0; b < nb; b++)
-      for (int r = 0; r < 2 * P; r++) {
-        const int row = r < P ? n0 + r : n1 + r - P;
-        const bool real = r < P ? r < nr : r - P < nr1;
-        const size_t at = (size_t)(real ? row : n0) * nb + b;
-        dm[64 * b + (r / P) * 32 + r % P] = real ? w.scale[at] : 0.f;
-        dm[64 * b + (r / P) * 32 + 16 + r % P] = real ? w.minimum[at] : 0.f;
-      }
-  }
   for (int m = 0; m < mrows; m += PW) {
     const float* xr[PW];  // past the last row: the last row again, computed and dropped
     for (int u = 0; u < PW; u++) xr[u] = x + (size_t)(m + u < mrows ? m + u : mrows - 1) * ldx;
@@ -328,19 +332,6 @@ void panel(const float* x, int ldx, int mrows, const Weight& w, int p, float* y,
   }
 #else
   const __m256i odd = _mm256_set1_epi32((int)0xFFFF0000u);
-  // Q4: per block of 32 columns the panel's scales and minimums in its even / odd order,
-  // [d even, d odd, m even, m odd] x 8: each column's codes become q d + m in registers
-  alignas(32) float dm[Q4 ? 4 * 8 * (MAX_K / 32) : 1];
-  if (Q4) {
-    const int nb = K / 32;
-    for (int b = 0; b < nb; b++)
-      for (int r = 0; r < P; r++) {
-        const bool real = r < nr;
-        const size_t at = (size_t)(n0 + (real ? r : 0)) * nb + b;
-        dm[32 * b + 8 * (r % 2) + r / 2] = real ? w.scale[at] : 0.f;
-        dm[32 * b + 16 + 8 * (r % 2) + r / 2] = real ? w.minimum[at] : 0.f;
-      }
-  }
   for (int m = 0; m < mrows; m += PM) {
     const float* xr[PM];  // past the last row: the last row again, computed and dropped
     for (int u = 0; u < PM; u++) xr[u] = x + (size_t)(m + u < mrows ? m + u : mrows - 1) * ldx;
@@ -518,6 +509,7 @@ void linear_team(const float* x, int M, int ldx, const Weight& w, const float* b
   const size_t tile_bytes = R * row_bytes;
   for (int m0 = 0; m0 < M; m0 += chunk) {
     const int mrows = M - m0 < chunk ? M - m0 : chunk;
+    const bool panels = on_panels(w, mrows);  // else the row-major tiles
     const float* xin = x + (size_t)m0 * ldx;
     int ld = ldx;
     if (scratch_in) {  // many rows: a share of the rows each; few: a share of each row
@@ -530,7 +522,7 @@ void linear_team(const float* x, int M, int ldx, const Weight& w, const float* b
         float* row = s.buf + (size_t)m * K;
         input_part(xin + (size_t)m * ldx, K, klo, khi, mode, norm, eps, row);
         if (T == W_BF16 && mrows == 1) permute16(row + klo, khi - klo);  // tile_bf16's order
-        if (integer && !on_panels(w, mrows))
+        if (integer && !panels)
           quantize_row(row + klo, khi - klo, s.qx + (size_t)m * K + klo, s.dx + (size_t)m * nb + klo / 32,
                        s.xsum + (size_t)m * nb + klo / 32);
       }
@@ -540,7 +532,7 @@ void linear_team(const float* x, int M, int ldx, const Weight& w, const float* b
     }
     int lo, hi;
     float* yout = y + (size_t)m0 * ldy;
-    if (on_panels(w, mrows)) {  // PANELS panels a call (the AVX-512 loop takes two)
+    if (panels) {  // PANELS panels a call (the AVX-512 loop takes two)
       share(((w.n + P - 1) / P + PANELS - 1) / PANELS, lo, hi);
       for (int p = lo * PANELS; p < hi * PANELS; p += PANELS) {
         if (T == W_Q4) panel<true>(xin, ld, mrows, w, p, yout, ldy, add, bias);

@@ -445,24 +445,29 @@ class ExitLayers(nn.Module):
         norm, _, rotary = self._frozen
         valid = batch.mask.reshape(-1).bool()
         cos_sin = rotary(next(iter(batch.hidden.values())), batch.positions)
-        out = {}
+        out, known = {}, dict(batch.hidden)  # the exits ascend: a bridge continues the last
         for e in self.exits:
-            h = self.layers[str(e)](self.residual(batch, e, cos_sin),
+            h = self.layers[str(e)](self.residual(batch, e, cos_sin, known),
                                     attention_mask=batch.attn_mask,
                                     position_embeddings=cos_sin)  # fmt: skip
             out[e] = norm(h.reshape(-1, h.shape[-1])[valid])
         return out
 
-    def residual(self, batch: CachedBatch, depth: int, cos_sin: Any) -> Tensor:
-        """The base's residual stream after `depth` layers: cached, or the deepest cached
-        depth below it run through the frozen base layers in between (no gradient)."""
-        if depth in batch.hidden:
-            return batch.hidden[depth]
-        below = max(d for d in batch.hidden if d < depth)
-        h = batch.hidden[below]
+    def residual(self, batch: CachedBatch, depth: int, cos_sin: Any,
+                 known: dict[int, Tensor] | None = None) -> Tensor:  # fmt: skip
+        """The base's residual stream after `depth` layers: cached, or the deepest known
+        depth below it (`known`: the cache's depths, and any bridged before, which this adds
+        to) run through the frozen base layers in between (no gradient)."""
+        known = batch.hidden if known is None else known
+        if depth in known:
+            return known[depth]
+        below = max(d for d in known if d < depth)
+        h = known[below]
         with torch.no_grad():
             for layer in self._base_layers[below:depth]:
                 h = layer(h, attention_mask=batch.attn_mask, position_embeddings=cos_sin)
+        if known is not batch.hidden:
+            known[depth] = h
         return h
 
     def forward(self, batch: CachedBatch, exact: Tensor | None = None, samples: int = 0,

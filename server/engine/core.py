@@ -23,7 +23,6 @@ import asyncio
 import atexit
 import contextlib
 import logging
-import numbers
 import threading
 import time
 import weakref
@@ -48,14 +47,16 @@ from server.engine.sampling import (
 from server.engine.scheduler import Scheduler, SchedulerOutput, Sequence
 from server.engine.speculative import SpecConfig, Speculator
 from server.engine.stats import TurnMeter
-from server.engine.types import EngineStats, GenerationRequest, QueueFull, TokenEvent, TokenLogprob
+from server.engine.types import (
+    EngineStats,
+    GenerationRequest,
+    QueueFull,
+    TokenEvent,
+    TokenLogprob,
+    is_token_id,
+)
 
 log = logging.getLogger(__name__)
-
-
-def is_token_id(t: object, vocab: int) -> bool:
-    """An integer id of the vocabulary (numpy's integers too; bools are not ids)."""
-    return isinstance(t, numbers.Integral) and not isinstance(t, bool) and 0 <= int(t) < vocab
 
 
 T = TypeVar("T")

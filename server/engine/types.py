@@ -4,12 +4,18 @@ depth) and what comes out (token events, stats). Plain frozen dataclasses, no HT
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from torch import Tensor
+
+
+def is_token_id(t: object, vocab: int) -> bool:
+    """An integer id of the vocabulary (numpy's integers too; bools are not ids)."""
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool) and 0 <= int(t) < vocab
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from server.engine.types import TokenLogprob
+from server.engine.types import TokenLogprob, is_token_id
 from server.serving.detokenizer import Track, token_pieces
 from server.serving.errors import bad_request
 from server.serving.generation import Generation, Served, ServingContext
@@ -69,7 +69,7 @@ class CompletionServing:
         for p in req.prompts():
             if isinstance(p, str):
                 out.append(list(self.ctx.tokenizer(p)["input_ids"]) if p else [])
-            elif any(t >= vocab for t in p):
+            elif not all(is_token_id(t, vocab) for t in p):
                 raise bad_request(
                     f"prompt token ids must be below the vocabulary size {vocab}", "prompt"
                 )
