@@ -73,10 +73,12 @@ def test_int4_kernel_layout_holds_the_values_torchs_does() -> None:
 @pytest.mark.parametrize("kind", ["f32", "bf16", "int8", "q4"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 7, 16, 64, 70])  # 70: past one 64-row chunk
 @pytest.mark.parametrize("n", [38, 24])
-def test_products_match_the_dequantized_reference(kind: str, rows: int, n: int) -> None:
+@pytest.mark.parametrize("k", [96, 576])
+def test_products_match_the_dequantized_reference(kind: str, rows: int, n: int, k: int) -> None:
     # 38 outputs: a partial last tile of 4 output rows and a partial panel of 16 alone (the
-    # AVX-512 loop takes panels in pairs); 24: a pair whose second panel is partial
-    k = 96
+    # AVX-512 loop takes panels in pairs); 24: a pair whose second panel is partial.
+    # k = 96: three blocks of 32 (the VNNI loop takes two a pass: an odd one alone); 576:
+    # 18 blocks (Q4's minimums in 16 lanes: a partial second vector)
     w = weights(kind, n, k)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
     bias = torch.randn(n)
