@@ -220,11 +220,13 @@ def test_without_a_compiler_the_shipped_build_runs(
 
 
 def _cache_with_rows(
-    lengths: list[int], layers: int = 2, kv_heads: int = 2, head_dim: int = 16
-) -> tuple[KVCacheManager, list[Sequence]]:
+    lengths: list[int], layers: int = 2, kv_heads: int = 2, head_dim: int = 16,
+    block_size: int = 4,
+) -> tuple[KVCacheManager, list[Sequence]]:  # fmt: skip
     """A cache whose rows hold `lengths` tokens of random keys/values at every layer."""
+    blocks = sum(-(-(n + 1) // block_size) for n in lengths) * layers
     cfg = KVCacheConfig(num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim,
-                        num_blocks=64, block_size=4)  # fmt: skip
+                        num_blocks=blocks, block_size=block_size)  # fmt: skip
     cache = KVCacheManager(cfg)
     torch.manual_seed(0)
     cache.k.normal_()
@@ -240,21 +242,42 @@ def _cache_with_rows(
 
 @needs
 @pytest.mark.parametrize("head_dim", [16, 80])  # 80: 64 output values a pass, then 16
-def test_decode_attention_matches_the_torch_path(monkeypatch: pytest.MonkeyPatch,
-                                                 head_dim: int) -> None:  # fmt: skip
-    lengths = [9, 3, 14]  # keys 8 at a time: a partial block, one under 8, two blocks
-    q = torch.randn(3, 1, 6, head_dim)  # 6 query heads over 2 kv heads
-    k, v = torch.randn(3, 1, 2, head_dim), torch.randn(3, 1, 2, head_dim)
+@pytest.mark.parametrize("block_size", [4, 16])  # 16: 8 keys at a time in one block
+# keys 8 at a time: a partial block, one under 8, two blocks; chunks of 128 tokens: three
+# (the last partial), exactly one, one and a token, beside a short row
+@pytest.mark.parametrize("lengths", [[9, 3, 14], [300, 128, 129, 5]])
+def test_decode_attention_matches_the_torch_path(
+    monkeypatch: pytest.MonkeyPatch, head_dim: int, block_size: int, lengths: list[int]
+) -> None:
+    n = len(lengths)
+    q = torch.randn(n, 1, 6, head_dim)  # 6 query heads over 2 kv heads
+    k, v = torch.randn(n, 1, 2, head_dim), torch.randn(n, 1, 2, head_dim)
     outs, caches = [], []
     for fused in (True, False):
-        cache, seqs = _cache_with_rows(lengths, head_dim=head_dim)
+        cache, seqs = _cache_with_rows(lengths, head_dim=head_dim, block_size=block_size)
         if not fused:
             monkeypatch.setattr(kernels, "attends", lambda *a: False)
-        kv = PagedAttention(cache, seqs, [2, 2, 2], [n for n in lengths], 1)
+        kv = PagedAttention(cache, seqs, [2] * n, [n for n in lengths], 1)
         outs.append(kv.attend(1, q, k, v))
         caches.append((cache.k.clone(), cache.v.clone()))
     assert rel(outs[0], outs[1]) < 1e-5
     assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+
+
+@needs
+def test_a_rows_attention_does_not_depend_on_the_other_rows() -> None:
+    # how a row's tokens are split into tasks depends on its length alone: the same numbers
+    # alone and beside others (what self-speculation's greedy identity rests on)
+    lengths = [300, 40, 7]
+    q = torch.randn(3, 1, 6, 16)
+    k, v = torch.randn(3, 1, 2, 16), torch.randn(3, 1, 2, 16)
+    cache, seqs = _cache_with_rows(lengths, block_size=16)
+    together = PagedAttention(cache, seqs, [2] * 3, lengths, 1).attend(1, q, k, v)
+    for r in range(3):
+        alone = PagedAttention(cache, seqs[r : r + 1], [2], lengths[r : r + 1], 1)
+        assert torch.equal(
+            alone.attend(1, q[r : r + 1], k[r : r + 1], v[r : r + 1]), together[r : r + 1]
+        )
 
 
 @needs

@@ -201,7 +201,7 @@ def _lib() -> ctypes.CDLL | None:
         p,
         i,
     ]
-    lib.soft_attend_decode.restype = None
+    lib.soft_attend_decode.restype = i
     lib.soft_decode_layers.argtypes = [p, i, i, p, p, p, p, ctypes.POINTER(_Paged),
                                        ctypes.c_int64, ctypes.c_int64, i]  # fmt: skip
     lib.soft_decode_layers.restype = i
@@ -437,13 +437,15 @@ def attend_decode(
     assert table.dtype == torch.int64 and table.is_contiguous() and table.shape[0] == n
     idx = [t.reshape(n).contiguous() for t in (write_block, write_offset, length)]
     out = torch.empty(n, 1, hq, d)
-    lib.soft_attend_decode(
+    rc = lib.soft_attend_decode(
         q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), n, hq,
         hkv, d,
         cache_k.data_ptr(), cache_v.data_ptr(), cache_k.shape[1], table.data_ptr(),
         table.shape[1], *(t.data_ptr() for t in idx), scale, out.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip
+    if rc != 0:
+        raise MemoryError(f"soft_attend_decode: out of memory for {n} rows")
     return out
 
 

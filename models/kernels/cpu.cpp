@@ -685,17 +685,34 @@ void rope_team(float* x, int M, int ld, int heads, int D, const float* cos, cons
   }
 }
 
+// Decode attention's tasks: a row's tokens in chunks of ATT_CHUNK (a kv head's keys of a
+// chunk, 32 KB at head dim 64, stay in L1 while its query heads read them), each chunk
+// for a range of query heads. How a row is chunked depends on its length alone, so its
+// numbers do not depend on the other rows of the step (self-speculation's greedy identity).
+constexpr int ATT_CHUNK = 128;
+
+inline int att_chunks(int64_t length) { return (int)((length + ATT_CHUNK - 1) / ATT_CHUNK); }
+
+// floats of partial results the rows of a step need (rows of more than one chunk: a
+// maximum, a sum and d weighted values per chunk and query head)
+size_t att_partials(int n, const int64_t* length, int hq, int d) {
+  size_t chunks = 0;
+  for (int r = 0; r < n; r++) chunks += att_chunks(length[r]) > 1 ? att_chunks(length[r]) : 0;
+  return chunks * hq * (d + 2);
+}
+
 // soft_attend_decode's work for the calling thread of a parallel region (ends with a
-// barrier). A task is one row's kv head, or, when there are too few of those to keep the
-// team busy, one of its query heads: scores 8 tokens at a time (one horizontal sum for
-// all 8), softmax with a vectorized exp, then the values.
+// barrier). A task is one chunk of a row's tokens for all its query heads, or, when there
+// are too few chunks to keep the team busy, for one kv head's or one query head's: scores
+// 8 tokens at a time (one horizontal sum for all 8), softmax with a vectorized exp, then
+// the values. A row of one chunk writes its output; longer rows leave each chunk's
+// maximum, sum and unnormalized values in `partial` (att_partials floats), combined after.
 void attend_team(const float* q, int ldq, const float* k, int ldk, const float* v, int ldv, int n,
                  int hq, int hkv, int d, float* cache_k, float* cache_v, int block_size,
                  const int64_t* table, int max_blocks, const int64_t* write_block,
-                 const int64_t* write_offset, const int64_t* length, float scale, float* out) {
+                 const int64_t* write_offset, const int64_t* length, float scale, float* out,
+                 float* partial) {
   const int rep = hq / hkv;
-  const int parts = n * hkv >= 4 * omp_get_num_threads() ? 1 : rep;  // query heads per task
-  const int per = rep / parts;
   // every row's new key and value first: a row's tasks may be split across threads
 #pragma omp for schedule(static)
   for (int task = 0; task < n * hkv; task++) {
@@ -704,41 +721,47 @@ void attend_team(const float* q, int ldq, const float* k, int ldk, const float* 
     memcpy(cache_k + slot * d, k + (size_t)r * ldk + (size_t)g * d, sizeof(float) * d);
     memcpy(cache_v + slot * d, v + (size_t)r * ldv + (size_t)g * d, sizeof(float) * d);
   }
-  float* scores = nullptr;
-  size_t cap = 0;
+  int chunks = 0;
+  for (int r = 0; r < n; r++) chunks += att_chunks(length[r]);
+  const int team = 4 * omp_get_num_threads();
+  const int unit = chunks >= team ? hq : chunks * hkv >= team ? rep : 1;  // query heads a task
+  const int parts = hq / unit;
+  const size_t stride = (size_t)hkv * d;      // floats from a token to the next in a block
+  const bool runs8 = block_size % 8 == 0;     // 8 tokens from a multiple of 8 share a block
+  float* scores = static_cast<float*>(aligned_alloc(64, sizeof(float) * ATT_CHUNK));
 #pragma omp for schedule(dynamic)
-  for (int task = 0; task < n * hkv * parts; task++) {
-    const int r = task / (hkv * parts), g = task / parts % hkv, j0 = task % parts * per;
-    const int L = (int)length[r];
-    const int Lp = (L + 7) & ~7;
-    if ((size_t)Lp * per > cap) {
-      free(scores);
-      cap = ((size_t)Lp * per + 15) & ~(size_t)15;  // aligned_alloc: a multiple of 64 bytes
-      scores = static_cast<float*>(aligned_alloc(64, sizeof(float) * cap));
+  for (int task = 0; task < chunks * parts; task++) {
+    int c = task / parts, r = 0, slot = 0;  // row r's chunk c; slot: its first partial
+    for (;; r++) {
+      const int here = att_chunks(length[r]);
+      if (c < here) break;
+      c -= here;
+      slot += here > 1 ? here : 0;
     }
+    const int L = (int)length[r], many = att_chunks(L);
+    const int t0 = c * ATT_CHUNK, t1 = L - t0 < ATT_CHUNK ? L : t0 + ATT_CHUNK;
     const int64_t* tab = table + (size_t)r * max_blocks;
-    auto key = [&](const float* cache, int t) {
-      return cache + (((size_t)tab[t / block_size] * block_size + t % block_size) * hkv + g) * d;
-    };
-    for (int j = 0; j < per; j++) {
-      const float* qj = q + (size_t)r * ldq + ((size_t)g * rep + j0 + j) * d;
-      float* sj = scores + (size_t)j * Lp;
+    for (int h = task % parts * unit; h < (task % parts + 1) * unit; h++) {
+      const int g = h / rep;
+      auto key = [&](const float* cache, int t) {
+        return cache + (((size_t)tab[t / block_size] * block_size + t % block_size) * hkv + g) * d;
+      };
+      const float* qh = q + (size_t)r * ldq + (size_t)h * d;
       __m256 best = _mm256_set1_ps(-INFINITY);
-      for (int t0 = 0; t0 < L; t0 += 8) {
+      for (int s0 = t0; s0 < t1; s0 += 8) {
         // 8 keys at a time with the columns outside: 8 independent chains of FMAs, each
         // the same sum in the same order as one key at a time (one chain was bound by the
-        // FMA's latency); past the last token the last key again, masked below. Named
-        // accumulators, so that GCC keeps them in registers (see panel)
-        const float *k0 = key(cache_k, t0), *k1 = key(cache_k, t0 + 1 < L ? t0 + 1 : L - 1);
-        const float *k2 = key(cache_k, t0 + 2 < L ? t0 + 2 : L - 1);
-        const float *k3 = key(cache_k, t0 + 3 < L ? t0 + 3 : L - 1);
-        const float *k4 = key(cache_k, t0 + 4 < L ? t0 + 4 : L - 1);
-        const float *k5 = key(cache_k, t0 + 5 < L ? t0 + 5 : L - 1);
-        const float *k6 = key(cache_k, t0 + 6 < L ? t0 + 6 : L - 1);
-        const float *k7 = key(cache_k, t0 + 7 < L ? t0 + 7 : L - 1);
+        // FMA's latency); past the chunk's last token its last key again, masked below.
+        // Named accumulators, so that GCC keeps them in registers (see panel)
+        const float* k0 = key(cache_k, s0);
+        auto at = [&](int i) {
+          const int t = s0 + i < t1 ? s0 + i : t1 - 1;
+          return runs8 ? k0 + (size_t)(t - s0) * stride : key(cache_k, t);
+        };
+        const float *k1 = at(1), *k2 = at(2), *k3 = at(3), *k4 = at(4), *k5 = at(5), *k6 = at(6), *k7 = at(7);
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
         for (int e = 0; e < d; e += 8) {
-          const __m256 qv = _mm256_loadu_ps(qj + e);
+          const __m256 qv = _mm256_loadu_ps(qh + e);
           a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + e), a0);
           a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + e), a1);
           a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + e), a2);
@@ -750,58 +773,90 @@ void attend_team(const float* q, int ldq, const float* k, int ldk, const float* 
         }
         const __m256 a[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
         __m256 sc = _mm256_mul_ps(hsum8(a), _mm256_set1_ps(scale));
-        if (t0 + 8 > L) {  // past the last token: -inf, which exp makes 0
+        if (s0 + 8 > t1) {  // past the last token: -inf, which exp makes 0
           const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-          const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(L - t0), idx);
+          const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(t1 - s0), idx);
           sc = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), sc, _mm256_castsi256_ps(live));
         }
-        _mm256_store_ps(sj + t0, sc);
+        _mm256_store_ps(scores + (s0 - t0), sc);
         best = _mm256_max_ps(best, sc);
       }
       __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(best), _mm256_extractf128_ps(best, 1));
       m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
       m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-      const __m256 mx = _mm256_set1_ps(_mm_cvtss_f32(m4));
+      const float top = _mm_cvtss_f32(m4);
+      const __m256 mx = _mm256_set1_ps(top);
       __m256 total = _mm256_setzero_ps();
-      for (int t0 = 0; t0 < Lp; t0 += 8) {
-        const __m256 p = exp8(_mm256_sub_ps(_mm256_load_ps(sj + t0), mx));
-        _mm256_store_ps(sj + t0, p);
+      for (int s0 = 0; s0 < t1 - t0; s0 += 8) {
+        const __m256 p = exp8(_mm256_sub_ps(_mm256_load_ps(scores + s0), mx));
+        _mm256_store_ps(scores + s0, p);
         total = _mm256_add_ps(total, p);
       }
-      const float inv = 1.f / hsum(total);
-      float* o = out + ((size_t)r * hq + (size_t)g * rep + j0 + j) * d;
+      const float sum = hsum(total);
+      // a row of one chunk: its output (the weighted values / the sum); else the chunk's
+      // maximum, sum and weighted values
+      float* part = many == 1 ? nullptr : partial + ((size_t)(slot + c) * hq + h) * (d + 2);
+      float* o = many == 1 ? out + ((size_t)r * hq + h) * d : part + 2;
+      const __m256 norm = _mm256_set1_ps(many == 1 ? 1.f / sum : 1.f);
+      if (many > 1) part[0] = top, part[1] = sum;
       for (int e0 = 0; e0 < d; e0 += 64) {  // 8 registers of the output at a time
         const int w = d - e0 < 64 ? (d - e0) / 8 : 8;
         __m256 acc[8];
         if (w == 8) {  // named accumulators, kept in registers (an array goes to the stack)
           __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
-          for (int t = 0; t < L; t++) {
-            const __m256 p = _mm256_set1_ps(sj[t]);
-            const float* vp = key(cache_v, t) + e0;
-            c0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp), c0);
-            c1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 8), c1);
-            c2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 16), c2);
-            c3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 24), c3);
-            c4 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 32), c4);
-            c5 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 40), c5);
-            c6 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 48), c6);
-            c7 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 56), c7);
+          for (int b0 = t0; b0 < t1;) {  // a block's tokens at a time: one key lookup each
+            const int end = (b0 / block_size + 1) * block_size < t1 ? (b0 / block_size + 1) * block_size : t1;
+            const float* vb = key(cache_v, b0) + e0;
+            for (int t = b0; t < end; t++) {
+              const __m256 p = _mm256_set1_ps(scores[t - t0]);
+              const float* vp = vb + (size_t)(t - b0) * stride;
+              c0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp), c0);
+              c1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 8), c1);
+              c2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 16), c2);
+              c3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 24), c3);
+              c4 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 32), c4);
+              c5 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 40), c5);
+              c6 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 48), c6);
+              c7 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 56), c7);
+            }
+            b0 = end;
           }
           acc[0] = c0, acc[1] = c1, acc[2] = c2, acc[3] = c3;
           acc[4] = c4, acc[5] = c5, acc[6] = c6, acc[7] = c7;
         } else {
           for (int u = 0; u < 8; u++) acc[u] = _mm256_setzero_ps();
-          for (int t = 0; t < L; t++) {
-            const __m256 p = _mm256_set1_ps(sj[t]);
+          for (int t = t0; t < t1; t++) {
+            const __m256 p = _mm256_set1_ps(scores[t - t0]);
             const float* vp = key(cache_v, t) + e0;
             for (int u = 0; u < w; u++) acc[u] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 8 * u), acc[u]);
           }
         }
-        for (int u = 0; u < w; u++) _mm256_storeu_ps(o + e0 + 8 * u, _mm256_mul_ps(acc[u], _mm256_set1_ps(inv)));
+        for (int u = 0; u < w; u++) _mm256_storeu_ps(o + e0 + 8 * u, _mm256_mul_ps(acc[u], norm));
       }
     }
   }
   free(scores);
+  // rows of several chunks: e^(m_c - M) weighs chunk c's sum and values (M: the maximum)
+#pragma omp for schedule(static)
+  for (int task = 0; task < n * hq; task++) {
+    const int r = task / hq, h = task % hq, many = att_chunks(length[r]);
+    if (many == 1) continue;
+    int slot = 0;
+    for (int i = 0; i < r; i++) slot += att_chunks(length[i]) > 1 ? att_chunks(length[i]) : 0;
+    const float* part = partial + ((size_t)slot * hq + h) * (d + 2);
+    const size_t next = (size_t)hq * (d + 2);  // from a chunk's results to the next one's
+    float top = -INFINITY, sum = 0.f;
+    for (int c = 0; c < many; c++) top = part[c * next] > top ? part[c * next] : top;
+    float* o = out + ((size_t)r * hq + h) * d;
+    for (int e = 0; e < d; e++) o[e] = 0.f;
+    for (int c = 0; c < many; c++) {
+      const float* pc = part + c * next;
+      const float f = expf(pc[0] - top);
+      sum += f * pc[1];
+      for (int e = 0; e < d; e++) o[e] += f * pc[2 + e];
+    }
+    for (int e = 0; e < d; e++) o[e] /= sum;
+  }
 }
 
 }  // namespace
@@ -838,14 +893,20 @@ void soft_rope(float* x, int M, int ld, int heads, int D, const float* cos, cons
 // at offset write_offset[r], then attends over its tokens 0 .. length[r] - 1, which sit in
 // blocks table[r * max_blocks + s / block_size] of the cache ((blocks, block_size, hkv, d)
 // fp32). Grouped queries: q head h reads kv head h / (hq / hkv). out: (n, hq, d).
-void soft_attend_decode(const float* q, int ldq, const float* k, int ldk, const float* v, int ldv, int n,
+// Returns 0, or -2 out of memory.
+int soft_attend_decode(const float* q, int ldq, const float* k, int ldk, const float* v, int ldv, int n,
                         int hq, int hkv, int d, float* cache_k, float* cache_v, int block_size,
                         const int64_t* table, int max_blocks, const int64_t* write_block,
                         const int64_t* write_offset, const int64_t* length, float scale,
                         float* out, int threads) {
+  const size_t parts = att_partials(n, length, hq, d);
+  float* partial = parts ? static_cast<float*>(malloc(sizeof(float) * parts)) : nullptr;
+  if (parts && !partial) return -2;
 #pragma omp parallel num_threads(threads)
   attend_team(q, ldq, k, ldk, v, ldv, n, hq, hkv, d, cache_k, cache_v, block_size, table,
-              max_blocks, write_block, write_offset, length, scale, out);
+              max_blocks, write_block, write_offset, length, scale, out, partial);
+  free(partial);
+  return 0;
 }
 
 // A decoder layer as soft_decode_layers reads it. For n rows of one new token each, in
@@ -886,9 +947,10 @@ struct StepBuffers {
   float* qkv = nullptr;
   float* att = nullptr;
   float* gu = nullptr;
+  float* partial = nullptr;  // attention's partial results (att_partials)
   Scratch s;
 
-  bool reserve(int n, const Layer& L) {
+  bool reserve(int n, const Layer& L, const int64_t* length) {
     const int nq = L.heads * L.head_dim, inter = L.down->k;
     const Weight* ws[] = {L.qkv, L.o, L.gate_up, L.down};
     int K = 0;
@@ -896,9 +958,11 @@ struct StepBuffers {
     qkv = static_cast<float*>(malloc(sizeof(float) * (size_t)n * L.qkv->n));
     att = static_cast<float*>(malloc(sizeof(float) * (size_t)n * nq));
     gu = static_cast<float*>(malloc(sizeof(float) * (size_t)n * 2 * inter));
-    return qkv && att && gu && s.reserve(n < M_CHUNK ? n : M_CHUNK, K);
+    const size_t parts = att_partials(n, length, L.heads, L.head_dim);
+    partial = static_cast<float*>(malloc(sizeof(float) * (parts ? parts : 1)));
+    return qkv && att && gu && partial && s.reserve(n < M_CHUNK ? n : M_CHUNK, K);
   }
-  ~StepBuffers() { free(qkv), free(att), free(gu); }
+  ~StepBuffers() { free(qkv), free(att), free(gu), free(partial); }
 };
 
 bool bad_layer(const Layer& L, int n) {
@@ -916,7 +980,7 @@ void decode_layer_team(float* h, int n, const Layer& L, const float* cos, const 
   rope_team(b.qkv, n, nqkv, L.heads + L.kv_heads, d, cos, sin);
   attend_team(b.qkv, nqkv, b.qkv + nq, nqkv, b.qkv + nq + nkv, nqkv, n, L.heads, L.kv_heads, d,
               P.k, P.v, P.block_size, P.table, P.max_blocks, P.write_block, P.write_offset,
-              P.length, P.scale, b.att);
+              P.length, P.scale, b.att, b.partial);
   linear_team(b.att, n, nq, *L.o, nullptr, h, hidden, 0, nullptr, 0.f, true, b.s);
   linear_team(h, n, hidden, *L.gate_up, nullptr, b.gu, 2 * inter, 1, L.post_norm, L.eps, false, b.s);
   linear_team(b.gu, n, 2 * inter, *L.down, nullptr, h, hidden, 2, nullptr, 0.f, true, b.s);
@@ -944,7 +1008,7 @@ int soft_decode_layers(float* h, int n, int count, const Layer* layers, const in
       return -1;  // the step's buffers are sized by the first layer
   }
   StepBuffers b;
-  if (!b.reserve(n, layers[0])) return -2;
+  if (!b.reserve(n, layers[0], P->length)) return -2;
 #pragma omp parallel num_threads(threads)
   for (int i = 0; i < count; i++) {
     if (rows[i] <= 0) continue;
