@@ -40,6 +40,23 @@ def q8_activations(x: torch.Tensor) -> torch.Tensor:
     return (q * d).reshape(x.shape)
 
 
+def expected(kind: str, w: KernelWeight, x: torch.Tensor) -> torch.Tensor:
+    """What `kernels.linear` computes for the rows x (one chunk of at most 64), in fp32.
+    int8 / Q4 weights over few rows: exactly the dequantized matrix times the int8-rounded
+    x (Q4's minimums included: they meet the rounded x too); on the panels (bf16 past one
+    row, int8 / Q4 from `panel_rows`): times x itself, or, where the panels multiply in
+    bf16 (`panel_pairs`), times x rounded to bf16, Q4's dequantized weights in bf16 too."""
+    integer = kind in ("int8", "q4")
+    on_panels = len(x) >= kernels.panel_rows(w.kind) if integer else kind == "bf16" and len(x) > 1
+    wd = w.dequantize()
+    if not on_panels:
+        return (q8_activations(x) if integer else x) @ wd.T
+    if kernels.panel_pairs():
+        x = x.bfloat16().float()
+        wd = wd.bfloat16().float() if kind == "q4" else wd
+    return x @ wd.T
+
+
 @needs
 def test_the_kernels_build_and_load_here() -> None:
     assert kernels.available(), kernels.unavailable_reason()
@@ -82,14 +99,7 @@ def test_products_match_the_dequantized_reference(kind: str, rows: int, n: int, 
     w = weights(kind, n, k)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
     bias = torch.randn(n)
-    # int8 / Q4 weights over few rows: exactly the dequantized matrix times the int8-rounded
-    # x (Q4's minimums included: they meet the rounded x too); over many rows (their
-    # panels): times x itself; the kernels take 64 rows at a time
-    chunks = []
-    for part in x.split(64):
-        few = kind in ("int8", "q4") and len(part) < kernels.panel_rows(w.kind)
-        chunks.append(q8_activations(part) if few else part)
-    ref = torch.cat(chunks) @ w.dequantize().T + bias
+    ref = torch.cat([expected(kind, w, part) for part in x.split(64)]) + bias  # 64-row chunks
     got = kernels.linear(x, w, bias=bias)
     assert got.shape == (rows, n)
     assert rel(got, ref) < 1e-5, kind
@@ -121,17 +131,15 @@ def test_no_rows_is_an_empty_product() -> None:
 def test_fused_norm_swiglu_and_residual_modes(kind: str) -> None:
     n, k = 20, 64
     w = weights(kind, n, k)
-    wd = w.dequantize()
-    prep = q8_activations if kind == "int8" else (lambda t: t)
     x = torch.randn(3, k)
     norm = torch.rand(k) + 0.5
-    ref = prep(F.rms_norm(x, (k,), norm, 1e-5)) @ wd.T
+    ref = expected(kind, w, F.rms_norm(x, (k,), norm, 1e-5))
     assert rel(kernels.linear(x, w, mode=kernels.RMS_NORM, norm=norm, eps=1e-5), ref) < 1e-5
     gu = torch.randn(3, 2 * k)
-    ref = prep(F.silu(gu[:, :k]) * gu[:, k:]) @ wd.T
+    ref = expected(kind, w, F.silu(gu[:, :k]) * gu[:, k:])
     assert rel(kernels.linear(gu, w, mode=kernels.SWIGLU), ref) < 1e-5
     res = torch.randn(3, n)
-    expect = res + prep(x) @ wd.T
+    expect = res + expected(kind, w, x)
     out = kernels.linear(x, w, out=res)
     assert out is res and rel(res, expect) < 1e-5
 

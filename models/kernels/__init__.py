@@ -173,7 +173,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.soft_linear.restype = i
     lib.soft_fma_peak.argtypes = [ctypes.c_long, i]
     lib.soft_fma_peak.restype = ctypes.c_double
-    for name in ("soft_i8_panel_rows", "soft_q4_panel_rows", "soft_vector_lanes"):
+    for name in ("soft_i8_panel_rows", "soft_q4_panel_rows", "soft_vector_lanes",
+                 "soft_panel_pairs"):
         getattr(lib, name).argtypes = []
         getattr(lib, name).restype = i
     lib.soft_rope.argtypes = [p, i, i, i, i, p, p, i]
@@ -237,7 +238,9 @@ class KernelWeight:
     fp32 / bf16: the matrix itself (row-major); bf16, int8 and Q4 keep a k-major bf16 copy
     in panels of 16 output rows beside it for products over several rows (bf16) or many
     (int8 and Q4, `panel_rows`: int8 values and Q4 codes are exact in bf16); its bytes are
-    counted once in `nbytes`: a product reads one or the other. int8: values + one fp32
+    counted once in `nbytes`: a product reads one or the other. Where the kernels multiply
+    in bf16 (`panel_pairs`), the panels hold two adjacent columns a lane and Q4's hold its
+    dequantized weights in bf16 instead of its codes. int8: values + one fp32
     scale per row (w = q * scale). Q4: GGUF's block layout, 32 values per block in 16
     bytes (byte j holds value j in its low nibble, j + 16 in its high one), w = q * scale +
     minimum per block.
@@ -257,8 +260,12 @@ class KernelWeight:
     def __post_init__(self) -> None:
         n, k = self.shape
         if self.kind != F32 and self.panels is None:  # int8 values, Q4 codes: exact in bf16
-            values = self.codes() if self.kind == Q4 else self.data
-            self.panels = _panels(values.to(torch.bfloat16))
+            pairs = panel_pairs()
+            if self.kind == Q4:
+                values = self.dequantize() if pairs else self.codes()
+            else:
+                values = self.data
+            self.panels = _panels(values.to(torch.bfloat16), pairs)
         self._c = _Weight(self.kind, n, k, _ptr(self.data), _ptr(self.scale), _ptr(self.minimum),
                           _ptr(self.panels))  # fmt: skip
 
@@ -307,12 +314,16 @@ class KernelWeight:
         return (q * self.scale[..., None] + self.minimum[..., None]).reshape(n, k)
 
 
-def _panels(w: Tensor) -> Tensor:
-    """(out, in) -> (ceil(out / BF16_PANEL), in, BF16_PANEL): each panel's weights k-major."""
+def _panels(w: Tensor, pairs: bool = False) -> Tensor:
+    """(out, in) -> (ceil(out / BF16_PANEL), in, BF16_PANEL): each panel's weights k-major;
+    with `pairs`, (ceil(out / BF16_PANEL), in / 2, BF16_PANEL, 2): columns 2j and 2j + 1 of
+    an output side by side."""
     n, k = w.shape
     p = -(-n // BF16_PANEL)
     padded = w.new_zeros(p * BF16_PANEL, k)
     padded[:n] = w
+    if pairs:
+        return padded.view(p, BF16_PANEL, k // 2, 2).transpose(1, 2).contiguous()
     return padded.view(p, BF16_PANEL, k).transpose(1, 2).contiguous()
 
 
@@ -337,6 +348,14 @@ def vector_lanes() -> int:
     lib = _lib()
     assert lib is not None, unavailable_reason()
     return int(lib.soft_vector_lanes())
+
+
+def panel_pairs() -> bool:
+    """Whether products on the panels round the activations to bf16 and multiply with
+    AVX-512 BF16 (`vdpbf16ps`: twice the fp32 FMA's rate), as a build for a CPU with it
+    does; else they multiply x itself in fp32. False where the kernels are unavailable."""
+    lib = _lib()
+    return lib is not None and bool(lib.soft_panel_pairs())
 
 
 def panel_rows(kind: int) -> int:

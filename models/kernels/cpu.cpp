@@ -59,6 +59,13 @@ constexpr int lane_of(int r) { return r; }
 constexpr int PANELS = 1;
 constexpr int lane_of(int r) { return 8 * (r % 2) + r / 2; }
 #endif
+#ifdef __AVX512BF16__
+// Built on a CPU with AVX-512 BF16: the panels hold each output's weights for two adjacent
+// k in one 32-bit lane, (ceil(n / 16), k / 2, 16, 2), and products over them multiply the
+// activations rounded to bf16 with `vdpbf16ps` (two products and their sum a lane, twice
+// the fp32 FMA's rate); Q4 panels hold the dequantized weights in bf16 (panel_pairs)
+#define PANEL_PAIRS 1
+#endif
 constexpr int MAX_K = 8192;   // Q4 panels: the longest row (a stack array of its scales)
 // how far ahead of its tile a thread prefetches the weights into L1: a tile's rows are
 // short streams (576 bytes of int8) that the hardware prefetchers pick up too late
@@ -343,6 +350,24 @@ void tile_f32(const float* x, int ldx, int mrows, const Weight& w, int n0, int n
   }
 }
 
+#ifdef __AVX512F__
+// The AVX-512 panel loops' sums for `mm` rows from y: a[u] holds row u's outputs n0 ..
+// n0 + 15 (the first nr of them real), c[u] the next panel's (nr1 real); int8's row scale
+// applied, then the bias, stored or added.
+inline void put_two_panels(const __m512* a, const __m512* c, int mm, float* y, int ldy, int n0,
+                           int nr, int nr1, const float* scale, const float* bias, bool acc) {
+  const int n1 = n0 + P;
+  for (int u = 0; u < mm; u++) {
+    float av[2 * P];
+    _mm512_storeu_ps(av, a[u]);
+    _mm512_storeu_ps(av + P, c[u]);
+    float* yr = y + (size_t)u * ldy;
+    for (int r = 0; r < nr; r++) put(yr, n0 + r, scale ? av[r] * scale[n0 + r] : av[r], bias, acc);
+    for (int r = 0; r < nr1; r++) put(yr, n1 + r, scale ? av[P + r] * scale[n1 + r] : av[P + r], bias, acc);
+  }
+}
+#endif
+
 // Panel p (16 output rows, k-major: the 16 weights of each input column together, in bf16;
 // the AVX-512 loop takes p + 1 too) against several fp32 activation rows, 6 at a time:
 // per column one load, widened by a shift (even outputs) and a mask (odd ones), times each
@@ -417,16 +442,8 @@ void panel(const float* x, int ldx, int mrows, const Weight& w, int p, float* y,
       a7 = _mm512_fmadd_ps(wa, b, a7), c7 = _mm512_fmadd_ps(wc, b, c7);
     }
     const __m512 a[PW] = {a0, a1, a2, a3, a4, a5, a6, a7}, c[PW] = {c0, c1, c2, c3, c4, c5, c6, c7};
-    const int mm = mrows - m < PW ? mrows - m : PW;
-    for (int u = 0; u < mm; u++) {
-      float av[2 * P];
-      _mm512_storeu_ps(av, a[u]);
-      _mm512_storeu_ps(av + P, c[u]);
-      float* yr = y + (size_t)(m + u) * ldy;
-      for (int r = 0; r < nr; r++) put(yr, n0 + r, scale ? av[r] * scale[n0 + r] : av[r], bias, acc);
-      for (int r = 0; r < nr1; r++)
-        put(yr, n1 + r, scale ? av[P + r] * scale[n1 + r] : av[P + r], bias, acc);
-    }
+    put_two_panels(a, c, mrows - m < PW ? mrows - m : PW, y + (size_t)m * ldy, ldy, n0, nr, nr1,
+                   scale, bias, acc);
   }
 #else
   const __m256i odd = _mm256_set1_epi32((int)0xFFFF0000u);
@@ -475,6 +492,61 @@ void panel(const float* x, int ldx, int mrows, const Weight& w, int p, float* y,
   }
 #endif
 }
+
+#ifdef PANEL_PAIRS
+// The panels' products with AVX-512 BF16: x's rows as bf16 pairs (xb, K values a row, the
+// pair k, k + 1 one 32-bit value), each broadcast against a panel's 16 lanes of weight
+// pairs: `vdpbf16ps` adds both products to each lane's fp32 sum. Two panels and 8 rows a
+// pass, as the AVX-512 loop in panel (16 accumulators, named); int8's row scale after.
+void panel_pairs(const uint16_t* xb, int mrows, const Weight& w, int p, float* y, int ldy,
+                 bool acc, const float* bias) {
+  const int K = w.k, n0 = p * P, nr = w.n - n0 < P ? w.n - n0 : P;
+  const uint16_t* pan = static_cast<const uint16_t*>(w.panels) + (size_t)p * K * P;
+  const float* scale = w.type == W_I8 ? w.scale : nullptr;
+  constexpr int PW = 8;
+  const bool two = p + 1 < (w.n + P - 1) / P;  // a last panel alone: computed twice, dropped
+  const uint16_t* pan1 = two ? pan + (size_t)K * P : pan;
+  const int n1 = n0 + P, nr1 = two ? (w.n - n1 < P ? w.n - n1 : P) : 0;
+  for (int m = 0; m < mrows; m += PW) {
+    const uint32_t* xr[PW];  // past the last row: the last row again, computed and dropped
+    for (int u = 0; u < PW; u++)
+      xr[u] = reinterpret_cast<const uint32_t*>(xb + (size_t)(m + u < mrows ? m + u : mrows - 1) * K);
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    __m512 c0 = a0, c1 = a0, c2 = a0, c3 = a0, c4 = a0, c5 = a0, c6 = a0, c7 = a0;
+    const uint32_t *x0 = xr[0], *x1 = xr[1], *x2 = xr[2], *x3 = xr[3];
+    const uint32_t *x4 = xr[4], *x5 = xr[5], *x6 = xr[6], *x7 = xr[7];
+    for (int j = 0; j < K / 2; j++) {
+      const __m512bh wa = (__m512bh)_mm512_loadu_si512(pan + (size_t)j * 2 * P);
+      const __m512bh wc = (__m512bh)_mm512_loadu_si512(pan1 + (size_t)j * 2 * P);
+      __m512bh b = (__m512bh)_mm512_set1_epi32((int)x0[j]);
+      a0 = _mm512_dpbf16_ps(a0, wa, b), c0 = _mm512_dpbf16_ps(c0, wc, b);
+      b = (__m512bh)_mm512_set1_epi32((int)x1[j]);
+      a1 = _mm512_dpbf16_ps(a1, wa, b), c1 = _mm512_dpbf16_ps(c1, wc, b);
+      b = (__m512bh)_mm512_set1_epi32((int)x2[j]);
+      a2 = _mm512_dpbf16_ps(a2, wa, b), c2 = _mm512_dpbf16_ps(c2, wc, b);
+      b = (__m512bh)_mm512_set1_epi32((int)x3[j]);
+      a3 = _mm512_dpbf16_ps(a3, wa, b), c3 = _mm512_dpbf16_ps(c3, wc, b);
+      b = (__m512bh)_mm512_set1_epi32((int)x4[j]);
+      a4 = _mm512_dpbf16_ps(a4, wa, b), c4 = _mm512_dpbf16_ps(c4, wc, b);
+      b = (__m512bh)_mm512_set1_epi32((int)x5[j]);
+      a5 = _mm512_dpbf16_ps(a5, wa, b), c5 = _mm512_dpbf16_ps(c5, wc, b);
+      b = (__m512bh)_mm512_set1_epi32((int)x6[j]);
+      a6 = _mm512_dpbf16_ps(a6, wa, b), c6 = _mm512_dpbf16_ps(c6, wc, b);
+      b = (__m512bh)_mm512_set1_epi32((int)x7[j]);
+      a7 = _mm512_dpbf16_ps(a7, wa, b), c7 = _mm512_dpbf16_ps(c7, wc, b);
+    }
+    const __m512 a[PW] = {a0, a1, a2, a3, a4, a5, a6, a7}, c[PW] = {c0, c1, c2, c3, c4, c5, c6, c7};
+    put_two_panels(a, c, mrows - m < PW ? mrows - m : PW, y + (size_t)m * ldy, ldy, n0, nr, nr1,
+                   scale, bias, acc);
+  }
+}
+
+// values [0, count) of v rounded to bf16 (to nearest even) into out; count a multiple of 16
+void to_bf16(const float* v, int count, uint16_t* out) {
+  for (int k = 0; k < count; k += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(v + k)));
+}
+#endif
 
 // int8 products over this many rows or more run on the panels (exact fp32 activations;
 // 16 rows on 2 AVX2 cores: ~158 GFLOP/s against tile_int's ~130, 8 rows: 114 against 122):
@@ -573,6 +645,7 @@ struct Scratch {
   int8_t* qx = nullptr;
   float* dx = nullptr;
   float* xsum = nullptr;
+  uint16_t* xb = nullptr;  // f(x) in bf16 (panel_pairs)
 
   // room for `rows` rows of up to K values; false when out of memory
   bool reserve(int rows, int K) {
@@ -581,9 +654,10 @@ struct Scratch {
     qx = static_cast<int8_t*>(aligned_alloc(64, n + 64));
     dx = static_cast<float*>(aligned_alloc(64, sizeof(float) * nb));
     xsum = static_cast<float*>(aligned_alloc(64, sizeof(float) * nb));
-    return buf && qx && dx && xsum;
+    xb = static_cast<uint16_t*>(aligned_alloc(64, sizeof(uint16_t) * (n + 32)));
+    return buf && qx && dx && xsum && xb;
   }
-  ~Scratch() { free(buf), free(qx), free(dx), free(xsum); }
+  ~Scratch() { free(buf), free(qx), free(dx), free(xsum), free(xb); }
 };
 
 bool bad_shape(const Weight& w, int M) {
@@ -623,6 +697,9 @@ void linear_team(const float* x, int M, int ldx, const Weight& w, const float* b
         if (integer && !panels)
           quantize_row(row + klo, khi - klo, s.qx + (size_t)m * K + klo, s.dx + (size_t)m * nb + klo / 32,
                        s.xsum + (size_t)m * nb + klo / 32);
+#ifdef PANEL_PAIRS
+        if (panels) to_bf16(row + klo, khi - klo, s.xb + (size_t)m * K + klo);
+#endif
       }
 #pragma omp barrier
       xin = s.buf;
@@ -633,8 +710,12 @@ void linear_team(const float* x, int M, int ldx, const Weight& w, const float* b
     if (panels) {  // PANELS panels a call (the AVX-512 loop takes two)
       share(((w.n + P - 1) / P + PANELS - 1) / PANELS, lo, hi);
       for (int p = lo * PANELS; p < hi * PANELS; p += PANELS) {
+#ifdef PANEL_PAIRS
+        panel_pairs(s.xb, mrows, w, p, yout, ldy, add, bias);
+#else
         if (T == W_Q4) panel<true>(xin, ld, mrows, w, p, yout, ldy, add, bias);
         else panel<false>(xin, ld, mrows, w, p, yout, ldy, add, bias);
+#endif
       }
 #pragma omp barrier
       continue;
@@ -1066,6 +1147,16 @@ double soft_fma_peak(long iters, int threads) {
 
 // The vector width the products over many rows use: 16 fp32 lanes with AVX-512, else 8.
 int soft_vector_lanes() { return FMA_LANES; }
+
+// 1 where the panels hold pairs of k a lane and products over them round the activations
+// to bf16 (a build for a CPU with AVX-512 BF16: panel_pairs), else 0.
+int soft_panel_pairs() {
+#ifdef PANEL_PAIRS
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 // From how many rows an int8 product multiplies its panels by x itself (exact fp32
 // activations) instead of rounding x to int8 per 32 values.
