@@ -78,7 +78,8 @@ class Row:
         return f"{self.server}/{self.weights.replace(' ', '-')}{depth}{cache}"
 
 
-FP32, INT8 = ("--dtype", "float32"), ("--dtype", "float32", "--quantization", "int8")
+FP32 = ("--dtype", "float32", "--quantization", "none")
+INT8 = ("--dtype", "float32", "--quantization", "int8")
 # bf16 weights with fp32 activations: what llama.cpp's BF16 file does on a CPU without
 # AVX512-BF16; `--dtype bfloat16` (bf16 activations too) is emulated there, ~100x slower
 BF16 = ("--dtype", "float32", "--quantization", "bf16")

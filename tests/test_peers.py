@@ -87,6 +87,12 @@ def test_rows_are_one_entry_each_and_unprepared_peers_skip_with_a_reason(
     # bf16 weights with fp32 activations: bf16 arithmetic is emulated on AVX2-only CPUs
     bf16 = peers.launch(by_name["soft-serve/bf16@30"], empty, 8123, 2, 32, 8192)
     assert bf16.argv[-5:-1] == ["--dtype", "float32", "--quantization", "bf16"]
+    # every row of ours names its weights' format: the server's default (auto) is int8
+    for row in (*peers.ROWS, *peers.CHAT_ROWS):
+        if row.server == "soft-serve":
+            argv = peers.launch(row, empty, 8123, 2, 32, 8192).argv
+            fmt = argv[argv.index("--quantization") + 1]
+            assert fmt == {"fp32": "none", "Q4_1 file": "int4"}.get(row.weights, row.weights)
     q4 = peers.launch(by_name["soft-serve/Q4_1-file@30"], empty, 8123, 2, 32, 8192)
     gguf = peers.Peers(tmp_path).gguf("q4_1")
     assert q4.argv[q4.argv.index("--model") + 1] == str(gguf)

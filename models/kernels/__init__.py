@@ -173,8 +173,12 @@ def _lib() -> ctypes.CDLL | None:
     lib.soft_linear.restype = i
     lib.soft_fma_peak.argtypes = [ctypes.c_long, i]
     lib.soft_fma_peak.restype = ctypes.c_double
-    for name in ("soft_i8_panel_rows", "soft_q4_panel_rows", "soft_vector_lanes",
-                 "soft_panel_pairs"):
+    for name in (
+        "soft_i8_panel_rows",
+        "soft_q4_panel_rows",
+        "soft_vector_lanes",
+        "soft_panel_pairs",
+    ):
         getattr(lib, name).argtypes = []
         getattr(lib, name).restype = i
     lib.soft_rope.argtypes = [p, i, i, i, i, p, p, i]

@@ -13,7 +13,8 @@
 // contiguous range of output rows, 4 at a time, and runs the K loop with 8 accumulators:
 // over pairs of activation rows for fp32, unrolled twice at one activation row (decode).
 // bf16 over several rows, and int8 over many, read a second, k-major copy of the matrix
-// instead (`panel`): fp32 products over all the rows.
+// instead (`panel`): fp32 products over all the rows (bf16 ones, two columns a lane, on a
+// CPU with AVX-512 BF16: `panel_pairs`).
 //
 // A decode step runs whole: soft_decode_layers takes every layer of a step in one parallel
 // region (the team functions below share its threads and meet at barriers), so Python
@@ -40,7 +41,8 @@ struct Weight {
   const float* minimum; // Q4: (n, k / 32) block minimums m (w = q * d + m)
   const void* panels;   // bf16 / int8, or null: the same matrix in bf16 (int8: its values,
                         // exact, without the scale) in panels of 16 output rows,
-                        // (ceil(n / 16), k, 16) zero-padded
+                        // (ceil(n / 16), k, 16) zero-padded; with PANEL_PAIRS
+                        // (ceil(n / 16), k / 2, 16, 2), Q4's dequantized
 };
 
 }  // extern "C"
@@ -917,7 +919,9 @@ void attend_team(const float* q, int ldq, const float* k, int ldk, const float* 
     }
   }
   free(scores);
-  // rows of several chunks: e^(m_c - M) weighs chunk c's sum and values (M: the maximum)
+  // rows of several chunks: e^(m_c - M) weighs chunk c's sum and values (M: the maximum);
+  // none (every row one chunk, as at short contexts): no pass, and no barrier after it
+  if (chunks == n) return;
 #pragma omp for schedule(static)
   for (int task = 0; task < n * hq; task++) {
     const int r = task / hq, h = task % hq, many = att_chunks(length[r]);
