@@ -45,13 +45,16 @@ class PagedAttention:
         n_layers = max(max(r) for r in runs) + 1
         # (L', B, MB) block ids per cache layer and row; rows that do not run a layer are
         # padded (the runner never attends for them there)
-        rows: list[list[list[int]]] = [[[0] * n_blocks for _ in seqs] for _ in range(n_layers)]
+        table = torch.zeros(n_layers, len(seqs), n_blocks, dtype=torch.long)
         for r, (seq, layers) in enumerate(zip(seqs, runs, strict=True)):
             tables = cache.tables(seq)
-            for i in layers:
-                t = tables[i][:n_blocks]
-                rows[i][r] = t + [0] * (n_blocks - len(t))
-        self.table = torch.tensor(rows, dtype=torch.long, device=device)
+            ids = [tables[i][:n_blocks] for i in layers]
+            if all(len(t) == n_blocks for t in ids):  # one conversion for the row's layers
+                table[list(layers), r] = torch.tensor(ids, dtype=torch.long)
+            else:
+                for i, t in zip(layers, ids, strict=True):
+                    table[i, r, : len(t)] = torch.tensor(t, dtype=torch.long)
+        self.table = table.to(device)
         pos = torch.tensor(starts, device=device)[:, None] + torch.arange(num_new, device=device)
         # (padding may run past every row's blocks: clamped here, sent to the trash below)
         blocks = (pos // bs).clamp_max(n_blocks - 1)
@@ -64,10 +67,18 @@ class PagedAttention:
             self.write_blocks[:read_only_below] = cache.trash
         self.write_offsets = pos % bs  # (B, T)
         self.lengths = pos[:, -1] + 1  # tokens each row attends over after this step
-        if not self.fresh:
-            span = torch.arange(n_blocks * bs, device=device)  # (S,)
-            # key s is visible to the new token at position p when s <= p
-            self.visible = span[None, None, :] <= pos[:, :, None]  # (B, T, S)
+        self._pos, self._span = pos, n_blocks * bs
+        self._visible: Tensor | None = None
+
+    @property
+    def visible(self) -> Tensor:
+        """(B, T, S) whether key s is visible to the new token at position p (s <= p): the
+        mask of the torch path over the gathered cache (made on first use: the fused
+        decode kernel does not need it)."""
+        if self._visible is None:
+            span = torch.arange(self._span, device=self._pos.device)  # (S,)
+            self._visible = span[None, None, :] <= self._pos[:, :, None]
+        return self._visible
 
     def paged(self, layer: int) -> kernels.PagedKV | None:
         """This forward's cache at `layer` for soft-serve's fused decode layer

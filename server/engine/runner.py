@@ -134,8 +134,10 @@ class Runner:
         hs = model.hidden_groups(
             [(model.embed_ids(g.ids), g.positions, g.depths, g.kv) for g in groups]
         )
-        last = [h[torch.arange(len(g.seqs)), torch.tensor(g.lengths) - 1] for g, h in
-                zip(groups, hs, strict=True)]  # fmt: skip
+        # each row's last real token (a decode row's only one)
+        last = [h[:, -1] if all(n == h.shape[1] for n in g.lengths) else
+                h[torch.arange(len(g.seqs)), torch.tensor(g.lengths) - 1]
+                for g, h in zip(groups, hs, strict=True)]  # fmt: skip
         depths = [d for g in groups for d in g.depths]
         logits = model.head(torch.cat(last)[:, None], depths)[:, 0]  # (rows, V)
         out, row = [], 0
