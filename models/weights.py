@@ -22,13 +22,16 @@ The quantized formats:
   to bf16 (torch's kernel's dtype), the only change to the file's values.
 - bf16: the matrix rounded to bfloat16 with fp32 activations (what llama.cpp's BF16 files
   do on CPUs without AVX512-BF16, where bf16 arithmetic is emulated); soft-serve's
-  kernels only (they keep a k-major copy for products over several rows); torch's path
+  kernels only (they keep a k-major copy for products over several rows, which round the
+  activations to bf16 on a CPU with AVX512-BF16: models.kernels.panel_pairs); torch's path
   (rows needing gradients) widens it to fp32 for each product.
-On soft-serve's kernels the int8 and int4 products run at every batch size: the
-activations are rounded to int8 per 32 values (GGUF's Q8_0, as llama.cpp multiplies its
-Q8_0 / Q4 files) and multiplied in integers, 2x faster than torch's weight-only kernels
-from 16 to 256 rows here. Where the kernels are not built, torch's kernels
-(`torch.ops.aten._weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) run them instead:
+On soft-serve's kernels the int8 and int4 products run at every batch size: over few rows
+the activations are rounded to int8 per 32 values (GGUF's Q8_0, as llama.cpp multiplies
+its Q8_0 / Q4 files) and multiplied in integers; from `kernels.panel_rows()` rows on, the
+weights' bf16 panels meet x itself (or x rounded to bf16 on a CPU with AVX512-BF16), 2-3x
+faster than torch's weight-only kernels from 16 to 256 rows here. Where the kernels are
+not built, torch's kernels (`torch.ops.aten._weight_int8pack_mm`,
+`_weight_int4pack_mm_for_cpu`) run them instead:
 their vectorized loops read bf16 activations and scales, so x is cast to bf16 and the
 output rounded once to bf16.
 """
@@ -66,7 +69,8 @@ HEAD_QUANTIZATION = {
 # oneDNN at every batch (1.2-1.9x at 64-256 rows), int8 / int4 ones torch's weight-only
 # kernels (2x at 16-256 rows), so those always run there (docs/performance.md,
 # benchmarks/kernels.py). A row's numbers depend on what shares its batch only where the
-# kernels change paths: int8 / int4 from kernels.panel_rows() rows on (fp32 activations)
+# kernels change paths: int8 / int4 from kernels.panel_rows() rows on (fp32 activations,
+# or bf16 ones where kernels.panel_pairs()), bf16 from two rows where panel_pairs()
 KERNEL_ROWS = {kernels.F32: 4, kernels.BF16: 1 << 30, kernels.I8: 1 << 30, kernels.Q4: 1 << 30}
 # the batch size oneDNN picks its blocked layout for: measured best for batch 1-16 decode
 _PACK_HINT = {torch.float32: 16, torch.bfloat16: 1}

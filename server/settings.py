@@ -60,7 +60,8 @@ class Settings(BaseSettings):
         "int8 per channel, int4 in groups of 32 (from a Q4_0/Q4_1 GGUF's own blocks when no "
         "delta is merged; the head stays int8), bf16 (fp32 activations, soft-serve's kernels "
         "only), none (the checkpoint's float weights); on soft-serve's kernels int8/int4 "
-        "multiply int8 activations like llama.cpp's Q8_0",
+        "multiply int8 activations like llama.cpp's Q8_0 over few rows, and over many rows "
+        "(as bf16 does past one) fp32 ones, or bf16 ones on a CPU with AVX-512 BF16",
     )
     kv_cache_memory: ByteSize = Field(
         ByteSize(1 << 30), description="bytes for KV-cache blocks, e.g. 2GiB or 512MiB"
