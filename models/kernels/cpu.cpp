@@ -353,19 +353,33 @@ void tile_f32(const float* x, int ldx, int mrows, const Weight& w, int n0, int n
 }
 
 #ifdef __AVX512F__
-// The AVX-512 panel loops' sums for `mm` rows from y: a[u] holds row u's outputs n0 ..
-// n0 + 15 (the first nr of them real), c[u] the next panel's (nr1 real); int8's row scale
-// applied, then the bias, stored or added.
-inline void put_two_panels(const __m512* a, const __m512* c, int mm, float* y, int ldy, int n0,
-                           int nr, int nr1, const float* scale, const float* bias, bool acc) {
-  const int n1 = n0 + P;
+// The two panels p, p + 1 an AVX-512 panel loop takes: their weights (a last panel alone
+// is its own second, computed twice and dropped), first output row and real rows each.
+struct TwoPanels {
+  const uint16_t *pan, *pan1;
+  int n0, nr, nr1;
+};
+
+inline TwoPanels two_panels(const Weight& w, int p) {
+  const int n0 = p * P, n1 = n0 + P;
+  const uint16_t* pan = static_cast<const uint16_t*>(w.panels) + (size_t)p * w.k * P;
+  const bool two = p + 1 < (w.n + P - 1) / P;
+  return {pan, two ? pan + (size_t)w.k * P : pan, n0, w.n - n0 < P ? w.n - n0 : P,
+          two ? (w.n - n1 < P ? w.n - n1 : P) : 0};
+}
+
+// The AVX-512 panel loops' sums for `mm` rows from y: a[u] holds row u's outputs of panel
+// p, c[u] those of p + 1; int8's row scale applied, then the bias, stored or added.
+inline void put_two_panels(const __m512* a, const __m512* c, int mm, float* y, int ldy,
+                           const TwoPanels& t, const float* scale, const float* bias, bool acc) {
+  const int n0 = t.n0, n1 = n0 + P;
   for (int u = 0; u < mm; u++) {
     float av[2 * P];
     _mm512_storeu_ps(av, a[u]);
     _mm512_storeu_ps(av + P, c[u]);
     float* yr = y + (size_t)u * ldy;
-    for (int r = 0; r < nr; r++) put(yr, n0 + r, scale ? av[r] * scale[n0 + r] : av[r], bias, acc);
-    for (int r = 0; r < nr1; r++) put(yr, n1 + r, scale ? av[P + r] * scale[n1 + r] : av[P + r], bias, acc);
+    for (int r = 0; r < t.nr; r++) put(yr, n0 + r, scale ? av[r] * scale[n0 + r] : av[r], bias, acc);
+    for (int r = 0; r < t.nr1; r++) put(yr, n1 + r, scale ? av[P + r] * scale[n1 + r] : av[P + r], bias, acc);
   }
 }
 #endif
@@ -405,9 +419,8 @@ void panel(const float* x, int ldx, int mrows, const Weight& w, int p, float* y,
   // load per two FMAs instead of one). Every output is the same chain of multiply-adds
   // over k as in the AVX2 loop below: the same numbers to the bit.
   constexpr int PW = 8;
-  const bool two = p + 1 < (w.n + P - 1) / P;  // a last panel alone: computed twice, dropped
-  const uint16_t* pan1 = two ? pan + (size_t)K * P : pan;
-  const int n1 = n0 + P, nr1 = two ? (w.n - n1 < P ? w.n - n1 : P) : 0;
+  const TwoPanels t = two_panels(w, p);
+  const uint16_t* pan1 = t.pan1;
   for (int m = 0; m < mrows; m += PW) {
     const float* xr[PW];  // past the last row: the last row again, computed and dropped
     for (int u = 0; u < PW; u++) xr[u] = x + (size_t)(m + u < mrows ? m + u : mrows - 1) * ldx;
@@ -444,8 +457,8 @@ void panel(const float* x, int ldx, int mrows, const Weight& w, int p, float* y,
       a7 = _mm512_fmadd_ps(wa, b, a7), c7 = _mm512_fmadd_ps(wc, b, c7);
     }
     const __m512 a[PW] = {a0, a1, a2, a3, a4, a5, a6, a7}, c[PW] = {c0, c1, c2, c3, c4, c5, c6, c7};
-    put_two_panels(a, c, mrows - m < PW ? mrows - m : PW, y + (size_t)m * ldy, ldy, n0, nr, nr1,
-                   scale, bias, acc);
+    put_two_panels(a, c, mrows - m < PW ? mrows - m : PW, y + (size_t)m * ldy, ldy, t, scale,
+                   bias, acc);
   }
 #else
   const __m256i odd = _mm256_set1_epi32((int)0xFFFF0000u);
@@ -502,13 +515,11 @@ void panel(const float* x, int ldx, int mrows, const Weight& w, int p, float* y,
 // pass, as the AVX-512 loop in panel (16 accumulators, named); int8's row scale after.
 void panel_pairs(const uint16_t* xb, int mrows, const Weight& w, int p, float* y, int ldy,
                  bool acc, const float* bias) {
-  const int K = w.k, n0 = p * P, nr = w.n - n0 < P ? w.n - n0 : P;
-  const uint16_t* pan = static_cast<const uint16_t*>(w.panels) + (size_t)p * K * P;
+  const int K = w.k;
   const float* scale = w.type == W_I8 ? w.scale : nullptr;
   constexpr int PW = 8;
-  const bool two = p + 1 < (w.n + P - 1) / P;  // a last panel alone: computed twice, dropped
-  const uint16_t* pan1 = two ? pan + (size_t)K * P : pan;
-  const int n1 = n0 + P, nr1 = two ? (w.n - n1 < P ? w.n - n1 : P) : 0;
+  const TwoPanels t = two_panels(w, p);
+  const uint16_t *pan = t.pan, *pan1 = t.pan1;
   for (int m = 0; m < mrows; m += PW) {
     const uint32_t* xr[PW];  // past the last row: the last row again, computed and dropped
     for (int u = 0; u < PW; u++)
@@ -538,8 +549,8 @@ void panel_pairs(const uint16_t* xb, int mrows, const Weight& w, int p, float* y
       a7 = _mm512_dpbf16_ps(a7, wa, b), c7 = _mm512_dpbf16_ps(c7, wc, b);
     }
     const __m512 a[PW] = {a0, a1, a2, a3, a4, a5, a6, a7}, c[PW] = {c0, c1, c2, c3, c4, c5, c6, c7};
-    put_two_panels(a, c, mrows - m < PW ? mrows - m : PW, y + (size_t)m * ldy, ldy, n0, nr, nr1,
-                   scale, bias, acc);
+    put_two_panels(a, c, mrows - m < PW ? mrows - m : PW, y + (size_t)m * ldy, ldy, t, scale,
+                   bias, acc);
   }
 }
 
@@ -776,11 +787,17 @@ constexpr int ATT_CHUNK = 128;
 
 inline int att_chunks(int64_t length) { return (int)((length + ATT_CHUNK - 1) / ATT_CHUNK); }
 
-// floats of partial results the rows of a step need (rows of more than one chunk: a
-// maximum, a sum and d weighted values per chunk and query head)
+// the chunks of a row that leave partial results: all of a row of several, none of one
+inline int att_partial_chunks(int64_t length) {
+  const int chunks = att_chunks(length);
+  return chunks > 1 ? chunks : 0;
+}
+
+// floats of partial results the first n rows of a step need (a maximum, a sum and d
+// weighted values per chunk and query head)
 size_t att_partials(int n, const int64_t* length, int hq, int d) {
   size_t chunks = 0;
-  for (int r = 0; r < n; r++) chunks += att_chunks(length[r]) > 1 ? att_chunks(length[r]) : 0;
+  for (int r = 0; r < n; r++) chunks += att_partial_chunks(length[r]);
   return chunks * hq * (d + 2);
 }
 
@@ -811,7 +828,7 @@ void attend_team(const float* q, int ldq, const float* k, int ldk, const float* 
   const int parts = hq / unit;
   const size_t stride = (size_t)hkv * d;      // floats from a token to the next in a block
   const bool runs8 = block_size % 8 == 0;     // 8 tokens from a multiple of 8 share a block
-  float* scores = static_cast<float*>(aligned_alloc(64, sizeof(float) * ATT_CHUNK));
+  alignas(32) float scores[ATT_CHUNK];  // one chunk's scores, then its weights
 #pragma omp for schedule(dynamic)
   for (int task = 0; task < chunks * parts; task++) {
     int c = task / parts, r = 0, slot = 0;  // row r's chunk c; slot: its first partial
@@ -819,7 +836,7 @@ void attend_team(const float* q, int ldq, const float* k, int ldk, const float* 
       const int here = att_chunks(length[r]);
       if (c < here) break;
       c -= here;
-      slot += here > 1 ? here : 0;
+      slot += att_partial_chunks(length[r]);
     }
     const int L = (int)length[r], many = att_chunks(L);
     const int t0 = c * ATT_CHUNK, t1 = L - t0 < ATT_CHUNK ? L : t0 + ATT_CHUNK;
@@ -918,7 +935,6 @@ void attend_team(const float* q, int ldq, const float* k, int ldk, const float* 
       }
     }
   }
-  free(scores);
   // rows of several chunks: e^(m_c - M) weighs chunk c's sum and values (M: the maximum);
   // none (every row one chunk, as at short contexts): no pass, and no barrier after it
   if (chunks == n) return;
@@ -926,9 +942,7 @@ void attend_team(const float* q, int ldq, const float* k, int ldk, const float* 
   for (int task = 0; task < n * hq; task++) {
     const int r = task / hq, h = task % hq, many = att_chunks(length[r]);
     if (many == 1) continue;
-    int slot = 0;
-    for (int i = 0; i < r; i++) slot += att_chunks(length[i]) > 1 ? att_chunks(length[i]) : 0;
-    const float* part = partial + ((size_t)slot * hq + h) * (d + 2);
+    const float* part = partial + att_partials(r, length, hq, d) + (size_t)h * (d + 2);
     const size_t next = (size_t)hq * (d + 2);  // from a chunk's results to the next one's
     float top = -INFINITY, sum = 0.f;
     for (int c = 0; c < many; c++) top = part[c * next] > top ? part[c * next] : top;

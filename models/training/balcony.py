@@ -455,10 +455,11 @@ class ExitLayers(nn.Module):
 
     def residual(self, batch: CachedBatch, depth: int, cos_sin: Any,
                  known: dict[int, Tensor] | None = None) -> Tensor:  # fmt: skip
-        """The base's residual stream after `depth` layers: cached, or the deepest known
-        depth below it (`known`: the cache's depths, and any bridged before, which this adds
-        to) run through the frozen base layers in between (no gradient)."""
-        known = batch.hidden if known is None else known
+        """The base's residual stream after `depth` layers: known (`known`: the cache's
+        depths, and any bridged before; by default the cache's), or the deepest known depth
+        below it run through the frozen base layers in between (no gradient), which `known`
+        then holds too."""
+        known = dict(batch.hidden) if known is None else known
         if depth in known:
             return known[depth]
         below = max(d for d in known if d < depth)
@@ -466,8 +467,7 @@ class ExitLayers(nn.Module):
         with torch.no_grad():
             for layer in self._base_layers[below:depth]:
                 h = layer(h, attention_mask=batch.attn_mask, position_embeddings=cos_sin)
-        if known is not batch.hidden:
-            known[depth] = h
+        known[depth] = h
         return h
 
     def forward(self, batch: CachedBatch, exact: Tensor | None = None, samples: int = 0,

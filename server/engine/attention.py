@@ -48,12 +48,8 @@ class PagedAttention:
         table = torch.zeros(n_layers, len(seqs), n_blocks, dtype=torch.long)
         for r, (seq, layers) in enumerate(zip(seqs, runs, strict=True)):
             tables = cache.tables(seq)
-            ids = [tables[i][:n_blocks] for i in layers]
-            if all(len(t) == n_blocks for t in ids):  # one conversion for the row's layers
-                table[list(layers), r] = torch.tensor(ids, dtype=torch.long)
-            else:
-                for i, t in zip(layers, ids, strict=True):
-                    table[i, r, : len(t)] = torch.tensor(t, dtype=torch.long)
+            ids = [tables[i][:n_blocks] + [0] * (n_blocks - len(tables[i])) for i in layers]
+            table[list(layers), r] = torch.tensor(ids, dtype=torch.long)  # one conversion
         self.table = table.to(device)
         pos = torch.tensor(starts, device=device)[:, None] + torch.arange(num_new, device=device)
         # (padding may run past every row's blocks: clamped here, sent to the trash below)
