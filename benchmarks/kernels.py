@@ -12,8 +12,9 @@ decode step) and each weight format:
      (kernels.decode_layers, what the engine runs) against one call per layer with
      Python between (kernels.decode_layer), at 1 and 16 rows.
 and the machine's ceilings they are read against: the fp32 FMA peak (kernels.fma_peak, a
-register-only loop) for products over many rows, the read bandwidth of a 1 GiB array for
-batch 1 (its weights stream from memory).
+register-only loop) for products over many rows, or, for those on bf16 panels where they
+multiply in bf16 (kernels.panel_pairs), the bf16 dot-product peak (kernels.bf16_peak);
+the read bandwidth of a 1 GiB array for batch 1 (its weights stream from memory).
 Each figure is the best of --trials. Writes JSON (--out) and prints markdown tables.
 """
 
@@ -74,12 +75,24 @@ def formats(w: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor], object]
     return out
 
 
-def ceilings(trials: int, threads: int) -> dict[str, float]:
-    """The FMA peak (GFLOP/s, with vectors as wide as the panels use: vector_lanes) and
-    the read bandwidth of a 1 GiB fp32 array (GB/s)."""
+def ceilings(trials: int, threads: int) -> dict[str, Any]:
+    """The FMA peak (GFLOP/s, with vectors as wide as the panels use: vector_lanes), the
+    bf16 dot-product peak where the panels multiply in bf16 (else None) and the read
+    bandwidth of a 1 GiB fp32 array (GB/s)."""
     peak = max(kernels.fma_peak(threads, 20_000_000) for _ in range(trials))
+    bf16 = [kernels.bf16_peak(threads, 20_000_000) for _ in range(trials)]
     return {"fma_peak_gflop_s": peak, "vector_lanes": kernels.vector_lanes(),
+            "bf16_dot_peak_gflop_s": max(bf16) if None not in bf16 else None,  # type: ignore[type-var]
             "read_gb_s_first": read_bandwidth(trials)}  # fmt: skip
+
+
+def panel_rows() -> dict[str, int]:
+    """Per format of ours that multiplies on bf16 panels in bf16 (kernels.panel_pairs):
+    from how many rows it does (the rows whose bound is the bf16 dot-product peak)."""
+    if not kernels.panel_pairs():
+        return {}
+    return {"ours bf16": 2, "ours int8": kernels.panel_rows(kernels.I8),
+            "ours int4": kernels.panel_rows(kernels.Q4)}  # fmt: skip
 
 
 def read_bandwidth(trials: int) -> float:
@@ -192,7 +205,10 @@ def tables(r: dict[str, Any]) -> str:
     c = r["ceilings"]
     bw, peak = c["read_gb_s"], c["fma_peak_gflop_s"]
     lanes = c.get("vector_lanes", 8)
-    lines = [f"Ceilings: fp32 FMA peak {peak:.0f} GFLOP/s ({lanes}-lane vectors), "
+    bf16 = c.get("bf16_dot_peak_gflop_s")
+    on_bf16 = r.get("panel_rows", {}) if bf16 else {}
+    dot = f", bf16 dot-product peak {bf16:.0f} GFLOP/s" if bf16 else ""
+    lines = [f"Ceilings: fp32 FMA peak {peak:.0f} GFLOP/s ({lanes}-lane vectors){dot}, "
              f"read bandwidth {bw:.1f} GB/s (the best of {c['read_gb_s_first']:.1f} before "
              f"the kernels and {c['read_gb_s_last']:.1f} after them).", "",
              "| format | ms per 30 layers (batch 1) | weights MB | GB/s | of read bandwidth |",
@@ -205,10 +221,15 @@ def tables(r: dict[str, Any]) -> str:
     lines += ["", "| rows | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
     for row in r["batches"]:
         lines.append(f"| {row['rows']} | " + " | ".join(f"{row[n]:.0f}" for n in names) + " |")
-    lines += ["", "GFLOP/s (fraction of the FMA peak):", "",
+    mark = "; b: of the bf16 dot-product peak, the products on bf16 panels" if on_bf16 else ""
+    lines += ["", f"GFLOP/s (fraction of the FMA peak{mark}):", "",
               "| rows | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]  # fmt: skip
     for row in r["batches"]:
-        cells = [f"{(g := gflop_s(row[n], row['rows'])):.0f} ({g / peak:.2f})" for n in names]
+        cells = []
+        for n in names:
+            g = gflop_s(row[n], row["rows"])
+            dotted = bf16 is not None and row["rows"] >= on_bf16.get(n, 1 << 30)
+            cells.append(f"{g:.0f} ({g / bf16:.2f} b)" if dotted else f"{g:.0f} ({g / peak:.2f})")
         lines.append(f"| {row['rows']} | " + " | ".join(cells) + " |")
     lines += ["", "| weights | rows | one call per step, ms | one call per layer, ms | ratio | "
               "weights MB | GB/s (one call) | of read bandwidth |",
@@ -246,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         },  # fmt: skip
         "load_average_before": load,
         "ceilings": ceilings(args.trials, args.threads),
+        "panel_rows": panel_rows(),
         "stream": stream(args.trials),
         "batches": batches(args.trials),
         "batches_unit": f"microseconds per product, {SWEEP[0]} x {SWEEP[1]}",

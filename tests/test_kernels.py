@@ -111,6 +111,15 @@ def test_the_fma_peak_is_a_positive_rate() -> None:
 
 
 @needs
+def test_the_bf16_peak_is_a_rate_exactly_where_the_panels_multiply_in_bf16() -> None:
+    peak = kernels.bf16_peak(1, 100_000)
+    if kernels.panel_pairs():
+        assert peak is not None and 0 < peak < 1e5
+    else:
+        assert peak is None
+
+
+@needs
 def test_the_panels_vector_width_is_the_cpus() -> None:
     # the -march=native build uses AVX-512 exactly where this CPU has it; the portable
     # build (SOFT_KERNELS=prebuilt) AVX2 only

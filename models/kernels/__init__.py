@@ -171,8 +171,9 @@ def _lib() -> ctypes.CDLL | None:
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.soft_linear.argtypes = [p, i, i, ctypes.POINTER(_Weight), p, p, i, i, p, f, i, i]
     lib.soft_linear.restype = i
-    lib.soft_fma_peak.argtypes = [ctypes.c_long, i]
-    lib.soft_fma_peak.restype = ctypes.c_double
+    for name in ("soft_fma_peak", "soft_bf16_peak"):
+        getattr(lib, name).argtypes = [ctypes.c_long, i]
+        getattr(lib, name).restype = ctypes.c_double
     for name in (
         "soft_i8_panel_rows",
         "soft_q4_panel_rows",
@@ -346,6 +347,16 @@ def fma_peak(threads: int, iters: int = 20_000_000) -> float:
     return float(lib.soft_fma_peak(iters, threads))
 
 
+def bf16_peak(threads: int, iters: int = 20_000_000) -> float | None:
+    """This machine's bf16 dot-product peak over `threads` threads, GFLOP/s (12
+    independent chains of `vdpbf16ps`, 64 flops each): the ceiling of the products on the
+    panels where they multiply in bf16 (panel_pairs); None where they do not."""
+    lib = _lib()
+    assert lib is not None, unavailable_reason()
+    peak = float(lib.soft_bf16_peak(iters, threads))
+    return peak if peak > 0 else None
+
+
 def vector_lanes() -> int:
     """fp32 lanes of the vectors the panel products use: 16 where the kernels were built
     for a CPU with AVX-512 (-march=native on one), else 8 (AVX2)."""
@@ -356,8 +367,9 @@ def vector_lanes() -> int:
 
 def panel_pairs() -> bool:
     """Whether products on the panels round the activations to bf16 and multiply with
-    AVX-512 BF16 (`vdpbf16ps`: twice the fp32 FMA's rate), as a build for a CPU with it
-    does; else they multiply x itself in fp32. False where the kernels are unavailable."""
+    AVX-512 BF16 (`vdpbf16ps`: two products a lane an instruction; bf16_peak), as a build
+    for a CPU with it does; else they multiply x itself in fp32. False where the kernels
+    are unavailable."""
     lib = _lib()
     return lib is not None and bool(lib.soft_panel_pairs())
 
