@@ -72,7 +72,7 @@ constexpr int MAX_K = 8192;   // Q4 panels: the longest row (a stack array of it
 // how far ahead of its tile a thread prefetches the weights, and into which cache: a
 // tile's rows are short streams (576 bytes of int8) that the hardware prefetchers pick up
 // too late (without: a 1-row int8 step 1.8x slower). Into L2, not L1: L1's few miss
-// buffers then stay free for the loads themselves (a 1-row step 10 % faster, int8, int4
+// buffers then stay free for the loads themselves (a 1-row step 8-15 % faster, int8, int4
 // and bf16 alike, calls of both builds interleaved on one machine)
 constexpr size_t PREFETCH_BYTES = 16384;
 #define PREFETCH_HINT _MM_HINT_T1
@@ -149,9 +149,15 @@ void tile_bf16(const float* x, int ldx, int mrows, const Weight& w, int n0, int 
   }
 }
 
+// bytes of one row of w's row-major data
+inline size_t row_bytes(const Weight& w) {
+  const size_t k = (size_t)w.k;
+  return w.type == W_F32 ? 4 * k : w.type == W_BF16 ? 2 * k : w.type == W_I8 ? k : k / 2;
+}
+
 // an int8 / Q4 tile's R rows of w from n0 (rn: their numbers; past nr rows: n0 again)
 inline void tile_rows(const Weight& w, int n0, int nr, const uint8_t** rows, int* rn) {
-  const size_t bytes = w.type == W_I8 ? (size_t)w.k : (size_t)w.k / 2;
+  const size_t bytes = row_bytes(w);
   for (int r = 0; r < R; r++)
     rn[r] = n0 + (r < nr ? r : 0), rows[r] = static_cast<const uint8_t*>(w.data) + bytes * rn[r];
 }
@@ -595,12 +601,11 @@ inline void share(int count, int& lo, int& hi) {
 // own prefetches, a tile ahead, do not cover) find their lines on the way
 inline void prefetch_share(const Weight* w, int mrows) {
   if (!w || mrows <= 0 || on_panels(*w, mrows)) return;
-  const size_t row_bytes = w->type == W_F32 ? 4 * (size_t)w->k : w->type == W_BF16 ? 2 * (size_t)w->k
-                           : w->type == W_I8 ? (size_t)w->k : (size_t)w->k / 2;
+  const size_t tile_bytes = R * row_bytes(*w);
   int lo, hi;
   share((w->n + R - 1) / R, lo, hi);
-  const char* p = static_cast<const char*>(w->data) + R * row_bytes * lo;
-  const size_t share_bytes = R * row_bytes * (hi - lo);
+  const char* p = static_cast<const char*>(w->data) + tile_bytes * lo;
+  const size_t share_bytes = tile_bytes * (hi - lo);
   const size_t bytes = share_bytes < PREFETCH_BYTES ? share_bytes : PREFETCH_BYTES;
   for (size_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, PREFETCH_HINT);
 }
@@ -712,9 +717,7 @@ void linear_team(const float* x, int M, int ldx, const Weight& w, const float* b
   const int nb = K / 32;
   const int chunk = M < M_CHUNK ? M : M_CHUNK;
   const int tiles = (w.n + R - 1) / R;
-  const size_t row_bytes = T == W_F32 ? 4 * (size_t)K : T == W_BF16 ? 2 * (size_t)K
-                           : T == W_I8 ? (size_t)K : (size_t)K / 2;
-  const size_t tile_bytes = R * row_bytes;
+  const size_t tile_bytes = R * row_bytes(w);
   for (int m0 = 0; m0 < M; m0 += chunk) {
     const int mrows = M - m0 < chunk ? M - m0 : chunk;
     const bool panels = on_panels(w, mrows);  // else the row-major tiles
@@ -753,33 +756,32 @@ void linear_team(const float* x, int M, int ldx, const Weight& w, const float* b
         else panel<false>(xin, ld, mrows, w, p, yout, ldy, add, bias);
 #endif
       }
-#pragma omp barrier
-      continue;
-    }
-    share(tiles, lo, hi);
-    for (int t = lo; t < hi; t++) {
-      const int n0 = t * R, nr = w.n - n0 < R ? w.n - n0 : R;
-      {
-        const char* p = static_cast<const char*>(w.data) + tile_bytes * t + PREFETCH_BYTES;
-        const char* end = static_cast<const char*>(w.data) + tile_bytes * hi;
-        for (size_t o = 0; o < tile_bytes && p + o < end; o += 64) _mm_prefetch(p + o, PREFETCH_HINT);
-        if (T == W_Q4) {  // and its block scales and minimums, as far ahead in rows
-          const size_t ahead = (size_t)(t + PREFETCH_BYTES / tile_bytes) * R * nb, each = (size_t)R * nb;
-          if (ahead + each <= (size_t)hi * R * nb)
-            for (size_t o = 0; o < each; o += 16)
-              _mm_prefetch(reinterpret_cast<const char*>(w.scale + ahead + o), PREFETCH_HINT),
-              _mm_prefetch(reinterpret_cast<const char*>(w.minimum + ahead + o), PREFETCH_HINT);
+    } else {  // the row-major tiles, R output rows each
+      share(tiles, lo, hi);
+      for (int t = lo; t < hi; t++) {
+        const int n0 = t * R, nr = w.n - n0 < R ? w.n - n0 : R;
+        {
+          const char* p = static_cast<const char*>(w.data) + tile_bytes * t + PREFETCH_BYTES;
+          const char* end = static_cast<const char*>(w.data) + tile_bytes * hi;
+          for (size_t o = 0; o < tile_bytes && p + o < end; o += 64) _mm_prefetch(p + o, PREFETCH_HINT);
+          if (T == W_Q4) {  // and its block scales and minimums, as far ahead in rows
+            const size_t ahead = (size_t)(t + PREFETCH_BYTES / tile_bytes) * R * nb, each = (size_t)R * nb;
+            if (ahead + each <= (size_t)hi * R * nb)
+              for (size_t o = 0; o < each; o += 16)
+                _mm_prefetch(reinterpret_cast<const char*>(w.scale + ahead + o), PREFETCH_HINT),
+                _mm_prefetch(reinterpret_cast<const char*>(w.minimum + ahead + o), PREFETCH_HINT);
+          }
         }
-      }
-      if (T == W_F32) tile_f32(xin, ld, mrows, w, n0, nr, yout, ldy, add, bias);
-      else if (T == W_BF16) tile_bf16(xin, ld, mrows, w, n0, nr, yout, ldy, add, bias);
+        if (T == W_F32) tile_f32(xin, ld, mrows, w, n0, nr, yout, ldy, add, bias);
+        else if (T == W_BF16) tile_bf16(xin, ld, mrows, w, n0, nr, yout, ldy, add, bias);
 #ifdef INT_VNNI
-      else if (T == W_I8) tile_int_vnni<W_I8>(s.qx, s.dx, s.xsum, mrows, K, w, n0, nr, yout, ldy, add, bias);
-      else tile_int_vnni<W_Q4>(s.qx, s.dx, s.xsum, mrows, K, w, n0, nr, yout, ldy, add, bias);
+        else if (T == W_I8) tile_int_vnni<W_I8>(s.qx, s.dx, s.xsum, mrows, K, w, n0, nr, yout, ldy, add, bias);
+        else tile_int_vnni<W_Q4>(s.qx, s.dx, s.xsum, mrows, K, w, n0, nr, yout, ldy, add, bias);
 #else
-      else if (T == W_I8) tile_int<W_I8>(s.qx, s.dx, s.xsum, mrows, K, w, n0, nr, yout, ldy, add, bias);
-      else tile_int<W_Q4>(s.qx, s.dx, s.xsum, mrows, K, w, n0, nr, yout, ldy, add, bias);
+        else if (T == W_I8) tile_int<W_I8>(s.qx, s.dx, s.xsum, mrows, K, w, n0, nr, yout, ldy, add, bias);
+        else tile_int<W_Q4>(s.qx, s.dx, s.xsum, mrows, K, w, n0, nr, yout, ldy, add, bias);
 #endif
+      }
     }
     if (m0 + chunk >= M) prefetch_share(next, next_rows);
 #pragma omp barrier
@@ -1150,6 +1152,39 @@ int soft_decode_layers(float* h, int n, int count, const Layer* layers, const in
   return 0;
 }
 
+}  // extern "C"
+
+namespace {
+
+// GFLOP/s of `iters` rounds of 12 independent chains a thread over `threads` threads,
+// `flops` per step of a chain: a = step(a), started from `start(thread number)`, the
+// chains' sums (`add`, `total`) used so that they are not optimized away. Named
+// accumulators, so that GCC keeps them in registers (see panel).
+template <typename Start, typename Step, typename Add, typename Total>
+double chains_peak(long iters, int threads, double flops, Start start, Step step, Add add,
+                   Total total) {
+  double t0 = omp_get_wtime();
+  float sink = 0.f;
+#pragma omp parallel num_threads(threads) reduction(+ : sink)
+  {
+    auto a0 = start((float)omp_get_thread_num()), a1 = a0, a2 = a0, a3 = a0;
+    auto a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
+    for (long n = 0; n < iters; n++) {
+      a0 = step(a0), a1 = step(a1), a2 = step(a2), a3 = step(a3);
+      a4 = step(a4), a5 = step(a5), a6 = step(a6), a7 = step(a7);
+      a8 = step(a8), a9 = step(a9), a10 = step(a10), a11 = step(a11);
+    }
+    a0 = add(add(add(a0, a1), add(a2, a3)), add(add(a4, a5), add(a6, a7)));
+    sink += total(add(a0, add(add(a8, a9), add(a10, a11))));
+  }
+  const double s = omp_get_wtime() - t0;
+  return sink == 12345.f ? 0.0 : flops * 12 * (double)iters * threads / s / 1e9;
+}
+
+}  // namespace
+
+extern "C" {
+
 // The machine's fp32 multiply-add peak, GFLOP/s over `threads` threads: each runs 12
 // independent chains of FMAs as wide as this build's panels use (16 lanes with AVX-512,
 // else 8; no loads) for `iters` rounds. What the products over many rows are measured
@@ -1170,28 +1205,11 @@ constexpr int FMA_LANES = 16;
 constexpr int FMA_LANES = 8;
 #endif
 double soft_fma_peak(long iters, int threads) {
-  double t0 = omp_get_wtime();
-  float sink = 0.f;
-#pragma omp parallel num_threads(threads) reduction(+ : sink)
-  {
-    const FMA_V m = FMA_SET1(0.999999f), c = FMA_SET1(1e-7f);
-    // named, so that GCC keeps them in registers (see panel)
-    FMA_V a0 = FMA_SET1((float)omp_get_thread_num()), a1 = a0, a2 = a0, a3 = a0;
-    FMA_V a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
-    for (long n = 0; n < iters; n++) {
-      a0 = FMA_FMADD(a0, m, c), a1 = FMA_FMADD(a1, m, c);
-      a2 = FMA_FMADD(a2, m, c), a3 = FMA_FMADD(a3, m, c);
-      a4 = FMA_FMADD(a4, m, c), a5 = FMA_FMADD(a5, m, c);
-      a6 = FMA_FMADD(a6, m, c), a7 = FMA_FMADD(a7, m, c);
-      a8 = FMA_FMADD(a8, m, c), a9 = FMA_FMADD(a9, m, c);
-      a10 = FMA_FMADD(a10, m, c), a11 = FMA_FMADD(a11, m, c);
-    }
-    a0 = FMA_ADD(FMA_ADD(FMA_ADD(a0, a1), FMA_ADD(a2, a3)), FMA_ADD(FMA_ADD(a4, a5), FMA_ADD(a6, a7)));
-    sink += FMA_SUM(FMA_ADD(a0, FMA_ADD(FMA_ADD(a8, a9), FMA_ADD(a10, a11))));
-  }
-  const double s = omp_get_wtime() - t0;
-  // (the sums' use, so that the chains are not optimized away)
-  return sink == 12345.f ? 0.0 : 2.0 * FMA_LANES * 12 * (double)iters * threads / s / 1e9;
+  const FMA_V m = FMA_SET1(0.999999f), c = FMA_SET1(1e-7f);
+  return chains_peak(
+      iters, threads, 2.0 * FMA_LANES, [](float v) { return FMA_SET1(v); },
+      [=](FMA_V a) { return FMA_FMADD(a, m, c); }, [](FMA_V a, FMA_V b) { return FMA_ADD(a, b); },
+      [](FMA_V a) { return FMA_SUM(a); });
 }
 
 // The machine's bf16 dot-product peak, GFLOP/s over `threads` threads: 12 independent
@@ -1201,28 +1219,12 @@ double soft_fma_peak(long iters, int threads) {
 // without AVX-512 BF16.
 double soft_bf16_peak(long iters, int threads) {
 #ifdef PANEL_PAIRS
-  double t0 = omp_get_wtime();
-  float sink = 0.f;
-#pragma omp parallel num_threads(threads) reduction(+ : sink)
-  {
-    const __m512bh w = (__m512bh)_mm512_set1_epi32(0x3F803F80), x = (__m512bh)_mm512_set1_epi32(0x33D633D6);
-    // named, so that GCC keeps them in registers (see panel)
-    __m512 a0 = _mm512_set1_ps((float)omp_get_thread_num()), a1 = a0, a2 = a0, a3 = a0;
-    __m512 a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
-    for (long n = 0; n < iters; n++) {
-      a0 = _mm512_dpbf16_ps(a0, w, x), a1 = _mm512_dpbf16_ps(a1, w, x);
-      a2 = _mm512_dpbf16_ps(a2, w, x), a3 = _mm512_dpbf16_ps(a3, w, x);
-      a4 = _mm512_dpbf16_ps(a4, w, x), a5 = _mm512_dpbf16_ps(a5, w, x);
-      a6 = _mm512_dpbf16_ps(a6, w, x), a7 = _mm512_dpbf16_ps(a7, w, x);
-      a8 = _mm512_dpbf16_ps(a8, w, x), a9 = _mm512_dpbf16_ps(a9, w, x);
-      a10 = _mm512_dpbf16_ps(a10, w, x), a11 = _mm512_dpbf16_ps(a11, w, x);
-    }
-    a0 = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)),
-                       _mm512_add_ps(_mm512_add_ps(a4, a5), _mm512_add_ps(a6, a7)));
-    sink += _mm512_reduce_add_ps(_mm512_add_ps(a0, _mm512_add_ps(_mm512_add_ps(a8, a9), _mm512_add_ps(a10, a11))));
-  }
-  const double s = omp_get_wtime() - t0;
-  return sink == 12345.f ? 0.0 : 4.0 * 16 * 12 * (double)iters * threads / s / 1e9;
+  const __m512bh w = (__m512bh)_mm512_set1_epi32(0x3F803F80), x = (__m512bh)_mm512_set1_epi32(0x33D633D6);
+  return chains_peak(
+      iters, threads, 64.0, [](float v) { return _mm512_set1_ps(v); },
+      [=](__m512 a) { return _mm512_dpbf16_ps(a, w, x); },
+      [](__m512 a, __m512 b) { return _mm512_add_ps(a, b); },
+      [](__m512 a) { return _mm512_reduce_add_ps(a); });
 #else
   (void)iters, (void)threads;
   return 0.0;
