@@ -230,6 +230,18 @@ void tile_int(const int8_t* qx, const float* dx, const float* xsum, int mrows, i
 // pass and output row against the block scales spread over their lanes; Q4's minimums as
 // one dot product per row after.
 
+// the sums of four vectors' lanes, in order
+static_assert(R == 4, "hsum4 reduces one tile's rows");
+inline __m128 hsum4(const __m512* a) {
+  const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+  const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+  // each 128-bit lane: a0's, a1's, a2's, a3's partial sums
+  const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
 // `count` (1, 2 or 4) floats at v spread over 16 lanes, each over 16 / count of them in
 // order; with count 1, the upper 8 lanes 0 (an odd last block of a pair)
 inline __m512 spread_lanes(const float* v, int count) {
@@ -241,72 +253,107 @@ inline __m512 spread_lanes(const float* v, int count) {
   return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(f));
 }
 
-template <int T>
-void tile_int_vnni(const int8_t* qx, const float* dx, const float* xsum, int mrows, int K,
-                   const Weight& w, int n0, int nr, float* y, int ldy, bool acc, const float* bias) {
+// MM activation rows (1, 2 or 4: int8; 1 or 2: Q4, whose pass holds more registers) from
+// row m through one tile: each weight vector loaded (and unpacked) once for all of them.
+template <int T, int MM>
+void vnni_rows(const int8_t* qx, const float* dx, const float* xsum, int m, int K,
+               const Weight& w, const uint8_t* const* rows, const int* rn, int n0, int nr,
+               float* y, int ldy, bool acc, const float* bias) {
   const int nb = K / 32;
   const __m512i zero = _mm512_setzero_si512(), low4 = _mm512_set1_epi8(0x0F);
   const __m512i nibble_shift = _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4);  // high halves
-  const uint8_t* rows[R];
-  int rn[R];
-  tile_rows(w, n0, nr, rows, rn);
-  for (int m = 0; m < mrows; m++) {
-    const int8_t* xq = qx + (size_t)m * K;
-    const float* xd = dx + (size_t)m * nb;
-    __m512 a[R];
-    for (int r = 0; r < R; r++) a[r] = _mm512_setzero_ps();
-    int b = 0;
-    for (; T == W_Q4 && b + 4 <= nb; b += 4) {
-      const __m512i x0 = _mm512_loadu_si512(xq + 32 * b), x1 = _mm512_loadu_si512(xq + 32 * b + 64);
-      const __m512i xlo = _mm512_shuffle_i64x2(x0, x1, _MM_SHUFFLE(2, 0, 2, 0));  // values 0-15
-      const __m512i xhi = _mm512_shuffle_i64x2(x0, x1, _MM_SHUFFLE(3, 1, 3, 1));  // 16-31
-      const __m512 xs = spread_lanes(xd + b, 4);
-      for (int r = 0; r < R; r++) {
-        const __m512i packed = _mm512_loadu_si512(rows[r] + 16 * b);
-        const __m512i lo = _mm512_and_si512(packed, low4);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4);
-        const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xlo), hi, xhi);
-        const __m512 scale = _mm512_mul_ps(xs, spread_lanes(w.scale + (size_t)rn[r] * nb + b, 4));
-        a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, a[r]);
+  const __m512i bias128 = _mm512_set1_epi8((char)0x80);  // int8 w -> w + 128, unsigned
+  __m512 a[MM][R];
+  for (int u = 0; u < MM; u++)
+    for (int r = 0; r < R; r++) a[u][r] = _mm512_setzero_ps();
+  int b = 0;
+  for (; T == W_Q4 && b + 4 <= nb; b += 4) {
+    __m512i xlo[MM], xhi[MM];
+    __m512 xs[MM];
+    for (int u = 0; u < MM; u++) {
+      const int8_t* xq = qx + (size_t)(m + u) * K + 32 * b;
+      const __m512i x0 = _mm512_loadu_si512(xq), x1 = _mm512_loadu_si512(xq + 64);
+      xlo[u] = _mm512_shuffle_i64x2(x0, x1, _MM_SHUFFLE(2, 0, 2, 0));  // values 0-15
+      xhi[u] = _mm512_shuffle_i64x2(x0, x1, _MM_SHUFFLE(3, 1, 3, 1));  // 16-31
+      xs[u] = spread_lanes(dx + (size_t)(m + u) * nb + b, 4);
+    }
+    for (int r = 0; r < R; r++) {
+      const __m512i packed = _mm512_loadu_si512(rows[r] + 16 * b);
+      const __m512i lo = _mm512_and_si512(packed, low4);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4);
+      const __m512 ws = spread_lanes(w.scale + (size_t)rn[r] * nb + b, 4);
+      for (int u = 0; u < MM; u++) {
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xlo[u]), hi, xhi[u]);
+        a[u][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(xs[u], ws), a[u][r]);
       }
     }
-    for (; b < nb; b += 2) {
-      const bool alone = b + 1 == nb;  // an odd last block: the upper lanes stay 0
-      const __mmask64 bytes = alone ? 0xFFFFFFFFull : ~0ull;
-      const __m512i xv = _mm512_maskz_loadu_epi8(bytes, xq + 32 * b);
-      const __m512 xs = spread_lanes(xd + b, alone ? 1 : 2);
-      for (int r = 0; r < R; r++) {
-        __m512i dot;
-        if (T == W_I8) {
-          const __m512i wv = _mm512_maskz_loadu_epi8(bytes, rows[r] + 32 * b);
-          const __m512i xw = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), zero, xv);
-          dot = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(wv), xw);
-        } else {
-          const __m512i packed = _mm512_maskz_loadu_epi8(alone ? 0xFFFFull : 0xFFFFFFFFull, rows[r] + 16 * b);
-          const __m512i spread = _mm512_shuffle_i64x2(packed, packed, _MM_SHUFFLE(1, 1, 0, 0));
-          const __m512i codes = _mm512_and_si512(_mm512_srlv_epi64(spread, nibble_shift), low4);
-          dot = _mm512_dpbusd_epi32(zero, codes, xv);
-        }
-        const __m512 scale = T == W_Q4 ? _mm512_mul_ps(xs, spread_lanes(w.scale + (size_t)rn[r] * nb + b, alone ? 1 : 2)) : xs;
-        a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, a[r]);
+  }
+  for (; b < nb; b += 2) {
+    const bool alone = b + 1 == nb;  // an odd last block: the upper lanes stay 0
+    const __mmask64 bytes = alone ? 0xFFFFFFFFull : ~0ull;
+    __m512i xv[MM];
+    __m512 xs[MM];
+    for (int u = 0; u < MM; u++) {
+      xv[u] = _mm512_maskz_loadu_epi8(bytes, qx + (size_t)(m + u) * K + 32 * b);
+      xs[u] = spread_lanes(dx + (size_t)(m + u) * nb + b, alone ? 1 : 2);
+    }
+    for (int r = 0; r < R; r++) {
+      __m512i wv;
+      __m512 ws = _mm512_set1_ps(1.f);
+      if (T == W_I8) {  // w + 128 (unsigned), the 128 x taken off once per row after
+        wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(bytes, rows[r] + 32 * b), bias128);
+      } else {
+        const __m512i packed = _mm512_maskz_loadu_epi8(alone ? 0xFFFFull : 0xFFFFFFFFull, rows[r] + 16 * b);
+        const __m512i spread = _mm512_shuffle_i64x2(packed, packed, _MM_SHUFFLE(1, 1, 0, 0));
+        wv = _mm512_and_si512(_mm512_srlv_epi64(spread, nibble_shift), low4);
+        ws = spread_lanes(w.scale + (size_t)rn[r] * nb + b, alone ? 1 : 2);
+      }
+      for (int u = 0; u < MM; u++) {
+        const __m512i dot = _mm512_dpbusd_epi32(zero, wv, xv[u]);
+        const __m512 scale = T == W_Q4 ? _mm512_mul_ps(xs[u], ws) : xs[u];
+        a[u][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, a[u][r]);
       }
     }
+  }
+  for (int u = 0; u < MM; u++) {
+    const float* sums = xsum + (size_t)(m + u) * nb;
     if (T == W_Q4)  // the minimums' part: m . dx sum(qx) over the row's blocks
       for (int r = 0; r < nr; r++) {
         const float* mr = w.minimum + (size_t)rn[r] * nb;
-        const float* sums = xsum + (size_t)m * nb;
-        for (int b = 0; b < nb; b += 16) {
-          const __mmask16 in = nb - b >= 16 ? 0xFFFF : (__mmask16)((1u << (nb - b)) - 1);
-          a[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(in, mr + b), _mm512_maskz_loadu_ps(in, sums + b), a[r]);
+        for (int b2 = 0; b2 < nb; b2 += 16) {
+          const __mmask16 in = nb - b2 >= 16 ? 0xFFFF : (__mmask16)((1u << (nb - b2)) - 1);
+          a[u][r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(in, mr + b2), _mm512_maskz_loadu_ps(in, sums + b2), a[u][r]);
         }
       }
-    float* yr = y + (size_t)m * ldy;
-    for (int r = 0; r < nr; r++) {
-      float v = _mm512_reduce_add_ps(a[r]);
-      if (T == W_I8) v *= w.scale[n0 + r];
-      put(yr, n0 + r, v, bias, acc);
+    float shift = 0.f;  // int8: the rounded x's sum (128 times it is what w + 128 added)
+    if (T == W_I8) {
+      __m512 total = _mm512_setzero_ps();
+      for (int b2 = 0; b2 < nb; b2 += 16) {
+        const __mmask16 in = nb - b2 >= 16 ? 0xFFFF : (__mmask16)((1u << (nb - b2)) - 1);
+        total = _mm512_add_ps(total, _mm512_maskz_loadu_ps(in, sums + b2));
+      }
+      shift = _mm512_reduce_add_ps(total);
     }
+    float v[R];
+    _mm_storeu_ps(v, hsum4(a[u]));
+    float* yr = y + (size_t)(m + u) * ldy;
+    for (int r = 0; r < nr; r++)
+      put(yr, n0 + r, T == W_I8 ? (v[r] - 128.f * shift) * w.scale[n0 + r] : v[r], bias, acc);
   }
+}
+
+template <int T>
+void tile_int_vnni(const int8_t* qx, const float* dx, const float* xsum, int mrows, int K,
+                   const Weight& w, int n0, int nr, float* y, int ldy, bool acc, const float* bias) {
+  const uint8_t* rows[R];
+  int rn[R];
+  tile_rows(w, n0, nr, rows, rn);
+  int m = 0;
+  for (; T == W_I8 && m + 4 <= mrows; m += 4)
+    vnni_rows<T, 4>(qx, dx, xsum, m, K, w, rows, rn, n0, nr, y, ldy, acc, bias);
+  for (; m + 2 <= mrows; m += 2)
+    vnni_rows<T, 2>(qx, dx, xsum, m, K, w, rows, rn, n0, nr, y, ldy, acc, bias);
+  if (m < mrows) vnni_rows<T, 1>(qx, dx, xsum, m, K, w, rows, rn, n0, nr, y, ldy, acc, bias);
 }
 #endif
 
