@@ -251,6 +251,7 @@ class SortedModel(nn.Module):
         self.inv_freq = inv_freq.float()  # (D/2,) kept fp32 whatever the weights' dtype
         self.rope_scaling = rope_scaling
         self.scale = cfg.head_dim**-0.5
+        self._rope: tuple[Tensor, Tensor] | None = None  # cos, sin by position (rope())
         self.exit_heads: dict[int, ExitHead] = {}
         # balcony: exit depth (as a string key) -> its own decoder layer, run after base
         # layers [0, e); its KV lives at cache layer `kv_layer(e)`, past the base's layers
@@ -397,10 +398,21 @@ class SortedModel(nn.Module):
 
     # -- forward pieces ----------------------------------------------------------------
     def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos, sin: (B, T, 1, D) for integer positions (B, T)."""
-        freqs = positions[..., None].float() * self.inv_freq.to(positions.device)  # (B,T,D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-        return (emb.cos() * self.rope_scaling).to(dtype), (emb.sin() * self.rope_scaling).to(dtype)
+        """cos, sin: (B, T, 1, D) for integer positions (B, T), read from tables of every
+        position so far (a decode step's rows would otherwise cost five small ops)."""
+        cos, sin = self._rope_tables(int(positions.max()) + 1 if positions.numel() else 1,
+                                     positions.device)  # fmt: skip
+        return cos[positions][:, :, None].to(dtype), sin[positions][:, :, None].to(dtype)
+
+    def _rope_tables(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos, sin (P, D) fp32 for positions [0, P), P >= n: grown by doubling."""
+        have = self._rope
+        if have is None or have[0].shape[0] < n or have[0].device != device:
+            size = max(n, 256, 2 * have[0].shape[0] if have is not None else 0)
+            freqs = torch.arange(size, device=device).float()[:, None] * self.inv_freq.to(device)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (P, D)
+            self._rope = have = (emb.cos() * self.rope_scaling, emb.sin() * self.rope_scaling)
+        return have
 
     def layer_forward(
         self,

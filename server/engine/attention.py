@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -44,26 +45,28 @@ class PagedAttention:
         runs = [cache.layers(d) for d in depths]
         n_layers = max(max(r) for r in runs) + 1
         # (L', B, MB) block ids per cache layer and row; rows that do not run a layer are
-        # padded (the runner never attends for them there)
-        table = torch.zeros(n_layers, len(seqs), n_blocks, dtype=torch.long)
+        # padded (the runner never attends for them there). Built in numpy: a decode step
+        # builds one, and torch's small ops cost ~10x numpy's here
+        table = np.zeros((n_layers, len(seqs), n_blocks), dtype=np.int64)
         for r, (seq, layers) in enumerate(zip(seqs, runs, strict=True)):
             tables = cache.tables(seq)
-            ids = [tables[i][:n_blocks] + [0] * (n_blocks - len(tables[i])) for i in layers]
-            table[list(layers), r] = torch.tensor(ids, dtype=torch.long)  # one conversion
-        self.table = table.to(device)
-        pos = torch.tensor(starts, device=device)[:, None] + torch.arange(num_new, device=device)
+            table[list(layers), r] = [tables[i][:n_blocks] + [0] * (n_blocks - len(tables[i]))
+                                      for i in layers]  # fmt: skip
+        pos = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(num_new)  # (B, T)
         # (padding may run past every row's blocks: clamped here, sent to the trash below)
-        blocks = (pos // bs).clamp_max(n_blocks - 1)
-        self.write_blocks = self.table.gather(2, blocks[None].expand(n_layers, -1, -1))
+        blocks = np.minimum(pos // bs, n_blocks - 1)
+        write = np.take_along_axis(table, np.broadcast_to(blocks, (n_layers, *blocks.shape)), 2)
         if lengths is not None:  # padding tokens write to the trash block
-            real = torch.tensor(lengths, device=device)[:, None]
-            pad = torch.arange(num_new, device=device)[None] >= real  # (B, T)
-            self.write_blocks = self.write_blocks.masked_fill(pad[None], cache.trash)
+            pad = np.arange(num_new)[None] >= np.asarray(lengths)[:, None]  # (B, T)
+            write[:, pad] = cache.trash
         if read_only_below:
-            self.write_blocks[:read_only_below] = cache.trash
-        self.write_offsets = pos % bs  # (B, T)
-        self.lengths = pos[:, -1] + 1  # tokens each row attends over after this step
-        self._pos, self._span = pos, n_blocks * bs
+            write[:read_only_below] = cache.trash
+        self.table = torch.from_numpy(table).to(device)
+        self.write_blocks = torch.from_numpy(write).to(device)  # (L', B, T)
+        self.write_offsets = torch.from_numpy(pos % bs).to(device)  # (B, T)
+        # tokens each row attends over after this step
+        self.lengths = torch.from_numpy(pos[:, -1] + 1).to(device)
+        self._pos, self._span = torch.from_numpy(pos).to(device), n_blocks * bs
         self._visible: Tensor | None = None
 
     @property

@@ -55,8 +55,7 @@ class KVCacheConfig:
     @property
     def block_bytes(self) -> int:
         """Bytes of one block (keys + values) in one layer."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.block_size * self.num_kv_heads * self.head_dim * elem
+        return 2 * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
 
     @property
     def num_kv_layers(self) -> int:
@@ -338,7 +337,7 @@ class KVCacheManager:
 
     def bytes_per_layer(self) -> tuple[int, ...]:
         """Bytes held in each cache layer: the decoder's, then the exit layers'."""
-        block = self.cfg.block_bytes  # once: it builds a tensor to read the element size
+        block = self.cfg.block_bytes
         return tuple(n * block for n in self._layer_blocks)
 
     def seq_bytes(self, seq: Hashable) -> int:

@@ -139,7 +139,8 @@ class Runner:
                 h[torch.arange(len(g.seqs)), torch.tensor(g.lengths) - 1]
                 for g, h in zip(groups, hs, strict=True)]  # fmt: skip
         depths = [d for g in groups for d in g.depths]
-        logits = model.head(torch.cat(last)[:, None], depths)[:, 0]  # (rows, V)
+        rows = last[0] if len(last) == 1 else torch.cat(last)
+        logits = model.head(rows[:, None], depths)[:, 0]  # (rows, V)
         out, row = [], 0
         for g, h in zip(groups, hs, strict=True):
             mine = logits[row : row + len(g.seqs)]

@@ -20,6 +20,15 @@ from torch import Tensor
 from server.engine.types import SamplingParams, TokenLogprob
 
 
+def argmax(logits: Tensor) -> list[int]:
+    """Each row's argmax of (..., V) logits, flattened (the first of equal maxima, as
+    torch's). numpy's on CPU float32: ~15x faster than torch's, whose reduction over a 50k
+    vocabulary took ~60 us a row (every greedy token pays it)."""
+    if logits.is_cpu and logits.dtype == torch.float32:
+        return np.asarray(logits.detach().numpy().argmax(-1)).reshape(-1).tolist()  # type: ignore[no-any-return]
+    return logits.argmax(-1).reshape(-1).tolist()  # type: ignore[no-any-return]
+
+
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     if params.greedy:
         return None
@@ -61,7 +70,7 @@ def draw(probs: Tensor, generator: torch.Generator | None) -> int:
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """Pick the next token from one row of logits (V,)."""
     if params.greedy:
-        return int(logits.argmax())
+        return argmax(logits)[0]
     return draw(distribution(logits, params), generator)
 
 
@@ -173,7 +182,7 @@ def apply_masks(
     allowed = unpack_bitmask(masks.bitmask[need], vocab).to(logits.device)  # (R, V)
     out = logits.float().clone() if logits.dtype != torch.float32 else logits.clone()
     out[rows] = torch.where(allowed, out[rows], float("-inf"))
-    for j, tok in zip(rows, out[rows].argmax(-1).tolist(), strict=True):
+    for j, tok in zip(rows, argmax(out[rows]), strict=True):
         greedy[j] = tok
     return out
 
@@ -191,7 +200,7 @@ def sample_rows(
     holds the grammar masks of the constrained rows (structured outputs)."""
     if prompts is not None and outputs is not None:
         logits = process_logits(logits, params, prompts, outputs)
-    greedy = logits.argmax(-1).tolist()
+    greedy = argmax(logits)
     if masks is not None:
         logits = apply_masks(logits, masks, params, greedy)
     return [

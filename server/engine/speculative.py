@@ -43,7 +43,7 @@ from models.llama import SortedModel
 from models.weights import pack, project
 from server.engine.attention import PagedAttention
 from server.engine.kv_cache import KVCacheManager
-from server.engine.sampling import distribution, draw, token_logprob
+from server.engine.sampling import argmax, distribution, draw, token_logprob
 from server.engine.scheduler import Sequence
 from server.engine.types import SamplingParams, TokenLogprob
 
@@ -287,7 +287,7 @@ def draft_token(
     """A draft token from exit logits over the first V_draft ids; with sampling, also its
     distribution q over the whole vocabulary (zero beyond V_draft)."""
     if p.greedy:
-        return int(logits.argmax()), None
+        return argmax(logits)[0], None
     q = torch.zeros(vocab_size, device=logits.device)
     q[: logits.shape[-1]] = distribution(logits, p)
     return draw(q, g), q
@@ -311,7 +311,7 @@ def accept(
     out: list[int] = []
     for i, d in enumerate(drafts):
         if p.greedy:
-            y = int(target_logits[i].argmax())
+            y = argmax(target_logits[i])[0]
             out.append(y)
             if y != d:
                 return out
