@@ -12,6 +12,9 @@ prompts, `--max-tokens` output tokens with `ignore_eos`, temperature 0, and the 
      time (closed loop): aggregate tok/s = output tokens / wall time, TTFT, and the time
      per output token after the first (at c = 1 that is bs-1 decode)
   3) stop the server (its process group) before the next one starts
+With --rounds N the rows take turns N times over (A B A B ...) and each level reports the
+median over the rounds, beside each round's ratios: on a shared host whose bandwidth moves
+within minutes, a pair then meets the same spells.
 A row's prefix cache is off unless its name ends in "+cache" (soft-serve --no-prefix-cache,
 llama-server --no-cache-prompt --cache-ram 0, vLLM --no-enable-prefix-caching): then every
 server prefills every prompt. "+cache" rows run the server as its users do: llama-server's
@@ -614,7 +617,8 @@ def usage_error(message: str) -> NoReturn:
 
 
 PROTOCOL = {
-    "streams": ("prompts", "prompt_words", "max_tokens", "concurrency", "warmup", "threads"),
+    "streams": ("prompts", "prompt_words", "max_tokens", "concurrency", "warmup", "threads",
+                "rounds"),
     "chat": ("sessions", "turns", "system_words", "user_words", "max_tokens", "warmup",
              "threads"),
 }  # fmt: skip
@@ -627,7 +631,8 @@ def load_previous(args: argparse.Namespace) -> dict[str, Any]:
         usage_error(f"--update: {path} does not exist; run without --update first")
     old = json.loads(path.read_text())
     was = old["settings"]
-    was = {"workload": "streams", **was}  # runs from before --workload were streams
+    # runs from before --workload were streams, from before --rounds one round
+    was = {"workload": "streams", "rounds": 1, **was}
     keys = ("workload", *PROTOCOL[args.workload])
     differ = [f"{k}={was.get(k)}" for k in keys if was.get(k) != getattr(args, k)]
     if differ:
@@ -687,6 +692,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="writes TAG.json, TAG.md, TAG.png here")  # fmt: skip
     ap.add_argument("--tag", default=None,
                     help="file stem; default peers (streams), peers-chat (chat)")  # fmt: skip
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="streams: run the rows this many times, alternating (A B A B ...), "
+                    "and report each level's median over the rounds with each round's "
+                    "ratios: on a shared host, pairs then meet its noise alike")  # fmt: skip
     ap.add_argument("--update", action="store_true",
                     help="rerun only --rows and keep the other rows of OUT/TAG.json (the "
                     "same protocol settings): refreshes a row after an engine change")  # fmt: skip
@@ -700,6 +709,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.max_tokens = args.max_tokens or (32 if chat else 128)
     args.warmup = args.warmup if args.warmup is not None else (2 if chat else 32)
     args.tag = args.tag or ("peers-chat" if chat else "peers")
+    if args.rounds < 1 or (chat and args.rounds != 1):
+        usage_error("--rounds: a positive integer, and 1 with --workload chat")
     for name in ("concurrency", "sessions"):
         try:
             levels = sorted({int(c) for c in getattr(args, name).split(",") if c.strip()})
@@ -737,23 +748,88 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_rows(rows: list[Row], peers: Peers, args: argparse.Namespace
              ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:  # fmt: skip
-    """Each row's server started, measured and stopped in turn: results and skips."""
-    results: list[dict[str, Any]] = []
-    skipped: list[dict[str, str]] = []
-    for row in rows:
-        print(f"== {row.name}", flush=True)
-        try:
-            row_load = os.getloadavg()[0]
-            results.append(run_row(row, peers, args))
-            results[-1]["load_average"] = [row_load, os.getloadavg()[0]]
-            lv = results[-1]["levels"]
-            key = "sessions" if args.workload == "chat" else "concurrency"
-            print("   " + ", ".join(f"{key[0]}={x[key]}: {num(x['aggregate_tok_s'])} tok/s"
-                                    for x in lv), flush=True)  # fmt: skip
-        except Skip as e:
-            print(f"   skipped: {e}", flush=True)
-            skipped.append({"name": row.name, "reason": str(e)})
-    return results, skipped
+    """Each row's server started, measured and stopped in turn, --rounds times over (the
+    rows alternating, so that each pair meets the host's spells alike): results (one per
+    row, over its rounds: combine_rounds) and skips."""
+    runs: dict[str, list[dict[str, Any]]] = {r.name: [] for r in rows}
+    skipped: dict[str, dict[str, str]] = {}
+    for i in range(args.rounds):
+        for row in rows:
+            if row.name in skipped:
+                continue
+            print(f"== {row.name}" + (f" (round {i + 1} of {args.rounds})"
+                                      if args.rounds > 1 else ""), flush=True)  # fmt: skip
+            try:
+                row_load = os.getloadavg()[0]
+                runs[row.name].append(run_row(row, peers, args))
+                runs[row.name][-1]["load_average"] = [row_load, os.getloadavg()[0]]
+                lv = runs[row.name][-1]["levels"]
+                key = "sessions" if args.workload == "chat" else "concurrency"
+                print("   " + ", ".join(f"{key[0]}={x[key]}: {num(x['aggregate_tok_s'])} tok/s"
+                                        for x in lv), flush=True)  # fmt: skip
+            except Skip as e:
+                print(f"   skipped: {e}", flush=True)
+                skipped[row.name] = {"name": row.name, "reason": str(e)}
+    results = [combine_rounds(runs[r.name]) for r in rows if runs[r.name] and r.name not in skipped]
+    return results, list(skipped.values())
+
+
+def combine_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row's result over its rounds: the first round's, each level's figures the median
+    of the rounds' (counts and errors summed), the rounds' own levels kept in "rounds"."""
+    if len(rounds) == 1:
+        return rounds[0]
+    out = {**rounds[0], "load_average": [x for r in rounds for x in r["load_average"]],
+           "rounds": [r["levels"] for r in rounds]}  # fmt: skip
+    levels = []
+    for lv in rounds[0]["levels"]:
+        at = (lv["concurrency"], lv["repeated"])
+        same = [x for r in rounds for x in r["levels"] if (x["concurrency"], x["repeated"]) == at]
+        merged = {**lv}
+        for key, value in lv.items():
+            values = [x[key] for x in same if x[key] is not None]
+            if key in ("requests", "ok", "output_tokens"):
+                merged[key] = sum(values)
+            elif key == "errors":
+                merged[key] = {e: sum(x[key].get(e, 0) for x in same)
+                               for e in sorted({e for x in same for e in x[key]})}  # fmt: skip
+            elif key == "tokens_per_request":
+                merged[key] = sorted({t for x in same for t in x[key]})
+            elif isinstance(value, float) or key.endswith(("_ms_p50", "_ms_p90")):
+                merged[key] = round(statistics.median(values), 3) if values else None
+        tpot = merged["tpot_ms_p50"]
+        merged["decode_tok_s"] = round(1000.0 / tpot, 2) if tpot else None
+        levels.append(merged)
+    out["levels"] = levels
+    return out
+
+
+def round_ratios(results: list[dict[str, Any]], concurrency: list[int]) -> str:
+    """Markdown: each round's ratios of the rows run in rounds against llama.cpp with its
+    prompt cache at equal precision (bs-1 decode, and aggregate at the table's reference
+    level): the spread the medians hide."""
+    llama = {r["precision"]: r for r in results
+             if r["server"] == "llama.cpp" and r.get("cache") and "rounds" in r}  # fmt: skip
+    ref = 16 if 16 in concurrency else concurrency[-1]
+
+    def get(levels: list[dict[str, Any]], c: int, key: str) -> float | None:
+        return next((lv[key] for lv in levels
+                     if lv["concurrency"] == c and not lv["repeated"]), None)  # fmt: skip
+
+    lines = []
+    for r in results:
+        peer = llama.get(r["precision"])
+        if r["server"] == "llama.cpp" or peer is None or "rounds" not in r:
+            continue
+        pairs = list(zip(r["rounds"], peer["rounds"], strict=False))
+        bs1 = [ratio(get(a, 1, "decode_tok_s"), get(b, 1, "decode_tok_s")) for a, b in pairs]
+        cells = [f"bs-1 {', '.join(bs1)}"]
+        if ref != 1:
+            cells.append(f"c={ref} " + ", ".join(ratio(get(a, ref, "aggregate_tok_s"),
+                                                       get(b, ref, "aggregate_tok_s"))
+                                                 for a, b in pairs))  # fmt: skip
+        lines.append(f"- {r['name']} vs {peer['name']}, round by round: {'; '.join(cells)}")
+    return "\n".join(lines)
 
 
 def write_report(args: argparse.Namespace, argv: list[str] | None, results: list[dict[str, Any]],
@@ -761,6 +837,9 @@ def write_report(args: argparse.Namespace, argv: list[str] | None, results: list
     """OUT/TAG.json (everything), TAG.md (the table) and TAG.png."""
     chat = args.workload == "chat"
     md = chat_table(results) if chat else table(results, args.concurrency)
+    if not chat and args.rounds > 1:
+        md += (f"\n\nMedians over {args.rounds} rounds, the rows alternating; each "
+               f"round's ratios:\n" + round_ratios(results, args.concurrency))  # fmt: skip
     if skipped:
         md += "\n\nSkipped:\n" + "\n".join(f"- {s['name']}: {s['reason']}" for s in skipped)
     if chat:

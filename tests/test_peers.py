@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,8 @@ def test_update_reruns_some_rows_and_keeps_the_others(tmp_path: Path) -> None:
     assert merged[1]["levels"][0]["decode_tok_s"] == 40.0 and skipped == old["skipped"]
 
     (tmp_path / "peers.json").write_text(json.dumps(old))
-    args = argparse.Namespace(out=tmp_path, tag="peers", workload="streams",
+    # (a file from before --rounds was one round)
+    args = argparse.Namespace(out=tmp_path, tag="peers", workload="streams", rounds=1,
                               **{**settings, "max_tokens": 64})  # fmt: skip
     with pytest.raises(SystemExit) as e:
         peers.load_previous(args)
@@ -223,3 +225,42 @@ def test_chat_table_compares_later_turns_with_llama_cpp_and_its_cache() -> None:
     assert [c[-2] for c in cells] == ["1.50x", "1.50x", "0.07x", "0.05x", "1", "1"]
     # answers against the same server's run without its cache (none for llama.cpp here)
     assert [c[-1] for c in cells] == ["2/2", "2/3", "-", "-", "-", "-"]
+
+
+def test_rounds_alternate_the_rows_and_report_medians_with_each_rounds_ratios(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rows = {r.name: r for r in peers.ROWS}
+    ours, theirs = rows["soft-serve/int8@30+cache"], rows["llama.cpp/Q8_0+cache"]
+    speeds = {ours.name: [150.0, 120.0, 140.0], theirs.name: [100.0, 100.0, 125.0]}
+    order: list[str] = []
+
+    def level(c: int, tok_s: float, repeated: bool = False) -> dict[str, Any]:
+        return asdict(peers.Level(concurrency=c, requests=16, ok=16, errors={"http 500": 1},
+                                  wall_s=1.0, output_tokens=2048, aggregate_tok_s=tok_s * c,
+                                  ttft_ms_p50=50.0 + tok_s, ttft_ms_p90=None,
+                                  tpot_ms_p50=1000.0 / tok_s, decode_tok_s=tok_s,
+                                  tokens_per_request=[128], repeated=repeated))  # fmt: skip
+
+    def run_row(row: peers.Row, _peers: peers.Peers, _args: argparse.Namespace) -> dict[str, Any]:
+        tok_s = speeds[row.name][sum(1 for n in order if n == row.name)]
+        order.append(row.name)
+        return {"name": row.name, **asdict(row),
+                "levels": [level(1, tok_s), level(16, tok_s), level(1, tok_s, True)]}  # fmt: skip
+
+    monkeypatch.setattr(peers, "run_row", run_row)
+    args = argparse.Namespace(rounds=3, workload="streams")
+    results, skipped = peers.run_rows([ours, theirs], peers.Peers(Path(".")), args)
+    assert order == [ours.name, theirs.name] * 3 and skipped == []
+    mine = results[0]
+    assert len(mine["rounds"]) == 3 and len(mine["load_average"]) == 6
+    bs1 = mine["levels"][0]
+    assert bs1["decode_tok_s"] == 140.0 and bs1["ttft_ms_p50"] == 190.0  # medians
+    assert bs1["requests"] == 48 and bs1["errors"] == {"http 500": 3}
+    assert bs1["ttft_ms_p90"] is None and bs1["tokens_per_request"] == [128]
+    lines = peers.round_ratios(results, [1, 16]).splitlines()
+    assert lines == [f"- {ours.name} vs {theirs.name}, round by round: "
+                     "bs-1 1.50x, 1.20x, 1.12x; c=16 1.50x, 1.20x, 1.12x"]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        peers.parse_args(["--workload", "chat", "--rounds", "2"])
+    assert e.value.code == 2
