@@ -10,7 +10,8 @@ decode step) and each weight format:
      up to which models.weights.KERNEL_ROWS sends products to ours);
   3) a whole decode step's 30 layers of the default model (context 64) in one call
      (kernels.decode_layers, what the engine runs) against one call per layer with
-     Python between (kernels.decode_layer), at 1 and 16 rows.
+     Python between (kernels.decode_layer), at 1 and 16 rows; at 1 row also against the
+     read bandwidth measured right before it, pair by pair (BESIDE pairs, the median).
 and the machine's ceilings they are read against: the fp32 FMA peak (kernels.fma_peak, a
 register-only loop) for products over many rows, or, for those on bf16 panels where they
 multiply in bf16 (kernels.panel_pairs), the bf16 dot-product peak (kernels.bf16_peak);
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -144,6 +146,7 @@ def batches(trials: int) -> list[dict[str, Any]]:
 STEP_FORMATS = ("none", "bf16", "int8", "int4")
 STEP_ROWS = (1, 16)
 STEP_CONTEXT = 64
+BESIDE = 15  # rounds of (read bandwidth, batch-1 step) pairs
 
 
 def step(trials: int) -> list[dict[str, Any]]:
@@ -158,17 +161,23 @@ def step(trials: int) -> list[dict[str, Any]]:
         assert stack is not None, "every layer has kernel layouts here"
         for n in STEP_ROWS:
             if n <= stack.max_rows:  # fp32 past 4 rows: oneDNN's products instead
-                one, per = step_times(model, n, trials)
+                nbytes = model.layer_bytes() * model.num_layers
+                one, per, beside = step_times(model, n, trials, nbytes if n == 1 else 0)
                 out.append({"format": q if q != "none" else "fp32", "rows": n,
                             "one_call_ms": one * 1e3, "per_layer_ms": per * 1e3,
-                            "weight_mb": model.layer_bytes() * model.num_layers / 1e6})  # fmt: skip
+                            "weight_mb": nbytes / 1e6,
+                            "of_read_bandwidth_beside": beside})  # fmt: skip
         del model
     return out
 
 
-def step_times(model: Any, n: int, trials: int) -> tuple[float, float]:
+def step_times(model: Any, n: int, trials: int, nbytes: int = 0
+               ) -> tuple[float, float, float | None]:  # fmt: skip
     """Seconds per decode step of n rows at context STEP_CONTEXT: the stack in one call,
-    and one call per layer."""
+    and one call per layer; with `nbytes` (the layers' weights), also the bytes/s of the
+    one call over the read bandwidth measured right before it, median of BESIDE rounds
+    (the two meet the same spell of a shared host's bandwidth, which moves within
+    minutes: the fraction the best-of figures cannot give)."""
     from server.engine.attention import PagedAttention
     from server.engine.kv_cache import KVCacheConfig, KVCacheManager
     from server.engine.scheduler import Sequence
@@ -198,7 +207,14 @@ def step_times(model: Any, n: int, trials: int) -> tuple[float, float]:
         for layer, p in zip(layers, paged, strict=True):
             kernels.decode_layer(h, layer, cos, sin, p)
 
-    return best(one_call, trials, 5), best(per_layer, trials, 5)
+    beside = None
+    if nbytes:
+        big, fractions = torch.ones(1 << 28), []
+        for _ in range(BESIDE):
+            read = big.nbytes / best(lambda: big.sum(), 2)
+            fractions.append(nbytes / best(one_call, 1, 5) / read)
+        beside = statistics.median(fractions)
+    return best(one_call, trials, 5), best(per_layer, trials, 5), beside
 
 
 def tables(r: dict[str, Any]) -> str:
@@ -232,13 +248,17 @@ def tables(r: dict[str, Any]) -> str:
             cells.append(f"{g:.0f} ({g / bf16:.2f} b)" if dotted else f"{g:.0f} ({g / peak:.2f})")
         lines.append(f"| {row['rows']} | " + " | ".join(cells) + " |")
     lines += ["", "| weights | rows | one call per step, ms | one call per layer, ms | ratio | "
-              "weights MB | GB/s (one call) | of read bandwidth |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+              "weights MB | GB/s (one call) | of read bandwidth | of the read bandwidth "
+              "measured beside it |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for row in r["step"]:
         one, per, mb = row["one_call_ms"], row["per_layer_ms"], row.get("weight_mb")
+        beside = row.get("of_read_bandwidth_beside")
         # batch 1 streams the weights; more rows are bound by arithmetic (the sweep above)
         bytes_cells = (
-            f"{mb:.0f} | {mb / one:.1f} | {mb / one / bw:.2f}" if mb and row["rows"] == 1 else "| |"
+            f"{mb:.0f} | {mb / one:.1f} | {mb / one / bw:.2f} | "
+            + (f"{beside:.2f}" if beside else "-")
+            if mb and row["rows"] == 1
+            else "| | |"
         )
         lines.append(f"| {row['format']} | {row['rows']} | {one:.2f} | {per:.2f} | "
                      f"{per / one:.2f}x | {bytes_cells} |")  # fmt: skip
