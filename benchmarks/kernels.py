@@ -11,7 +11,8 @@ decode step) and each weight format:
   3) a whole decode step's 30 layers of the default model (context 64) in one call
      (kernels.decode_layers, what the engine runs) against one call per layer with
      Python between (kernels.decode_layer), at 1 and 16 rows; at 1 row also against the
-     read bandwidth measured right before it, pair by pair (BESIDE pairs, the median).
+     stream of its own weights (plain loads of the same buffers in the same order,
+     kernels.stream_read) read right before it, pair by pair (BESIDE pairs, the median).
 and the machine's ceilings they are read against: the fp32 FMA peak (kernels.fma_peak, a
 register-only loop) for products over many rows, or, for those on bf16 panels where they
 multiply in bf16 (kernels.panel_pairs), the bf16 dot-product peak (kernels.bf16_peak);
@@ -146,7 +147,7 @@ def batches(trials: int) -> list[dict[str, Any]]:
 STEP_FORMATS = ("none", "bf16", "int8", "int4")
 STEP_ROWS = (1, 16)
 STEP_CONTEXT = 64
-BESIDE = 15  # rounds of (read bandwidth, batch-1 step) pairs
+BESIDE = 15  # pairs of (the weights' own stream, batch-1 step)
 
 
 def step(trials: int) -> list[dict[str, Any]]:
@@ -162,22 +163,23 @@ def step(trials: int) -> list[dict[str, Any]]:
         for n in STEP_ROWS:
             if n <= stack.max_rows:  # fp32 past 4 rows: oneDNN's products instead
                 nbytes = model.layer_bytes() * model.num_layers
-                one, per, beside = step_times(model, n, trials, nbytes if n == 1 else 0)
+                one, per, beside = step_times(model, n, trials, own_stream=n == 1)
                 out.append({"format": q if q != "none" else "fp32", "rows": n,
                             "one_call_ms": one * 1e3, "per_layer_ms": per * 1e3,
                             "weight_mb": nbytes / 1e6,
-                            "of_read_bandwidth_beside": beside})  # fmt: skip
+                            "of_own_stream_beside": beside})  # fmt: skip
         del model
     return out
 
 
-def step_times(model: Any, n: int, trials: int, nbytes: int = 0
+def step_times(model: Any, n: int, trials: int, own_stream: bool = False
                ) -> tuple[float, float, float | None]:  # fmt: skip
     """Seconds per decode step of n rows at context STEP_CONTEXT: the stack in one call,
-    and one call per layer; with `nbytes` (the layers' weights), also the bytes/s of the
-    one call over the read bandwidth measured right before it, median of BESIDE rounds
-    (the two meet the same spell of a shared host's bandwidth, which moves within
-    minutes: the fraction the best-of figures cannot give)."""
+    and one call per layer; with `own_stream`, also the one call's time against
+    the stream of the same weights read right before it (kernels.stream_read: plain
+    loads of those buffers, in the step's order, split and synchronized as it is): the
+    fraction of that stream's bytes/s the step gets, median of BESIDE pairs (the two meet
+    the same spell of a shared host's bandwidth, which moves within minutes)."""
     from server.engine.attention import PagedAttention
     from server.engine.kv_cache import KVCacheConfig, KVCacheManager
     from server.engine.scheduler import Sequence
@@ -208,11 +210,14 @@ def step_times(model: Any, n: int, trials: int, nbytes: int = 0
             kernels.decode_layer(h, layer, cos, sin, p)
 
     beside = None
-    if nbytes:
-        big, fractions = torch.ones(1 << 28), []
+    if own_stream:  # the same weights' bytes: plain loads, the step's order
+        bufs = [t for layer in layers for m in layer.matrices
+                for t in (m.data, m.scale, m.minimum) if t is not None]  # fmt: skip
+        size, threads = sum(b.nbytes for b in bufs), torch.get_num_threads()
+        fractions = []
         for _ in range(BESIDE):
-            read = big.nbytes / best(lambda: big.sum(), 2)
-            fractions.append(nbytes / best(one_call, 1, 5) / read)
+            read = size / best(lambda: kernels.stream_read(bufs, threads), 2)
+            fractions.append(size / best(one_call, 1, 5) / read)
         beside = statistics.median(fractions)
     return best(one_call, trials, 5), best(per_layer, trials, 5), beside
 
@@ -248,11 +253,11 @@ def tables(r: dict[str, Any]) -> str:
             cells.append(f"{g:.0f} ({g / bf16:.2f} b)" if dotted else f"{g:.0f} ({g / peak:.2f})")
         lines.append(f"| {row['rows']} | " + " | ".join(cells) + " |")
     lines += ["", "| weights | rows | one call per step, ms | one call per layer, ms | ratio | "
-              "weights MB | GB/s (one call) | of read bandwidth | of the read bandwidth "
-              "measured beside it |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+              "weights MB | GB/s (one call) | of read bandwidth | of its own weights' "
+              "stream, beside it |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for row in r["step"]:
         one, per, mb = row["one_call_ms"], row["per_layer_ms"], row.get("weight_mb")
-        beside = row.get("of_read_bandwidth_beside")
+        beside = row.get("of_own_stream_beside")
         # batch 1 streams the weights; more rows are bound by arithmetic (the sweep above)
         bytes_cells = (
             f"{mb:.0f} | {mb / one:.1f} | {mb / one / bw:.2f} | "

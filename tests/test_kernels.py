@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -355,3 +356,15 @@ def test_decode_layers_refuses_what_it_cannot_run(tiny_dir: Path) -> None:
         kernels.decode_layers(h, stack, 0, [3] * n_layers, cs, cs, kv)
     with pytest.raises(AssertionError):  # past the last layer
         kernels.decode_layers(h, stack, 1, [2] * n_layers, cs, cs, kv)
+
+
+def test_the_weight_stream_reads_every_word_of_every_buffer_once() -> None:
+    # what the kernels benchmark times as a decode step's best stream: the sum mod 2**64
+    # of the 64-bit words proves each buffer was read whole, tails included, once
+    g = torch.Generator().manual_seed(5)
+    buffers = [torch.randint(-128, 128, (n,), dtype=torch.int8, generator=g)
+               for n in (8, 120, 4096, 576 * 960 + 8)]  # fmt: skip
+    words = np.concatenate([b.numpy().view(np.uint64) for b in buffers])
+    expect = int(words.sum(dtype=np.uint64))  # numpy wraps mod 2**64
+    for threads in (1, 2, 3):
+        assert kernels.stream_read(buffers, threads) == expect

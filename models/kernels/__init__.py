@@ -21,6 +21,7 @@ import logging
 import os
 import platform
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,6 +172,8 @@ def _lib() -> ctypes.CDLL | None:
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.soft_linear.argtypes = [p, i, i, ctypes.POINTER(_Weight), p, p, i, i, p, f, i, i]
     lib.soft_linear.restype = i
+    lib.soft_stream_read.argtypes = [p, p, i, i]
+    lib.soft_stream_read.restype = ctypes.c_uint64
     for name in ("soft_fma_peak", "soft_bf16_peak"):
         getattr(lib, name).argtypes = [ctypes.c_long, i]
         getattr(lib, name).restype = ctypes.c_double
@@ -355,6 +358,21 @@ def bf16_peak(threads: int, iters: int = 20_000_000) -> float | None:
     assert lib is not None, unavailable_reason()
     peak = float(lib.soft_bf16_peak(iters, threads))
     return peak if peak > 0 else None
+
+
+def stream_read(buffers: Sequence[Tensor], threads: int) -> int:
+    """Read `buffers` (contiguous CPU tensors, each a multiple of 8 bytes) in order with
+    plain vector loads, each split over `threads` threads with a barrier after it, as a
+    decode step reads its products: timed, the stream a step's weights can at best get.
+    Returns the sum of their 64-bit words mod 2**64 (what keeps the loads)."""
+    lib = _lib()
+    assert lib is not None, unavailable_reason()
+    for t in buffers:
+        assert t.is_contiguous() and t.is_cpu and t.nbytes % 8 == 0, (t.shape, t.dtype)
+    n = len(buffers)
+    ptrs = (ctypes.c_void_p * n)(*(t.data_ptr() for t in buffers))
+    sizes = (ctypes.c_int64 * n)(*(t.nbytes for t in buffers))
+    return int(lib.soft_stream_read(ptrs, sizes, n, threads))
 
 
 def vector_lanes() -> int:

@@ -1278,6 +1278,41 @@ double soft_bf16_peak(long iters, int threads) {
 #endif
 }
 
+// The stream a decode step's weights can at best get: buffers data[0..count), bytes[i]
+// each (a multiple of 8), read in order with 256-bit loads and nothing else, each split
+// in halves (a share a thread) over `threads` threads with a barrier after it, as a step
+// reads its products. Returns the sum of every 64-bit word, mod 2^64 (what keeps the
+// loads; the benchmark times the call).
+uint64_t soft_stream_read(const void* const* data, const int64_t* bytes, int count, int threads) {
+  uint64_t total = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+  {
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    uint64_t tail = 0;
+    for (int i = 0; i < count; i++) {
+      const int64_t words = bytes[i] / 8;
+      int lo, hi;
+      share((int)((words + 15) / 16), lo, hi);  // 128-byte units
+      const uint64_t* w = static_cast<const uint64_t*>(data[i]);
+      const int64_t end = 16 * (int64_t)hi < words ? 16 * (int64_t)hi : words;
+      int64_t k = 16 * (int64_t)lo;
+      for (; k + 16 <= end; k += 16) {
+        a0 = _mm256_add_epi64(a0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)));
+        a1 = _mm256_add_epi64(a1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 4)));
+        a2 = _mm256_add_epi64(a2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 8)));
+        a3 = _mm256_add_epi64(a3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 12)));
+      }
+      for (; k < end; k++) tail += w[k];
+#pragma omp barrier
+    }
+    alignas(32) uint64_t v[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(v),
+                       _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3)));
+    total += v[0] + v[1] + v[2] + v[3] + tail;
+  }
+  return total;
+}
+
 // The vector width the products over many rows use: 16 fp32 lanes with AVX-512, else 8.
 int soft_vector_lanes() { return FMA_LANES; }
 
