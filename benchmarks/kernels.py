@@ -160,9 +160,9 @@ def step(trials: int) -> list[dict[str, Any]]:
         model.pack()
         stack = model.weights.stack
         assert stack is not None, "every layer has kernel layouts here"
+        nbytes = model.layer_bytes() * model.num_layers
         for n in STEP_ROWS:
             if n <= stack.max_rows:  # fp32 past 4 rows: oneDNN's products instead
-                nbytes = model.layer_bytes() * model.num_layers
                 one, per, beside = step_times(model, n, trials, own_stream=n == 1)
                 out.append({"format": q if q != "none" else "fp32", "rows": n,
                             "one_call_ms": one * 1e3, "per_layer_ms": per * 1e3,

@@ -439,21 +439,29 @@ def ratio(x: float | None, y: float | None) -> str:
     return f"{x / y:.2f}x" if x and y else "-"
 
 
+def reference_level(concurrency: list[int]) -> int:
+    """The concurrency whose aggregate the ratios are read at: 16 streams, else the most."""
+    return 16 if 16 in concurrency else concurrency[-1]
+
+
+def level_figure(levels: list[dict[str, Any]], c: int, key: str, repeated: bool = False
+                 ) -> float | None:  # fmt: skip
+    """`key` of the level at concurrency `c` (the repeated-prompt one, or the distinct
+    prompts'), None when there is no such level."""
+    return next((lv[key] for lv in levels if lv["concurrency"] == c
+                 and lv.get("repeated", False) == repeated), None)  # fmt: skip
+
+
 def table(results: list[dict[str, Any]], concurrency: list[int]) -> str:
     """Markdown: one line per row; ratios against llama.cpp at the row's precision, as its
     users run it (prompt cache on: the +cache row) and with its cache off."""
     llama = {(r["precision"], bool(r.get("cache"))): r for r in results
              if r["server"] == "llama.cpp"}  # fmt: skip
 
-    def level(r: dict[str, Any], c: int, repeated: bool = False) -> dict[str, Any] | None:
-        return next((lv for lv in r["levels"] if lv["concurrency"] == c
-                     and lv.get("repeated", False) == repeated), None)  # fmt: skip
-
     def get(r: dict[str, Any] | None, c: int, key: str, repeated: bool = False) -> float | None:
-        lv = level(r, c, repeated) if r else None
-        return lv[key] if lv else None
+        return level_figure(r["levels"], c, key, repeated) if r else None
 
-    ref = 16 if 16 in concurrency else concurrency[-1]
+    ref = reference_level(concurrency)
     head = ["server", "weights", "depth", "cache", "bs-1 decode tok/s", "TTFT ms p50 (c=1)",
             "TTFT ms p50 repeated", *[f"agg tok/s c={c}" for c in concurrency],
             "bs-1 vs llama.cpp (cache on / off)",
@@ -810,23 +818,21 @@ def round_ratios(results: list[dict[str, Any]], concurrency: list[int]) -> str:
     level): the spread the medians hide."""
     llama = {r["precision"]: r for r in results
              if r["server"] == "llama.cpp" and r.get("cache") and "rounds" in r}  # fmt: skip
-    ref = 16 if 16 in concurrency else concurrency[-1]
-
-    def get(levels: list[dict[str, Any]], c: int, key: str) -> float | None:
-        return next((lv[key] for lv in levels
-                     if lv["concurrency"] == c and not lv["repeated"]), None)  # fmt: skip
-
+    ref = reference_level(concurrency)
     lines = []
     for r in results:
         peer = llama.get(r["precision"])
         if r["server"] == "llama.cpp" or peer is None or "rounds" not in r:
             continue
         pairs = list(zip(r["rounds"], peer["rounds"], strict=False))
-        bs1 = [ratio(get(a, 1, "decode_tok_s"), get(b, 1, "decode_tok_s")) for a, b in pairs]
+        bs1 = [
+            ratio(level_figure(a, 1, "decode_tok_s"), level_figure(b, 1, "decode_tok_s"))
+            for a, b in pairs
+        ]
         cells = [f"bs-1 {', '.join(bs1)}"]
         if ref != 1:
-            cells.append(f"c={ref} " + ", ".join(ratio(get(a, ref, "aggregate_tok_s"),
-                                                       get(b, ref, "aggregate_tok_s"))
+            cells.append(f"c={ref} " + ", ".join(ratio(level_figure(a, ref, "aggregate_tok_s"),
+                                                       level_figure(b, ref, "aggregate_tok_s"))
                                                  for a, b in pairs))  # fmt: skip
         lines.append(f"- {r['name']} vs {peer['name']}, round by round: {'; '.join(cells)}")
     return "\n".join(lines)

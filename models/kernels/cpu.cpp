@@ -253,11 +253,26 @@ inline __m512 spread_lanes(const float* v, int count) {
   return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(f));
 }
 
+// int8: per activation row of a product, what w + 128 adds to each of its outputs (128
+// times the sum of its rounded values), taken off each output after: once per product
+inline void int8_shifts(const float* xsum, int mrows, int nb, float* shift) {
+  for (int m = 0; m < mrows; m++) {
+    const float* sums = xsum + (size_t)m * nb;
+    __m512 total = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b += 16) {
+      const __mmask16 in = nb - b >= 16 ? 0xFFFF : (__mmask16)((1u << (nb - b)) - 1);
+      total = _mm512_add_ps(total, _mm512_maskz_loadu_ps(in, sums + b));
+    }
+    shift[m] = 128.f * _mm512_reduce_add_ps(total);
+  }
+}
+
 // MM activation rows (1, 2 or 4: int8; 1 or 2: Q4, whose pass holds more registers) from
 // row m through one tile: each weight vector loaded (and unpacked) once for all of them.
+// `shift`: int8's int8_shifts (unused for Q4).
 template <int T, int MM>
-void vnni_rows(const int8_t* qx, const float* dx, const float* xsum, int m, int K,
-               const Weight& w, const uint8_t* const* rows, const int* rn, int n0, int nr,
+void vnni_rows(const int8_t* qx, const float* dx, const float* xsum, const float* shift, int m,
+               int K, const Weight& w, const uint8_t* const* rows, const int* rn, int n0, int nr,
                float* y, int ldy, bool acc, const float* bias) {
   const int nb = K / 32;
   const __m512i zero = _mm512_setzero_si512(), low4 = _mm512_set1_epi8(0x0F);
@@ -325,35 +340,27 @@ void vnni_rows(const int8_t* qx, const float* dx, const float* xsum, int m, int 
           a[u][r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(in, mr + b2), _mm512_maskz_loadu_ps(in, sums + b2), a[u][r]);
         }
       }
-    float shift = 0.f;  // int8: the rounded x's sum (128 times it is what w + 128 added)
-    if (T == W_I8) {
-      __m512 total = _mm512_setzero_ps();
-      for (int b2 = 0; b2 < nb; b2 += 16) {
-        const __mmask16 in = nb - b2 >= 16 ? 0xFFFF : (__mmask16)((1u << (nb - b2)) - 1);
-        total = _mm512_add_ps(total, _mm512_maskz_loadu_ps(in, sums + b2));
-      }
-      shift = _mm512_reduce_add_ps(total);
-    }
     float v[R];
     _mm_storeu_ps(v, hsum4(a[u]));
     float* yr = y + (size_t)(m + u) * ldy;
     for (int r = 0; r < nr; r++)
-      put(yr, n0 + r, T == W_I8 ? (v[r] - 128.f * shift) * w.scale[n0 + r] : v[r], bias, acc);
+      put(yr, n0 + r, T == W_I8 ? (v[r] - shift[m + u]) * w.scale[n0 + r] : v[r], bias, acc);
   }
 }
 
 template <int T>
-void tile_int_vnni(const int8_t* qx, const float* dx, const float* xsum, int mrows, int K,
-                   const Weight& w, int n0, int nr, float* y, int ldy, bool acc, const float* bias) {
+void tile_int_vnni(const int8_t* qx, const float* dx, const float* xsum, const float* shift,
+                   int mrows, int K, const Weight& w, int n0, int nr, float* y, int ldy, bool acc,
+                   const float* bias) {
   const uint8_t* rows[R];
   int rn[R];
   tile_rows(w, n0, nr, rows, rn);
   int m = 0;
   for (; T == W_I8 && m + 4 <= mrows; m += 4)
-    vnni_rows<T, 4>(qx, dx, xsum, m, K, w, rows, rn, n0, nr, y, ldy, acc, bias);
+    vnni_rows<T, 4>(qx, dx, xsum, shift, m, K, w, rows, rn, n0, nr, y, ldy, acc, bias);
   for (; m + 2 <= mrows; m += 2)
-    vnni_rows<T, 2>(qx, dx, xsum, m, K, w, rows, rn, n0, nr, y, ldy, acc, bias);
-  if (m < mrows) vnni_rows<T, 1>(qx, dx, xsum, m, K, w, rows, rn, n0, nr, y, ldy, acc, bias);
+    vnni_rows<T, 2>(qx, dx, xsum, shift, m, K, w, rows, rn, n0, nr, y, ldy, acc, bias);
+  if (m < mrows) vnni_rows<T, 1>(qx, dx, xsum, shift, m, K, w, rows, rn, n0, nr, y, ldy, acc, bias);
 }
 #endif
 
@@ -791,6 +798,10 @@ void linear_team(const float* x, int M, int ldx, const Weight& w, const float* b
       xin = s.buf;
       ld = K;
     }
+#ifdef INT_VNNI
+    float shifts[M_CHUNK];  // each thread its own: the rows are all quantized now
+    if (T == W_I8 && !panels) int8_shifts(s.xsum, mrows, nb, shifts);
+#endif
     int lo, hi;
     float* yout = y + (size_t)m0 * ldy;
     if (panels) {  // PANELS panels a call (the AVX-512 loop takes two)
@@ -822,8 +833,8 @@ void linear_team(const float* x, int M, int ldx, const Weight& w, const float* b
         if (T == W_F32) tile_f32(xin, ld, mrows, w, n0, nr, yout, ldy, add, bias);
         else if (T == W_BF16) tile_bf16(xin, ld, mrows, w, n0, nr, yout, ldy, add, bias);
 #ifdef INT_VNNI
-        else if (T == W_I8) tile_int_vnni<W_I8>(s.qx, s.dx, s.xsum, mrows, K, w, n0, nr, yout, ldy, add, bias);
-        else tile_int_vnni<W_Q4>(s.qx, s.dx, s.xsum, mrows, K, w, n0, nr, yout, ldy, add, bias);
+        else if (T == W_I8) tile_int_vnni<W_I8>(s.qx, s.dx, s.xsum, shifts, mrows, K, w, n0, nr, yout, ldy, add, bias);
+        else tile_int_vnni<W_Q4>(s.qx, s.dx, s.xsum, nullptr, mrows, K, w, n0, nr, yout, ldy, add, bias);
 #else
         else if (T == W_I8) tile_int<W_I8>(s.qx, s.dx, s.xsum, mrows, K, w, n0, nr, yout, ldy, add, bias);
         else tile_int<W_Q4>(s.qx, s.dx, s.xsum, mrows, K, w, n0, nr, yout, ldy, add, bias);
