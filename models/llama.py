@@ -575,7 +575,7 @@ class SortedModel(nn.Module):
                       ) -> Tensor | None:  # fmt: skip
         """Layers [start, stop) for decode rows h (n, 1, H) in one `kernels.decode_layers`
         call, each row to its own exit; None where that cannot run (prefill rows, no
-        paged fp32 cache, a layer without kernel layouts, more rows than they take)."""
+        paged fp32 or fp16 cache, a layer without kernel layouts, more rows than they take)."""
         stack, n = weights.stack, len(h)
         if stack is None or stop <= start or h.shape[1] != 1 or n > stack.max_rows:
             return None

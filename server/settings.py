@@ -66,6 +66,13 @@ class Settings(BaseSettings):
     kv_cache_memory: ByteSize = Field(
         ByteSize(1 << 30), description="bytes for KV-cache blocks, e.g. 2GiB or 512MiB"
     )
+    kv_cache_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto",
+        description="KV-cache element type: auto is float16 where soft-serve's CPU kernels "
+        "attend (half the bytes a decode step reads from the cache and twice the tokens "
+        "--kv-cache-memory holds; llama.cpp's default too), the model's dtype elsewhere; "
+        "float32 keeps the attention's inputs exact",
+    )
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV-cache block")
     max_num_seqs: int = Field(32, ge=1, description="sequences per decode batch")
     prefix_cache: bool = Field(

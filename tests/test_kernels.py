@@ -239,12 +239,12 @@ def test_without_a_compiler_the_shipped_build_runs(
 
 def _cache_with_rows(
     lengths: list[int], layers: int = 2, kv_heads: int = 2, head_dim: int = 16,
-    block_size: int = 4,
+    block_size: int = 4, dtype: torch.dtype = torch.float32,
 ) -> tuple[KVCacheManager, list[Sequence]]:  # fmt: skip
     """A cache whose rows hold `lengths` tokens of random keys/values at every layer."""
     blocks = sum(-(-(n + 1) // block_size) for n in lengths) * layers
     cfg = KVCacheConfig(num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim,
-                        num_blocks=blocks, block_size=block_size)  # fmt: skip
+                        num_blocks=blocks, block_size=block_size, dtype=dtype)  # fmt: skip
     cache = KVCacheManager(cfg)
     torch.manual_seed(0)
     cache.k.normal_()
@@ -264,15 +264,18 @@ def _cache_with_rows(
 # keys 8 at a time: a partial block, one under 8, two blocks; chunks of 128 tokens: three
 # (the last partial), exactly one, one and a token, beside a short row
 @pytest.mark.parametrize("lengths", [[9, 3, 14], [300, 128, 129, 5]])
+@pytest.mark.parametrize("dtype", kernels.KV_DTYPES)  # an fp16 cache: widened as it is read
 def test_decode_attention_matches_the_torch_path(
-    monkeypatch: pytest.MonkeyPatch, head_dim: int, block_size: int, lengths: list[int]
-) -> None:
+    monkeypatch: pytest.MonkeyPatch, head_dim: int, block_size: int, lengths: list[int],
+    dtype: torch.dtype,
+) -> None:  # fmt: skip
     n = len(lengths)
     q = torch.randn(n, 1, 6, head_dim)  # 6 query heads over 2 kv heads
     k, v = torch.randn(n, 1, 2, head_dim), torch.randn(n, 1, 2, head_dim)
     outs, caches = [], []
     for fused in (True, False):
-        cache, seqs = _cache_with_rows(lengths, head_dim=head_dim, block_size=block_size)
+        cache, seqs = _cache_with_rows(lengths, head_dim=head_dim, block_size=block_size,
+                                       dtype=dtype)  # fmt: skip
         if not fused:
             monkeypatch.setattr(kernels, "attends", lambda *a: False)
         kv = PagedAttention(cache, seqs, [2] * n, [n for n in lengths], 1)
@@ -300,8 +303,9 @@ def test_a_rows_attention_does_not_depend_on_the_other_rows() -> None:
 
 @needs
 @pytest.mark.parametrize("quantization", [None, "int8"])
+@pytest.mark.parametrize("dtype", kernels.KV_DTYPES)
 def test_decode_step_in_one_call_matches_layer_by_layer_and_torch(
-    tiny_dir: Path, quantization: str | None, monkeypatch: pytest.MonkeyPatch
+    tiny_dir: Path, quantization: str | None, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The whole stack in one call (kernels.decode_layers), one fused call per layer
     (kernels.decode_layer) and torch's ops agree, rows leaving at their own exits."""
@@ -329,7 +333,7 @@ def test_decode_step_in_one_call_matches_layer_by_layer_and_torch(
     monkeypatch.setattr(kernels, "decode_layers", spy)
     results, caches = [], []
     for path in ("stack", "layer", "torch"):
-        cache, seqs = _cache_with_rows([9, 3], n_layers, c.num_kv_heads, c.head_dim)
+        cache, seqs = _cache_with_rows([9, 3], n_layers, c.num_kv_heads, c.head_dim, dtype=dtype)
         model._weights = {"stack": packed, "layer": without_stack, "torch": unfused}[path]
         kv = PagedAttention(cache, seqs, depths, [9, 3], 1)
         with torch.inference_mode():

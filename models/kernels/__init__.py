@@ -73,6 +73,7 @@ class _Paged(ctypes.Structure):
     _fields_ = [
         ("k", ctypes.c_void_p),
         ("v", ctypes.c_void_p),
+        ("half", ctypes.c_int32),
         ("block_size", ctypes.c_int32),
         ("max_blocks", ctypes.c_int32),
         ("table", ctypes.c_void_p),
@@ -82,6 +83,9 @@ class _Paged(ctypes.Structure):
         ("scale", ctypes.c_float),
     ]
 
+
+# the KV cache element types the decode kernels read and write
+KV_DTYPES = (torch.float32, torch.float16)
 
 _reason: str | None = None
 _path: Path | None = None
@@ -152,7 +156,7 @@ def _lib() -> ctypes.CDLL | None:
     if platform.machine() not in ("x86_64", "AMD64"):
         _reason = f"the kernels are x86-64 code; this is {platform.machine()}"
         return None
-    missing = {"avx2", "fma"} - _cpu_flags()
+    missing = {"avx2", "fma", "f16c"} - _cpu_flags()
     if missing:
         _reason = f"this CPU lacks {', '.join(sorted(missing))}"
         return None
@@ -187,29 +191,8 @@ def _lib() -> ctypes.CDLL | None:
         getattr(lib, name).restype = i
     lib.soft_rope.argtypes = [p, i, i, i, i, p, p, i]
     lib.soft_rope.restype = None
-    lib.soft_attend_decode.argtypes = [
-        p,
-        i,
-        p,
-        i,
-        p,
-        i,
-        i,
-        i,
-        i,
-        i,
-        p,
-        p,
-        i,
-        p,
-        i,
-        p,
-        p,
-        p,
-        f,
-        p,
-        i,
-    ]
+    lib.soft_attend_decode.argtypes = [p, i, p, i, p, i, i, i, i, i, p, p, i, i, p, i, p, p, p,
+                                       f, p, i]  # fmt: skip
     lib.soft_attend_decode.restype = i
     lib.soft_decode_layers.argtypes = [p, i, i, p, p, p, p, ctypes.POINTER(_Paged),
                                        ctypes.c_int64, ctypes.c_int64, i]  # fmt: skip
@@ -459,7 +442,7 @@ def attends(q: Tensor, cache_k: Tensor) -> bool:
     """`attend_decode` takes queries like q (n, 1, Hq, D) over a cache like cache_k."""
     d, hq, hkv = q.shape[-1], q.shape[-2], cache_k.shape[-2]
     return (
-        available() and q.dtype == cache_k.dtype == torch.float32 and q.shape[1] == 1
+        available() and q.dtype == torch.float32 and cache_k.dtype in KV_DTYPES and q.shape[1] == 1
         and q.is_cpu and cache_k.is_contiguous() and d % 8 == 0 and hq % hkv == 0
     )  # fmt: skip
 
@@ -480,7 +463,7 @@ def attend_decode(
     cache block `write_block[r]` at `write_offset[r]`, then its query (n, 1, Hq, D)
     attends over its first `length[r]` tokens, found through `table` (n, max_blocks)
     block ids, in cache_k / cache_v (blocks, block_size, Hkv, D). int64 indices, fp32
-    values. Returns (n, 1, Hq, D)."""
+    queries, keys and values, the cache fp32 or fp16 (`KV_DTYPES`). Returns (n, 1, Hq, D)."""
     lib = _lib()
     assert lib is not None, unavailable_reason()
     n, _, hq, d = q.shape
@@ -493,7 +476,8 @@ def attend_decode(
     rc = lib.soft_attend_decode(
         q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), n, hq,
         hkv, d,
-        cache_k.data_ptr(), cache_v.data_ptr(), cache_k.shape[1], table.data_ptr(),
+        cache_k.data_ptr(), cache_v.data_ptr(), int(cache_k.dtype == torch.float16),
+        cache_k.shape[1], table.data_ptr(),
         table.shape[1], *(t.data_ptr() for t in idx), scale, out.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip
@@ -508,7 +492,7 @@ class PagedKV:
     each write one token (row r at `write_offset[r]` of block `write_block[r]`) and
     attend over their first `length[r]` tokens, in blocks `table[r]`."""
 
-    k: Tensor  # (blocks, block_size, Hkv, D) fp32
+    k: Tensor  # (blocks, block_size, Hkv, D) fp32 or fp16 (KV_DTYPES)
     v: Tensor
     table: Tensor  # (rows, max_blocks) int64
     write_block: Tensor  # (rows,) int64
@@ -584,7 +568,9 @@ def _decode(h: Tensor, layers: object, rows: list[int], cos: Tensor, sin: Tensor
     for t in (kv.write_block, kv.write_offset, kv.length):
         assert t.dtype == torch.int64 and t.stride(0) == 1
     assert kv.table.dtype == torch.int64 and kv.table.is_contiguous()
-    paged = _Paged(kv.k.data_ptr(), kv.v.data_ptr(), kv.k.shape[1], kv.table.shape[1],
+    assert kv.k.dtype in KV_DTYPES and kv.v.dtype == kv.k.dtype
+    paged = _Paged(kv.k.data_ptr(), kv.v.data_ptr(), int(kv.k.dtype == torch.float16),
+                   kv.k.shape[1], kv.table.shape[1],
                    kv.table.data_ptr(), kv.write_block.data_ptr(), kv.write_offset.data_ptr(),
                    kv.length.data_ptr(), kv.scale)  # fmt: skip
     counts = (ctypes.c_int * len(rows))(*rows)

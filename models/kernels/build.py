@@ -25,7 +25,7 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("cpu.cpp")
 COMMON = ("-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC")
 NATIVE = ("-march=native",)  # this CPU's whole instruction set
-PORTABLE = ("-mavx2", "-mfma")  # what cpu.cpp's intrinsics need, nothing more
+PORTABLE = ("-mavx2", "-mfma", "-mf16c")  # what cpu.cpp's intrinsics need, nothing more
 TIMEOUT_S = 300
 
 

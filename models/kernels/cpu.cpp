@@ -868,6 +868,7 @@ void rope_team(float* x, int M, int ld, int heads, int D, const float* cos, cons
 // for a range of query heads. How a row is chunked depends on its length alone, so its
 // numbers do not depend on the other rows of the step (self-speculation's greedy identity).
 constexpr int ATT_CHUNK = 128;
+constexpr int ATT_AHEAD = 32;  // tokens ahead of its scores that a task prefetches
 
 inline int att_chunks(int64_t length) { return (int)((length + ATT_CHUNK - 1) / ATT_CHUNK); }
 
@@ -891,8 +892,23 @@ size_t att_partials(int n, const int64_t* length, int hq, int d) {
 // 8 tokens at a time (one horizontal sum for all 8), softmax with a vectorized exp, then
 // the values. A row of one chunk writes its output; longer rows leave each chunk's
 // maximum, sum and unnormalized values in `partial` (att_partials floats), combined after.
+// The cache holds fp32 (T = float) or IEEE fp16 (T = uint16_t: half the bytes a step
+// reads, widened by F16C as they are loaded and rounded to nearest even as they are
+// written, as torch's .to(float16) rounds).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline void store_row(float* dst, const float* src, int d) { memcpy(dst, src, sizeof(float) * d); }
+inline void store_row(uint16_t* dst, const float* src, int d) {  // d: a multiple of 8
+  for (int e = 0; e < d; e += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + e),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + e), _MM_FROUND_TO_NEAREST_INT));
+}
+
+template <typename T>
 void attend_team(const float* q, int ldq, const float* k, int ldk, const float* v, int ldv, int n,
-                 int hq, int hkv, int d, float* cache_k, float* cache_v, int block_size,
+                 int hq, int hkv, int d, T* cache_k, T* cache_v, int block_size,
                  const int64_t* table, int max_blocks, const int64_t* write_block,
                  const int64_t* write_offset, const int64_t* length, float scale, float* out,
                  float* partial) {
@@ -902,8 +918,8 @@ void attend_team(const float* q, int ldq, const float* k, int ldk, const float* 
   for (int task = 0; task < n * hkv; task++) {
     const int r = task / hkv, g = task % hkv;
     const size_t slot = ((size_t)write_block[r] * block_size + write_offset[r]) * hkv + g;
-    memcpy(cache_k + slot * d, k + (size_t)r * ldk + (size_t)g * d, sizeof(float) * d);
-    memcpy(cache_v + slot * d, v + (size_t)r * ldv + (size_t)g * d, sizeof(float) * d);
+    store_row(cache_k + slot * d, k + (size_t)r * ldk + (size_t)g * d, d);
+    store_row(cache_v + slot * d, v + (size_t)r * ldv + (size_t)g * d, d);
   }
   int chunks = 0;
   for (int r = 0; r < n; r++) chunks += att_chunks(length[r]);
@@ -927,7 +943,7 @@ void attend_team(const float* q, int ldq, const float* k, int ldk, const float* 
     const int64_t* tab = table + (size_t)r * max_blocks;
     for (int h = task % parts * unit; h < (task % parts + 1) * unit; h++) {
       const int g = h / rep;
-      auto key = [&](const float* cache, int t) {
+      auto key = [&](const T* cache, int t) {
         return cache + (((size_t)tab[t / block_size] * block_size + t % block_size) * hkv + g) * d;
       };
       const float* qh = q + (size_t)r * ldq + (size_t)h * d;
@@ -937,23 +953,35 @@ void attend_team(const float* q, int ldq, const float* k, int ldk, const float* 
         // the same sum in the same order as one key at a time (one chain was bound by the
         // FMA's latency); past the chunk's last token its last key again, masked below.
         // Named accumulators, so that GCC keeps them in registers (see panel)
-        const float* k0 = key(cache_k, s0);
+        const T* k0 = key(cache_k, s0);
         auto at = [&](int i) {
           const int t = s0 + i < t1 ? s0 + i : t1 - 1;
           return runs8 ? k0 + (size_t)(t - s0) * stride : key(cache_k, t);
         };
-        const float *k1 = at(1), *k2 = at(2), *k3 = at(3), *k4 = at(4), *k5 = at(5), *k6 = at(6), *k7 = at(7);
+        const T *k1 = at(1), *k2 = at(2), *k3 = at(3), *k4 = at(4), *k5 = at(5), *k6 = at(6), *k7 = at(7);
+        // the keys and values ATT_AHEAD tokens on: the first query head of a kv head
+        // fetches them (its others find them in cache), the values into L2 for the pass
+        // after the scores (paired runs: 1-3 % off a step at 150 tokens, 3-7 % at 1024)
+        if (h % rep == 0 || unit == 1)
+          for (int t = s0 + ATT_AHEAD; t < s0 + ATT_AHEAD + 8 && t < t1; t++) {
+            const char* pk = reinterpret_cast<const char*>(key(cache_k, t));
+            const char* pv = reinterpret_cast<const char*>(key(cache_v, t));
+            for (size_t o = 0; o < sizeof(T) * d; o += 64) {
+              _mm_prefetch(pk + o, _MM_HINT_T0);
+              _mm_prefetch(pv + o, _MM_HINT_T1);
+            }
+          }
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
         for (int e = 0; e < d; e += 8) {
           const __m256 qv = _mm256_loadu_ps(qh + e);
-          a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + e), a0);
-          a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + e), a1);
-          a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + e), a2);
-          a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + e), a3);
-          a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k4 + e), a4);
-          a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k5 + e), a5);
-          a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k6 + e), a6);
-          a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k7 + e), a7);
+          a0 = _mm256_fmadd_ps(qv, load8(k0 + e), a0);
+          a1 = _mm256_fmadd_ps(qv, load8(k1 + e), a1);
+          a2 = _mm256_fmadd_ps(qv, load8(k2 + e), a2);
+          a3 = _mm256_fmadd_ps(qv, load8(k3 + e), a3);
+          a4 = _mm256_fmadd_ps(qv, load8(k4 + e), a4);
+          a5 = _mm256_fmadd_ps(qv, load8(k5 + e), a5);
+          a6 = _mm256_fmadd_ps(qv, load8(k6 + e), a6);
+          a7 = _mm256_fmadd_ps(qv, load8(k7 + e), a7);
         }
         const __m256 a[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
         __m256 sc = _mm256_mul_ps(hsum8(a), _mm256_set1_ps(scale));
@@ -990,18 +1018,18 @@ void attend_team(const float* q, int ldq, const float* k, int ldk, const float* 
           __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
           for (int b0 = t0; b0 < t1;) {  // a block's tokens at a time: one key lookup each
             const int end = (b0 / block_size + 1) * block_size < t1 ? (b0 / block_size + 1) * block_size : t1;
-            const float* vb = key(cache_v, b0) + e0;
+            const T* vb = key(cache_v, b0) + e0;
             for (int t = b0; t < end; t++) {
               const __m256 p = _mm256_set1_ps(scores[t - t0]);
-              const float* vp = vb + (size_t)(t - b0) * stride;
-              c0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp), c0);
-              c1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 8), c1);
-              c2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 16), c2);
-              c3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 24), c3);
-              c4 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 32), c4);
-              c5 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 40), c5);
-              c6 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 48), c6);
-              c7 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 56), c7);
+              const T* vp = vb + (size_t)(t - b0) * stride;
+              c0 = _mm256_fmadd_ps(p, load8(vp), c0);
+              c1 = _mm256_fmadd_ps(p, load8(vp + 8), c1);
+              c2 = _mm256_fmadd_ps(p, load8(vp + 16), c2);
+              c3 = _mm256_fmadd_ps(p, load8(vp + 24), c3);
+              c4 = _mm256_fmadd_ps(p, load8(vp + 32), c4);
+              c5 = _mm256_fmadd_ps(p, load8(vp + 40), c5);
+              c6 = _mm256_fmadd_ps(p, load8(vp + 48), c6);
+              c7 = _mm256_fmadd_ps(p, load8(vp + 56), c7);
             }
             b0 = end;
           }
@@ -1011,8 +1039,8 @@ void attend_team(const float* q, int ldq, const float* k, int ldk, const float* 
           for (int u = 0; u < 8; u++) acc[u] = _mm256_setzero_ps();
           for (int t = t0; t < t1; t++) {
             const __m256 p = _mm256_set1_ps(scores[t - t0]);
-            const float* vp = key(cache_v, t) + e0;
-            for (int u = 0; u < w; u++) acc[u] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp + 8 * u), acc[u]);
+            const T* vp = key(cache_v, t) + e0;
+            for (int u = 0; u < w; u++) acc[u] = _mm256_fmadd_ps(p, load8(vp + 8 * u), acc[u]);
           }
         }
         for (int u = 0; u < w; u++) _mm256_storeu_ps(o + e0 + 8 * u, _mm256_mul_ps(acc[u], norm));
@@ -1075,19 +1103,25 @@ void soft_rope(float* x, int M, int ld, int heads, int D, const float* cos, cons
 // and value (k, v: (n, hkv, d) at row strides ldk / ldv) into cache block write_block[r]
 // at offset write_offset[r], then attends over its tokens 0 .. length[r] - 1, which sit in
 // blocks table[r * max_blocks + s / block_size] of the cache ((blocks, block_size, hkv, d)
-// fp32). Grouped queries: q head h reads kv head h / (hq / hkv). out: (n, hq, d).
-// Returns 0, or -2 out of memory.
+// fp32, or fp16 where half != 0). Grouped queries: q head h reads kv head h / (hq / hkv).
+// out: (n, hq, d). Returns 0, or -2 out of memory.
 int soft_attend_decode(const float* q, int ldq, const float* k, int ldk, const float* v, int ldv, int n,
-                        int hq, int hkv, int d, float* cache_k, float* cache_v, int block_size,
-                        const int64_t* table, int max_blocks, const int64_t* write_block,
-                        const int64_t* write_offset, const int64_t* length, float scale,
-                        float* out, int threads) {
+                        int hq, int hkv, int d, void* cache_k, void* cache_v, int half,
+                        int block_size, const int64_t* table, int max_blocks,
+                        const int64_t* write_block, const int64_t* write_offset,
+                        const int64_t* length, float scale, float* out, int threads) {
   const size_t parts = att_partials(n, length, hq, d);
   float* partial = parts ? static_cast<float*>(malloc(sizeof(float) * parts)) : nullptr;
   if (parts && !partial) return -2;
 #pragma omp parallel num_threads(threads)
-  attend_team(q, ldq, k, ldk, v, ldv, n, hq, hkv, d, cache_k, cache_v, block_size, table,
-              max_blocks, write_block, write_offset, length, scale, out, partial);
+  if (half)
+    attend_team(q, ldq, k, ldk, v, ldv, n, hq, hkv, d, static_cast<uint16_t*>(cache_k),
+                static_cast<uint16_t*>(cache_v), block_size, table, max_blocks, write_block,
+                write_offset, length, scale, out, partial);
+  else
+    attend_team(q, ldq, k, ldk, v, ldv, n, hq, hkv, d, static_cast<float*>(cache_k),
+                static_cast<float*>(cache_v), block_size, table, max_blocks, write_block,
+                write_offset, length, scale, out, partial);
   free(partial);
   return 0;
 }
@@ -1110,8 +1144,9 @@ struct Layer {
 };
 
 struct Paged {
-  float* k;  // (blocks, block_size, kv_heads, head_dim)
-  float* v;
+  void* k;  // (blocks, block_size, kv_heads, head_dim): fp32, or fp16 where half != 0
+  void* v;
+  int32_t half;
   int32_t block_size, max_blocks;
   const int64_t* table;  // (n, max_blocks) block ids of each row at this layer
   const int64_t* write_block;
@@ -1164,9 +1199,14 @@ void decode_layer_team(float* h, int n, const Layer& L, const float* cos, const 
   linear_team(h, n, hidden, *L.qkv, L.qkv_bias, b.qkv, nqkv, 1, L.input_norm, L.eps, false, b.s);
   prefetch_share(L.o, n);
   rope_team(b.qkv, n, nqkv, L.heads + L.kv_heads, d, cos, sin);
-  attend_team(b.qkv, nqkv, b.qkv + nq, nqkv, b.qkv + nq + nkv, nqkv, n, L.heads, L.kv_heads, d,
-              P.k, P.v, P.block_size, P.table, P.max_blocks, P.write_block, P.write_offset,
-              P.length, P.scale, b.att, b.partial);
+  if (P.half)
+    attend_team(b.qkv, nqkv, b.qkv + nq, nqkv, b.qkv + nq + nkv, nqkv, n, L.heads, L.kv_heads, d,
+                static_cast<uint16_t*>(P.k), static_cast<uint16_t*>(P.v), P.block_size, P.table,
+                P.max_blocks, P.write_block, P.write_offset, P.length, P.scale, b.att, b.partial);
+  else
+    attend_team(b.qkv, nqkv, b.qkv + nq, nqkv, b.qkv + nq + nkv, nqkv, n, L.heads, L.kv_heads, d,
+                static_cast<float*>(P.k), static_cast<float*>(P.v), P.block_size, P.table,
+                P.max_blocks, P.write_block, P.write_offset, P.length, P.scale, b.att, b.partial);
   linear_team(b.att, n, nq, *L.o, nullptr, h, hidden, 0, nullptr, 0.f, true, b.s, L.gate_up, n);
   linear_team(h, n, hidden, *L.gate_up, nullptr, b.gu, 2 * inter, 1, L.post_norm, L.eps, false, b.s,
               L.down, n);
@@ -1357,7 +1397,8 @@ int soft_abi_layout(int64_t* out, int cap) {
       offsetof(Layer, down), offsetof(Layer, qkv_bias), offsetof(Layer, input_norm),
       offsetof(Layer, post_norm), offsetof(Layer, eps), offsetof(Layer, heads),
       offsetof(Layer, kv_heads), offsetof(Layer, head_dim),
-      sizeof(Paged), offsetof(Paged, k), offsetof(Paged, v), offsetof(Paged, block_size),
+      sizeof(Paged), offsetof(Paged, k), offsetof(Paged, v), offsetof(Paged, half),
+      offsetof(Paged, block_size),
       offsetof(Paged, max_blocks), offsetof(Paged, table), offsetof(Paged, write_block),
       offsetof(Paged, write_offset), offsetof(Paged, length), offsetof(Paged, scale),
   };

@@ -81,10 +81,11 @@ class PagedAttention:
 
     def paged(self, layer: int) -> kernels.PagedKV | None:
         """This forward's cache at `layer` for soft-serve's fused decode layer
-        (models.kernels): rows that each add one token to an fp32 cache; None otherwise."""
+        (models.kernels): rows that each add one token to an fp32 or fp16 cache; None
+        otherwise."""
         if self.num_new != 1 or self.fresh or not kernels.available():
             return None
-        if self.cache.k.dtype != torch.float32 or not self.cache.k.is_cpu:
+        if self.cache.k.dtype not in kernels.KV_DTYPES or not self.cache.k.is_cpu:
             return None
         return kernels.PagedKV(self.cache.k, self.cache.v, self.table[layer],
                                self.write_blocks[layer, :, 0], self.write_offsets[:, 0],
@@ -109,8 +110,8 @@ class PagedAttention:
             return kernels.attend_decode(q, k, v, self.cache.k, self.cache.v,
                                          self.table[layer, rows], blocks, offsets,
                                          self.lengths[rows], d**-0.5)  # fmt: skip
-        self.cache.k[blocks, offsets] = k
-        self.cache.v[blocks, offsets] = v
+        self.cache.k[blocks, offsets] = k.to(self.cache.k.dtype)  # a no-op unless the cache
+        self.cache.v[blocks, offsets] = v.to(self.cache.v.dtype)  # is narrower (fp16)
         scale = d**-0.5
         if self.fresh:  # new sequences: attend within this step's tokens only
             rep = hq // hkv
@@ -122,8 +123,8 @@ class PagedAttention:
             return out.transpose(1, 2)
         table = self.table[layer, rows]  # (n, MB)
         flat = table.reshape(-1)
-        keys = self.cache.k.index_select(0, flat).view(n, -1, hkv, d)  # (n, S, Hkv, D)
-        vals = self.cache.v.index_select(0, flat).view(n, -1, hkv, d)
+        keys = self.cache.k.index_select(0, flat).view(n, -1, hkv, d).to(q.dtype)  # (n, S, Hkv, D)
+        vals = self.cache.v.index_select(0, flat).view(n, -1, hkv, d).to(q.dtype)
         # grouped-query attention without repeating keys: a kv head's queries (rep heads x
         # T tokens) are rows of one fused attention call: (n, Hkv, rep*T, D)
         rep = hq // hkv

@@ -111,6 +111,7 @@ def build_engine(settings: Settings) -> tuple[SortedModel, Engine]:
         max_model_len=settings.max_model_len,
         speculative=speculative,
         prefix_cache=settings.prefix_cache,
+        kv_cache_dtype=settings.kv_cache_dtype,
     )
     return model, Engine(model, config)
 

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 import models
-from server.engine.core import Engine, EngineConfig, on_own_thread
+from models import kernels
+from server.engine.core import Engine, EngineConfig, kv_cache_dtype, on_own_thread
 from server.engine.kv_cache import KVCacheConfig
 from server.engine.types import GenerationRequest, QueueFull, SamplingParams, TokenEvent
 from tests.conftest import make_hf_model, save_checkpoint
@@ -131,7 +132,8 @@ def test_preemption_under_tiny_cache_still_exact(tiny) -> None:
     # 24 blocks of 16 tokens: a few sequences at once, the rest queue or get preempted
     model = models.load(path, device="cpu")
 
-    block = KVCacheConfig(L, model.cfg.num_kv_heads, model.cfg.head_dim, 1).block_bytes
+    block = KVCacheConfig(L, model.cfg.num_kv_heads, model.cfg.head_dim, 1,
+                          dtype=kv_cache_dtype(model)).block_bytes  # fmt: skip
     engine = make_engine(path, kv_cache_memory=24 * block)
     ps = prompts(6, seed=1)
     depths = [4, 4, 2, 4, 3, 1]
@@ -379,3 +381,54 @@ def test_admitted_together_prefill_in_one_padded_forward(tiny) -> None:
     for p, d, events in zip(ps, depths, results, strict=True):
         assert [e.token_id for e in events] == reference(hf, p, d, 6), f"depth {d}"
     assert engine.cache.num_used == 0
+
+
+def test_the_kv_cache_is_fp16_where_the_kernels_attend_and_as_asked_elsewhere(tiny) -> None:
+    path, hf = tiny
+    model = models.load(path, device="cpu")
+    auto = torch.float16 if kernels.available() else torch.float32
+    assert kv_cache_dtype(model) == auto
+    assert kv_cache_dtype(model, "float32") == torch.float32
+    with pytest.raises(ValueError, match="kv_cache_dtype must be auto or one of"):
+        kv_cache_dtype(model, "fp8")
+    memory = 1 << 22
+    half = Engine(model, EngineConfig(kv_cache_memory=memory))
+    full = Engine(model, EngineConfig(kv_cache_memory=memory, kv_cache_dtype="float32"))
+    assert half.cache.k.dtype == half.cache.v.dtype == auto
+    assert full.cache.k.dtype == torch.float32
+    # the same memory holds twice the blocks in fp16
+    assert half.cache.cfg.num_blocks == full.cache.cfg.num_blocks * (4 // auto.itemsize)
+    p = prompts(1, seed=3)[0]
+    for engine in (half, full):
+        with engine.running():
+            events = asyncio.run(collect(engine, request("a", p, L, 12)))
+        assert [e.token_id for e in events] == reference(hf, p, L, 12)
+
+
+def test_a_forwards_events_wake_the_event_loop_once(tiny) -> None:
+    # waking a loop from the step thread costs a write to its self-pipe: one per forward,
+    # not one per row and token
+    path, _ = tiny
+    engine = make_engine(path, kv_cache_memory=1 << 22)
+    wakes: list[int] = []
+    forwards: list[int] = []
+    forward = engine.runner.forward
+    engine.runner.forward = lambda groups: (forwards.append(1), forward(groups))[1]  # type: ignore[method-assign]
+
+    async def main() -> list[list[TokenEvent]]:
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+
+        def counted(*a: object, **kw: object) -> object:
+            wakes.append(1)
+            return real(*a, **kw)  # type: ignore[arg-type]
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        ps = prompts(6, seed=9)
+        return await asyncio.gather(*(collect(engine, request(f"r{i}", p, L, 20))
+                                      for i, p in enumerate(ps)))  # fmt: skip
+
+    results = asyncio.run(main())
+    engine.stop()
+    assert all(len(r) == 20 for r in results)
+    assert len(wakes) <= len(forwards) < 6 * 20  # 120 wake-ups, one a row and token, before

@@ -234,9 +234,11 @@ def test_lowering_a_full_checkpoint_row_to_a_depth_without_an_exit_layer_drops_l
 
 
 # -- self-speculative decoding with exit layers ----------------------------------------------
-def spec_engine(model: models.SortedModel, exit_: int, k: int, **kw: Any) -> Engine:
+def spec_engine(model: models.SortedModel, exit_: int, k: int, kv_cache_dtype: str = "auto",
+                **kw: Any) -> Engine:  # fmt: skip
     cfg = SpecConfig(mode="auto", exit=exit_, k=k, **({"max_batch": 64} | kw))
-    return Engine(model, EngineConfig(kv_cache_memory=1 << 23, speculative=cfg))
+    return Engine(model, EngineConfig(kv_cache_memory=1 << 23, speculative=cfg,
+                                      kv_cache_dtype=kv_cache_dtype))  # fmt: skip
 
 
 @pytest.mark.parametrize(("exit_", "k", "vocab"), [(1, 3, 0), (2, 4, 64)])
@@ -266,7 +268,7 @@ def test_greedy_speculation_with_an_exit_layer_is_identical_on_50_prompts(
 
 
 def test_the_draft_layer_reads_the_base_kv_and_keeps_its_own(model: models.SortedModel) -> None:
-    engine = spec_engine(model, 2, 3)
+    engine = spec_engine(model, 2, 3, kv_cache_dtype="float32")  # KV compared to 1e-5 below
     p = prompts(1, seed=4)[0]
     seq = new_seq(p, 4, 30)
     engine.scheduler.waiting.append(seq)
@@ -287,7 +289,7 @@ def test_the_draft_layer_reads_the_base_kv_and_keeps_its_own(model: models.Sorte
         assert torch.equal(got_v, v.reshape(-1, *v.shape[2:])[:upto]), i
         assert len(cache.tables(seq)[i]) == cache.blocks_for(len(seq.tokens))
     # the draft layer's KV equals exit 2's own layer's KV of a fresh run at exit 2
-    own = Engine(model, EngineConfig(kv_cache_memory=1 << 22))
+    own = Engine(model, EngineConfig(kv_cache_memory=1 << 22, kv_cache_dtype="float32"))
     ref = new_seq(seq.tokens[: seq.draft_computed], 2, 2, rid="ref")
     own.scheduler.waiting.append(ref)
     own.step()  # its prefill writes exit 2's layer for those tokens

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import models
-from server.engine.core import Engine, EngineConfig
+from server.engine.core import Engine, EngineConfig, kv_cache_dtype
 from server.engine.kv_cache import KVCacheConfig, KVCacheManager
 from server.engine.speculative import SpecConfig
 from server.engine.types import GenerationRequest, SamplingParams, TokenEvent
@@ -302,7 +302,8 @@ def test_soak_mixing_depths_aborts_lowering_speculation_and_eviction_leaves_noth
     all: random depths, cancellations mid-stream, depths lowered mid-request, full-depth
     rows speculating at exit 2. Afterwards no block is held and the pool is whole."""
     spec = SpecConfig(mode="auto", exit=2, k=3, max_batch=64)
-    block = KVCacheConfig(L, balcony.cfg.num_kv_heads, balcony.cfg.head_dim, 1).block_bytes
+    block = KVCacheConfig(L, balcony.cfg.num_kv_heads, balcony.cfg.head_dim, 1,
+                          dtype=kv_cache_dtype(balcony)).block_bytes  # fmt: skip
     engine = Engine(balcony, EngineConfig(kv_cache_memory=90 * block, speculative=spec))
     rng = random.Random(0)
     systems = [ids(rng.randint(20, 60), seed=100 + k) for k in range(4)]
@@ -338,7 +339,8 @@ def test_a_request_that_cannot_reuse_still_gets_identical_output_under_eviction(
 ) -> None:
     # a pool that holds one request at a time: every admission evicts the last one's blocks
     model = models.load(tiny, device="cpu")
-    block = KVCacheConfig(L, model.cfg.num_kv_heads, model.cfg.head_dim, 1).block_bytes
+    block = KVCacheConfig(L, model.cfg.num_kv_heads, model.cfg.head_dim, 1,
+                          dtype=kv_cache_dtype(model)).block_bytes  # fmt: skip
     reqs = conversation([4, 4, 2, 4], system=40)
     engine = Engine(model, EngineConfig(kv_cache_memory=4 * 5 * block))
     small = one_by_one(engine, reqs)
