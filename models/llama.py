@@ -31,11 +31,13 @@ from models.checkpoint import SoftConfig, base_config
 from models.kernels import PagedKV
 from models.quantization import Quantization
 from models.weights import (
+    KERNEL_ROWS,
     LAYER_MATRICES,
     LayerWeights,
     ModelWeights,
     QuantizedWeight,
     head_weight,
+    kernel_of,
     nbytes,
     project,
 )
@@ -570,12 +572,35 @@ class SortedModel(nn.Module):
             self._run_exit_layers(weights, groups, hs, rope)
         return hs
 
+    def decode_logits(self, ids: Tensor, positions: Tensor, depths: Sequence[int],
+                      kv: KVStore | None) -> Tensor | None:  # fmt: skip
+        """A decode batch alone, ids and positions (n, 1), depths deepest first, to each
+        row's logits (n, V) in one `kernels.decode_layers` call: its layers, the final norm
+        and the head, whose first bytes are fetched while the last layer ends. None where
+        that cannot run (a row at an exit with a layer or head of its own, a head without
+        a kernel layout for this many rows, or what `_decode_stack` cannot run): then
+        `hidden_groups` and `head`, which compute the same numbers."""
+        w, n = self.weights, len(depths)
+        head = kernel_of(w.head)
+        if w.exit_heads or any(d in w.exit_layers for d in depths) or head is None:
+            return None
+        if n > KERNEL_ROWS[head.kind] or ids.shape != (n, 1):  # `project` would use torch's
+            return None
+        h = self.embed_ids(ids)
+        cos, sin = self.rope(positions, h.dtype)
+        logits = torch.empty(n, self.cfg.vocab_size)
+        out = kernels.Head(head, self.norm, self.cfg.rms_norm_eps, logits)
+        if self._decode_stack(w, h, cos, sin, depths, kv, 0, depths[0], out) is None:
+            return None
+        return logits
+
     def _decode_stack(self, weights: ModelWeights, h: Tensor, cos: Tensor, sin: Tensor,
-                      depths: Sequence[int], kv: KVStore | None, start: int, stop: int
-                      ) -> Tensor | None:  # fmt: skip
+                      depths: Sequence[int], kv: KVStore | None, start: int, stop: int,
+                      head: kernels.Head | None = None) -> Tensor | None:  # fmt: skip
         """Layers [start, stop) for decode rows h (n, 1, H) in one `kernels.decode_layers`
-        call, each row to its own exit; None where that cannot run (prefill rows, no
-        paged fp32 or fp16 cache, a layer without kernel layouts, more rows than they take)."""
+        call, each row to its own exit (then `head`'s product, if given); None where that
+        cannot run (prefill rows, no paged fp32 or fp16 cache, a layer without kernel
+        layouts, more rows than they take)."""
         stack, n = weights.stack, len(h)
         if stack is None or stop <= start or h.shape[1] != 1 or n > stack.max_rows:
             return None
@@ -586,7 +611,7 @@ class SortedModel(nn.Module):
         rows = [sum(d > i for d in depths) for i in range(start, stop)]
         out = h.reshape(n, -1).clone()
         kernels.decode_layers(out, stack, start, rows, cos.reshape(n, -1), sin.reshape(n, -1),
-                              cache)  # fmt: skip
+                              cache, head)  # fmt: skip
         return out.view(n, 1, -1)
 
     def exit_hidden(self, h: Tensor, positions: Tensor, depth: int, kv: KVStore | None) -> Tensor:

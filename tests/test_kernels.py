@@ -346,6 +346,35 @@ def test_decode_step_in_one_call_matches_layer_by_layer_and_torch(
 
 
 @needs
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_a_decode_batchs_logits_in_one_call_match_the_stack_then_the_head(
+    tiny_dir: Path, quantization: str | None
+) -> None:
+    """decode_logits (layers, final norm and head in one decode_layers call) computes the
+    numbers hidden_groups + head do, rows at their own exits, and writes the same cache."""
+    model = models.load(tiny_dir, device="cpu", quantization=quantization)
+    model.pack()
+    n_layers, c = model.num_layers, model.cfg
+    depths = [n_layers, n_layers, n_layers // 2]
+    ids, pos = torch.tensor([[7], [11], [3]]), torch.tensor([[9], [5], [3]])
+    results, caches = [], []
+    for fused in (True, False):
+        cache, seqs = _cache_with_rows([9, 5, 3], n_layers, c.num_kv_heads, c.head_dim)
+        kv = PagedAttention(cache, seqs, depths, [9, 5, 3], 1)
+        with torch.inference_mode():
+            if fused:
+                logits = model.decode_logits(ids, pos, depths, kv)
+                assert logits is not None
+            else:
+                h = model.hidden_groups([(model.embed_ids(ids), pos, depths, kv)])[0]
+                logits = model.head(h, depths)[:, 0]
+        results.append(logits)
+        caches.append(cache.k.clone())
+    assert results[0].shape == (3, c.vocab_size)
+    assert torch.equal(results[0], results[1]) and torch.equal(caches[0], caches[1])
+
+
+@needs
 def test_decode_layers_refuses_what_it_cannot_run(tiny_dir: Path) -> None:
     model = models.load(tiny_dir, device="cpu")
     model.pack()

@@ -195,7 +195,7 @@ def _lib() -> ctypes.CDLL | None:
                                        f, p, i]  # fmt: skip
     lib.soft_attend_decode.restype = i
     lib.soft_decode_layers.argtypes = [p, i, i, p, p, p, p, ctypes.POINTER(_Paged),
-                                       ctypes.c_int64, ctypes.c_int64, i]  # fmt: skip
+                                       ctypes.c_int64, ctypes.c_int64, p, p, f, p, i]  # fmt: skip
     lib.soft_decode_layers.restype = i
     return lib
 
@@ -541,14 +541,16 @@ def decode_layers(
     cos: Tensor,
     sin: Tensor,
     kv: PagedKV,
+    head: Head | None = None,
 ) -> None:
     """A decode step through layers first, first + 1, ... (one per entry of `rows`) in one
     call, in place on the residual stream h (n, hidden) fp32 contiguous: layer first + i
     runs `decode_layer` on rows [0, rows[i]) (deepest first: a row past its exit keeps
-    its h from there). `kv` is the cache at layer `first`, with its `layer_strides`."""
+    its h from there). `kv` is the cache at layer `first`, with its `layer_strides`. With
+    a `head`, every row's logits after it in the same call (into `head.logits`)."""
     assert 0 <= first and first + len(rows) <= len(stack.layers), (first, len(rows))
     layers = ctypes.byref(stack._c, first * ctypes.sizeof(_Layer))
-    _decode(h, layers, rows, cos, sin, kv)
+    _decode(h, layers, rows, cos, sin, kv, head)
 
 
 def decode_layer(h: Tensor, layer: LayerKernels, cos: Tensor, sin: Tensor, kv: PagedKV) -> None:
@@ -558,8 +560,19 @@ def decode_layer(h: Tensor, layer: LayerKernels, cos: Tensor, sin: Tensor, kv: P
     _decode(h, ctypes.byref(layer._c), [h.shape[0]], cos, sin, kv)
 
 
+@dataclass(frozen=True, eq=False)
+class Head:
+    """The product a decode step ends in (`decode_layers`): logits (n, V) fp32 contiguous
+    = RMSNorm(h; norm, eps) @ weight^T."""
+
+    weight: KernelWeight
+    norm: Tensor  # (hidden,) fp32 contiguous
+    eps: float
+    logits: Tensor
+
+
 def _decode(h: Tensor, layers: object, rows: list[int], cos: Tensor, sin: Tensor,
-            kv: PagedKV) -> None:  # fmt: skip
+            kv: PagedKV, head: Head | None = None) -> None:  # fmt: skip
     lib = _lib()
     assert lib is not None, unavailable_reason()
     n = h.shape[0]
@@ -574,8 +587,17 @@ def _decode(h: Tensor, layers: object, rows: list[int], cos: Tensor, sin: Tensor
                    kv.table.data_ptr(), kv.write_block.data_ptr(), kv.write_offset.data_ptr(),
                    kv.length.data_ptr(), kv.scale)  # fmt: skip
     counts = (ctypes.c_int * len(rows))(*rows)
-    rc = lib.soft_decode_layers(h.data_ptr(), n, len(rows), layers, counts, cos.data_ptr(),
-                                sin.data_ptr(), ctypes.byref(paged), *kv.layer_strides,
-                                torch.get_num_threads())  # fmt: skip
+    if head is not None:
+        v = head.weight.shape[0]
+        assert head.logits.shape == (n, v) and head.logits.dtype == torch.float32
+        assert head.logits.is_contiguous() and head.norm.dtype == torch.float32
+        assert head.norm.is_contiguous() and head.norm.numel() == h.shape[1]
+    rc = lib.soft_decode_layers(
+        h.data_ptr(), n, len(rows), layers, counts, cos.data_ptr(), sin.data_ptr(),
+        ctypes.byref(paged), *kv.layer_strides,
+        ctypes.byref(head.weight._c) if head is not None else None,
+        _ptr(head.norm if head is not None else None), head.eps if head is not None else 0.0,
+        _ptr(head.logits if head is not None else None), torch.get_num_threads(),
+    )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"soft_decode_layers failed ({rc}) for {n} rows, {len(rows)} layers")

@@ -1189,10 +1189,11 @@ bool bad_layer(const Layer& L, int n) {
 }
 
 // one layer of soft_decode_layers for the calling thread of its parallel region; `next`
-// (or null), the layer that follows over `next_rows` rows, for prefetch_share: every
-// product's first lines are on their way while the one before it ends or attention runs
+// (or null), the product that follows over `next_rows` rows (the next layer's q|k|v, or
+// the head), for prefetch_share: every product's first lines are on their way while the
+// one before it ends or attention runs
 void decode_layer_team(float* h, int n, const Layer& L, const float* cos, const float* sin,
-                       const Paged& P, const StepBuffers& b, const Layer* next, int next_rows) {
+                       const Paged& P, const StepBuffers& b, const Weight* next, int next_rows) {
   const int hidden = L.o->n, d = L.head_dim;
   const int nq = L.heads * d, nkv = L.kv_heads * d, nqkv = L.qkv->n;
   const int inter = L.down->k;
@@ -1210,8 +1211,8 @@ void decode_layer_team(float* h, int n, const Layer& L, const float* cos, const 
   linear_team(b.att, n, nq, *L.o, nullptr, h, hidden, 0, nullptr, 0.f, true, b.s, L.gate_up, n);
   linear_team(h, n, hidden, *L.gate_up, nullptr, b.gu, 2 * inter, 1, L.post_norm, L.eps, false, b.s,
               L.down, n);
-  linear_team(b.gu, n, 2 * inter, *L.down, nullptr, h, hidden, 2, nullptr, 0.f, true, b.s,
-              next ? next->qkv : nullptr, next_rows);
+  linear_team(b.gu, n, 2 * inter, *L.down, nullptr, h, hidden, 2, nullptr, 0.f, true, b.s, next,
+              next_rows);
 }
 
 }  // namespace
@@ -1222,11 +1223,16 @@ extern "C" {
 // rows[i] rows of h (n, hidden; rows deepest first, so a row that left at its exit keeps
 // its residual stream from there), at cache layer first + i: its block table and write
 // blocks are P's advanced by i * table_stride and i * write_stride values. Every layer has
-// the same shapes. Returns 0, -1 for a bad shape or -2 out of memory.
+// the same shapes. With a `head` (else null), the step ends in its product over every
+// row's final RMSNorm (head_norm, head_eps): logits (n, head->n), in the same parallel
+// region, its first lines fetched while the last layer ends. Returns 0, -1 for a bad
+// shape or -2 out of memory.
 int soft_decode_layers(float* h, int n, int count, const Layer* layers, const int* rows,
                        const float* cos, const float* sin, const Paged* P, int64_t table_stride,
-                       int64_t write_stride, int threads) {
+                       int64_t write_stride, const Weight* head, const float* head_norm,
+                       float head_eps, float* logits, int threads) {
   if (count <= 0) return 0;
+  if (head && (bad_shape(*head, n) || head->k != layers[0].o->n)) return -1;
   const Layer& first = layers[0];
   for (int i = 0; i < count; i++) {
     const Layer& L = layers[i];
@@ -1237,15 +1243,21 @@ int soft_decode_layers(float* h, int n, int count, const Layer* layers, const in
   }
   StepBuffers b;
   if (!b.reserve(n, layers[0], P->length)) return -2;
+  const int hidden = first.o->n;
 #pragma omp parallel num_threads(threads)
-  for (int i = 0; i < count; i++) {
-    if (rows[i] <= 0) continue;
-    Paged p = *P;
-    p.table += i * table_stride;
-    p.write_block += i * write_stride;
-    const bool more = i + 1 < count && rows[i + 1] > 0;
-    decode_layer_team(h, rows[i], layers[i], cos, sin, p, b, more ? &layers[i + 1] : nullptr,
-                      more ? rows[i + 1] : 0);
+  {
+    for (int i = 0; i < count; i++) {
+      if (rows[i] <= 0) continue;
+      Paged p = *P;
+      p.table += i * table_stride;
+      p.write_block += i * write_stride;
+      const bool more = i + 1 < count && rows[i + 1] > 0;
+      const Weight* next = more ? layers[i + 1].qkv : head;
+      decode_layer_team(h, rows[i], layers[i], cos, sin, p, b, next, more ? rows[i + 1] : n);
+    }
+    if (head)
+      linear_team(h, n, hidden, *head, nullptr, logits, head->n, 1, head_norm, head_eps, false,
+                  b.s);
   }
   return 0;
 }

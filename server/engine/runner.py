@@ -129,8 +129,14 @@ class Runner:
         return Group(seqs, ids, positions, depths, kv, [1] * len(seqs), prefill=False)
 
     def forward(self, groups: list[Group]) -> list[GroupOutput]:
-        """One forward over every group and one head call over each row's last token."""
+        """One forward over every group and one head call over each row's last token (a
+        decode batch alone: its layers and head in one kernel call, where they run)."""
         model = self.model
+        if len(groups) == 1 and not groups[0].prefill:
+            g = groups[0]
+            logits = model.decode_logits(g.ids, g.positions, g.depths, g.kv)
+            if logits is not None:
+                return [GroupOutput(g, logits, [None] * len(g.seqs))]
         hs = model.hidden_groups(
             [(model.embed_ids(g.ids), g.positions, g.depths, g.kv) for g in groups]
         )

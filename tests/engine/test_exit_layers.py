@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import models
+from models import kernels
 from models.checkpoint import EXIT_LAYERS
 from models.generate import greedy_generate
 from server.engine.core import Engine, EngineConfig
@@ -347,3 +348,29 @@ def test_the_cost_model_counts_the_exit_layer(model: models.SortedModel) -> None
     verify = full - 2 * layer  # base [2, 4) + head
     want = expected_tokens(1.0, 3) / ((3 * draft + verify) / full)
     assert spec.speedup(2, 4, 3) == pytest.approx(want)
+
+
+def test_rows_at_an_exit_with_its_own_layer_decode_through_the_stack_then_the_head(
+    model: models.SortedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # decode_logits (layers and head in one kernel call) declines a batch with a row at an
+    # exit that has its own layer; the runner then runs that layer between them
+    model.pack()
+    got: list[bool] = []
+    real = model.decode_logits
+
+    def spy(*a: Any) -> torch.Tensor | None:
+        out = real(*a)
+        got.append(out is not None)
+        return out
+
+    monkeypatch.setattr(model, "decode_logits", spy)
+    p = prompts(1, seed=8)[0]
+    for depth, fused in ((L, kernels.available()), (2, False)):
+        got.clear()
+        engine = Engine(model, EngineConfig(kv_cache_memory=1 << 22))
+        seq = new_seq(p, depth, 6)
+        engine.scheduler.waiting.append(seq)
+        drive(engine, seq, len(p) + 6)
+        assert seq.tokens[len(p) :] == reference(model, p, depth, 6)
+        assert got == [fused] * 5, depth  # the first token came from the prefill
