@@ -181,12 +181,14 @@ def step_times(model: Any, n: int, trials: int, own_stream: bool = False
     fraction of that stream's bytes/s the step gets, median of BESIDE pairs (the two meet
     the same spell of a shared host's bandwidth, which moves within minutes)."""
     from server.engine.attention import PagedAttention
+    from server.engine.core import kv_cache_dtype
     from server.engine.kv_cache import KVCacheConfig, KVCacheManager
     from server.engine.scheduler import Sequence
     from server.engine.types import GenerationRequest, SamplingParams
 
     c, n_layers, stack = model.cfg, model.num_layers, model.weights.stack
-    shape = {"num_kv_heads": c.num_kv_heads, "head_dim": c.head_dim, "block_size": 16}
+    shape = {"num_kv_heads": c.num_kv_heads, "head_dim": c.head_dim, "block_size": 16,
+             "dtype": kv_cache_dtype(model)}  # the engine's cache: fp16 where the kernels run
     blocks = n_layers * n * -(-(STEP_CONTEXT + 1) // 16) + 8  # one pool for every layer
     cache = KVCacheManager(KVCacheConfig(num_layers=n_layers, num_blocks=blocks, **shape))
     seqs = []
@@ -198,7 +200,7 @@ def step_times(model: Any, n: int, trials: int, own_stream: bool = False
     h = torch.randn(n, c.hidden_size)
     cos, sin = (t.reshape(n, -1) for t in model.rope(torch.full((n, 1), STEP_CONTEXT), h.dtype))
     paged = [p for i in range(n_layers) if (p := kv.paged(i)) is not None]
-    assert len(paged) == n_layers, "a paged fp32 cache on CPU"
+    assert len(paged) == n_layers, "a paged fp32 or fp16 cache on CPU"
     layers = [f for layer in model.weights.layers if (f := layer.fused) is not None]
     assert len(layers) == n_layers
 
