@@ -187,8 +187,12 @@ def step_times(model: Any, n: int, trials: int, own_stream: bool = False
     from server.engine.types import GenerationRequest, SamplingParams
 
     c, n_layers, stack = model.cfg, model.num_layers, model.weights.stack
-    shape = {"num_kv_heads": c.num_kv_heads, "head_dim": c.head_dim, "block_size": 16,
-             "dtype": kv_cache_dtype(model)}  # the engine's cache: fp16 where the kernels run
+    shape = {
+        "num_kv_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "block_size": 16,
+        "dtype": kv_cache_dtype(model),
+    }  # the engine's cache: fp16 where the kernels run
     blocks = n_layers * n * -(-(STEP_CONTEXT + 1) // 16) + 8  # one pool for every layer
     cache = KVCacheManager(KVCacheConfig(num_layers=n_layers, num_blocks=blocks, **shape))
     seqs = []
