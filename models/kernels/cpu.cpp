@@ -1070,6 +1070,22 @@ void attend_team(const float* q, int ldq, const float* k, int ldk, const float* 
   }
 }
 
+// attend_team over a cache of either element type (half: fp16, else fp32)
+void attend_cache(const float* q, int ldq, const float* k, int ldk, const float* v, int ldv, int n,
+                  int hq, int hkv, int d, void* cache_k, void* cache_v, bool half, int block_size,
+                  const int64_t* table, int max_blocks, const int64_t* write_block,
+                  const int64_t* write_offset, const int64_t* length, float scale, float* out,
+                  float* partial) {
+  if (half)
+    attend_team(q, ldq, k, ldk, v, ldv, n, hq, hkv, d, static_cast<uint16_t*>(cache_k),
+                static_cast<uint16_t*>(cache_v), block_size, table, max_blocks, write_block,
+                write_offset, length, scale, out, partial);
+  else
+    attend_team(q, ldq, k, ldk, v, ldv, n, hq, hkv, d, static_cast<float*>(cache_k),
+                static_cast<float*>(cache_v), block_size, table, max_blocks, write_block,
+                write_offset, length, scale, out, partial);
+}
+
 }  // namespace
 
 extern "C" {
@@ -1114,14 +1130,8 @@ int soft_attend_decode(const float* q, int ldq, const float* k, int ldk, const f
   float* partial = parts ? static_cast<float*>(malloc(sizeof(float) * parts)) : nullptr;
   if (parts && !partial) return -2;
 #pragma omp parallel num_threads(threads)
-  if (half)
-    attend_team(q, ldq, k, ldk, v, ldv, n, hq, hkv, d, static_cast<uint16_t*>(cache_k),
-                static_cast<uint16_t*>(cache_v), block_size, table, max_blocks, write_block,
-                write_offset, length, scale, out, partial);
-  else
-    attend_team(q, ldq, k, ldk, v, ldv, n, hq, hkv, d, static_cast<float*>(cache_k),
-                static_cast<float*>(cache_v), block_size, table, max_blocks, write_block,
-                write_offset, length, scale, out, partial);
+  attend_cache(q, ldq, k, ldk, v, ldv, n, hq, hkv, d, cache_k, cache_v, half != 0, block_size,
+               table, max_blocks, write_block, write_offset, length, scale, out, partial);
   free(partial);
   return 0;
 }
@@ -1200,14 +1210,9 @@ void decode_layer_team(float* h, int n, const Layer& L, const float* cos, const 
   linear_team(h, n, hidden, *L.qkv, L.qkv_bias, b.qkv, nqkv, 1, L.input_norm, L.eps, false, b.s);
   prefetch_share(L.o, n);
   rope_team(b.qkv, n, nqkv, L.heads + L.kv_heads, d, cos, sin);
-  if (P.half)
-    attend_team(b.qkv, nqkv, b.qkv + nq, nqkv, b.qkv + nq + nkv, nqkv, n, L.heads, L.kv_heads, d,
-                static_cast<uint16_t*>(P.k), static_cast<uint16_t*>(P.v), P.block_size, P.table,
-                P.max_blocks, P.write_block, P.write_offset, P.length, P.scale, b.att, b.partial);
-  else
-    attend_team(b.qkv, nqkv, b.qkv + nq, nqkv, b.qkv + nq + nkv, nqkv, n, L.heads, L.kv_heads, d,
-                static_cast<float*>(P.k), static_cast<float*>(P.v), P.block_size, P.table,
-                P.max_blocks, P.write_block, P.write_offset, P.length, P.scale, b.att, b.partial);
+  attend_cache(b.qkv, nqkv, b.qkv + nq, nqkv, b.qkv + nq + nkv, nqkv, n, L.heads, L.kv_heads, d,
+               P.k, P.v, P.half != 0, P.block_size, P.table, P.max_blocks, P.write_block,
+               P.write_offset, P.length, P.scale, b.att, b.partial);
   linear_team(b.att, n, nq, *L.o, nullptr, h, hidden, 0, nullptr, 0.f, true, b.s, L.gate_up, n);
   linear_team(h, n, hidden, *L.gate_up, nullptr, b.gu, 2 * inter, 1, L.post_norm, L.eps, false, b.s,
               L.down, n);
