@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 import models
 from models.training.data import IGNORE, Example, load_dataset, split_spec
-from server.engine.core import KV_CACHE_DTYPES, Engine, EngineConfig, on_own_thread
+from server.engine.core import Engine, EngineConfig, on_own_thread
 from server.engine.scheduler import Sequence
 from server.engine.types import GenerationRequest, SamplingParams
 
@@ -74,9 +75,8 @@ def compare(model: Any, examples: list[Example], depths: list[int]) -> list[dict
         for i, ex in enumerate(examples):
             out = {name: answer_logits(e, ex, depth) for name, e in engines.items()}
             targets = torch.tensor(out["float32"][1])
-            at = torch.arange(len(targets))
             for name, (logits, _) in out.items():
-                nll[name] -= torch.log_softmax(logits, -1)[at, targets].sum().item()
+                nll[name] += float(F.cross_entropy(logits, targets, reduction="sum"))
             a, b = out["float32"][0], out["float16"][0]
             agree += int((a.argmax(-1) == b.argmax(-1)).sum())
             gap = max(gap, float((a - b).abs().max()))
@@ -126,7 +126,6 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--depths: comma-separated integers, got {args.depths!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    assert set(KV_CACHE_DTYPES) >= {"float32", "float16"}
     try:
         model = on_own_thread(lambda: models.load(args.model, quantization=args.quantization))
     except (OSError, ValueError) as e:  # a missing model, a format it does not know

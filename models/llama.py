@@ -584,7 +584,7 @@ class SortedModel(nn.Module):
         head = kernel_of(w.head)
         if w.exit_heads or any(d in w.exit_layers for d in depths) or head is None:
             return None
-        if n > KERNEL_ROWS[head.kind] or ids.shape != (n, 1):  # `project` would use torch's
+        if n > KERNEL_ROWS[head.kind]:  # `project` would multiply by torch's
             return None
         h = self.embed_ids(ids)
         cos, sin = self.rope(positions, h.dtype)

@@ -222,6 +222,12 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _half(cache_k: Tensor, cache_v: Tensor) -> int:
+    """The C side's flag for a KV cache's element type: 1 for fp16, 0 for fp32."""
+    assert cache_k.dtype in KV_DTYPES and cache_v.dtype == cache_k.dtype, cache_k.dtype
+    return int(cache_k.dtype == torch.float16)
+
+
 @dataclass(eq=False)
 class KernelWeight:
     """An (out, in) matrix in the layout cpu.cpp reads; `linear` multiplies by it.
@@ -476,7 +482,7 @@ def attend_decode(
     rc = lib.soft_attend_decode(
         q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), n, hq,
         hkv, d,
-        cache_k.data_ptr(), cache_v.data_ptr(), int(cache_k.dtype == torch.float16),
+        cache_k.data_ptr(), cache_v.data_ptr(), _half(cache_k, cache_v),
         cache_k.shape[1], table.data_ptr(),
         table.shape[1], *(t.data_ptr() for t in idx), scale, out.data_ptr(),
         torch.get_num_threads(),
@@ -581,23 +587,21 @@ def _decode(h: Tensor, layers: object, rows: list[int], cos: Tensor, sin: Tensor
     for t in (kv.write_block, kv.write_offset, kv.length):
         assert t.dtype == torch.int64 and t.stride(0) == 1
     assert kv.table.dtype == torch.int64 and kv.table.is_contiguous()
-    assert kv.k.dtype in KV_DTYPES and kv.v.dtype == kv.k.dtype
-    paged = _Paged(kv.k.data_ptr(), kv.v.data_ptr(), int(kv.k.dtype == torch.float16),
+    paged = _Paged(kv.k.data_ptr(), kv.v.data_ptr(), _half(kv.k, kv.v),
                    kv.k.shape[1], kv.table.shape[1],
                    kv.table.data_ptr(), kv.write_block.data_ptr(), kv.write_offset.data_ptr(),
                    kv.length.data_ptr(), kv.scale)  # fmt: skip
     counts = (ctypes.c_int * len(rows))(*rows)
+    head_args: tuple[object, int | None, float, int | None] = (None, None, 0.0, None)
     if head is not None:
         v = head.weight.shape[0]
         assert head.logits.shape == (n, v) and head.logits.dtype == torch.float32
         assert head.logits.is_contiguous() and head.norm.dtype == torch.float32
         assert head.norm.is_contiguous() and head.norm.numel() == h.shape[1]
-    rc = lib.soft_decode_layers(
-        h.data_ptr(), n, len(rows), layers, counts, cos.data_ptr(), sin.data_ptr(),
-        ctypes.byref(paged), *kv.layer_strides,
-        ctypes.byref(head.weight._c) if head is not None else None,
-        _ptr(head.norm if head is not None else None), head.eps if head is not None else 0.0,
-        _ptr(head.logits if head is not None else None), torch.get_num_threads(),
-    )  # fmt: skip
+        head_args = (ctypes.byref(head.weight._c), head.norm.data_ptr(), head.eps,
+                     head.logits.data_ptr())  # fmt: skip
+    rc = lib.soft_decode_layers(h.data_ptr(), n, len(rows), layers, counts, cos.data_ptr(),
+                                sin.data_ptr(), ctypes.byref(paged), *kv.layer_strides,
+                                *head_args, torch.get_num_threads())  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"soft_decode_layers failed ({rc}) for {n} rows, {len(rows)} layers")
